@@ -1,0 +1,324 @@
+"""MedSAM2 inference on a volume: one slice from a box, or a range of slices propagated from a key slice.
+
+Built on PyPI sam2 1.1.0's image and video predictors, with three things that package lacks: input frames made
+on demand from the caller's volume (no float32 copy of the stack), feature sizes that follow image_size, and
+release of per-slice tracking outputs the memory bank no longer reads, so memory does not grow with the range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .box import Box, validate_box
+from .errors import BadInputError, OutOfMemoryError, PropagationCancelled
+from .model import LoadedModel, load_model
+from .preprocessing import IntensityWindow, frame_tensor, parse_window
+
+OBJECT_ID = 1  # one object per request; several objects are several requests
+
+
+@dataclass
+class SliceMask:
+    """One propagated slice: its index along the axis and its mask, with progress over the range."""
+
+    index: int
+    mask: np.ndarray
+    completed: int
+    total: int
+
+
+class VolumeFrames:
+    """The slices start..end of a volume along an axis as model input frames, made when asked for."""
+
+    def __init__(self, volume: np.ndarray, axis: int, start: int, end: int, window: IntensityWindow, model: LoadedModel):
+        self.volume, self.axis, self.start, self.end = volume, axis, start, end
+        self.window, self.image_size, self.device = window, model.image_size, model.device
+
+    def __len__(self) -> int:
+        return self.end - self.start + 1
+
+    def __getitem__(self, frame: int):
+        if not 0 <= frame < len(self):
+            raise IndexError(frame)
+        image = self.window.to_uint8(np.take(self.volume, self.start + frame, axis=self.axis))
+        return frame_tensor(image, self.image_size, self.device)
+
+
+def check_volume(volume) -> np.ndarray:
+    """A read-only view of a scalar 3D volume, or a BadInputError saying what is wrong with it."""
+    if not isinstance(volume, np.ndarray):
+        raise BadInputError(f"the volume must be a numpy array, got {type(volume).__name__}")
+    if volume.ndim != 3:
+        hint = " (a colour or multi-component image?)" if volume.ndim == 4 else ""
+        raise BadInputError(f"the volume must be a scalar 3D array, got shape {volume.shape}{hint}")
+    if volume.dtype.kind not in "iuf" or volume.dtype.kind == "b":
+        raise BadInputError(f"the volume must hold real numbers, got dtype {volume.dtype}")
+    if min(volume.shape) < 1:
+        raise BadInputError(f"the volume is empty (shape {volume.shape})")
+    view = volume.view()
+    view.flags.writeable = False
+    return view
+
+
+class Engine:
+    """A loaded model, the current volume and an LRU cache of slice embeddings."""
+
+    def __init__(self, model: LoadedModel, embedding_cache_size: int = 8):
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        self.model = model
+        self.image_predictor = SAM2ImagePredictor(model.predictor)
+        self.image_predictor._bb_feat_sizes = model.feature_sizes
+        self.embedding_cache_size = embedding_cache_size
+        self._embeddings: OrderedDict = OrderedDict()
+        self._windows: dict = {}
+        self.volume: np.ndarray | None = None
+        self.volume_id: str | None = None
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path,
+        config: str | Path | None = None,
+        device: str = "auto",
+        threads: int | None = None,
+        image_size: int | None = None,
+    ) -> "Engine":
+        from .device import set_cpu_threads
+
+        set_cpu_threads(threads)
+        return cls(load_model(checkpoint, config, device, image_size))
+
+    def info(self) -> dict:
+        return self.model.describe()
+
+    def set_volume(self, volume: np.ndarray, volume_id: str) -> None:
+        """Use this volume for the following requests; it is referenced (read-only), never copied or changed."""
+        self.volume = check_volume(volume)
+        if volume_id != self.volume_id:
+            self._embeddings.clear()
+            self._windows.clear()
+        self.volume_id = volume_id
+
+    def window(self, spec) -> IntensityWindow:
+        """The intensity window for the current volume, computed once per volume and spec."""
+        key = spec if isinstance(spec, (str, IntensityWindow)) else tuple(spec)
+        if key not in self._windows:
+            self._windows[key] = parse_window(spec, self._require_volume())
+        return self._windows[key]
+
+    def segment_slice(self, axis: int, index: int, box, window="mr") -> np.ndarray:
+        """Mask (bool, the slice's shape) for a box on slice `index` along array axis `axis`."""
+        volume = self._require_volume()
+        self._check_index(axis, index)
+        shape = _slice_shape(volume, axis)
+        checked = validate_box(box, shape)
+        features = self._embedding(axis, index, self.window(window))
+        predictor = self.image_predictor
+        # sam2 1.1.0 has no public way to reuse computed features: restore the state set_image would leave.
+        predictor._features, predictor._orig_hw = features, [shape]
+        predictor._is_image_set, predictor._is_batch = True, False
+        with self._inference("segmenting a slice"):
+            masks, _, _ = predictor.predict(box=np.asarray(checked.as_list(), dtype=np.float32), multimask_output=False)
+        return masks[0] > 0
+
+    def propagate(
+        self,
+        axis: int,
+        key_index: int,
+        prompt,
+        start: int | None = None,
+        end: int | None = None,
+        window="mr",
+        largest_component: bool = False,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> Iterator[SliceMask]:
+        """Track the object from the key slice forward to `end` and backward to `start` (inclusive).
+
+        Slices are yielded as they are computed: the key slice, the forward pass, then the backward pass. With
+        `largest_component`, slices that the 3D largest-component filter changes are yielded again at the end.
+        `should_cancel()` is asked before each slice; cancelling raises PropagationCancelled listing the slices
+        already yielded, which stay valid.
+        """
+        volume = self._require_volume()
+        self._check_index(axis, key_index)
+        count = volume.shape[axis]
+        start = 0 if start is None else int(start)
+        end = count - 1 if end is None else int(end)
+        if not 0 <= start <= key_index <= end < count:
+            raise BadInputError(
+                f"range {start}..{end} must lie within slices 0..{count - 1} and contain the key slice {key_index}"
+            )
+        shape = _slice_shape(volume, axis)
+        add_prompt = self._prompt_adder(prompt, shape)
+        frames = VolumeFrames(volume, axis, start, end, self.window(window), self.model)
+        return self._propagate(frames, key_index - start, add_prompt, largest_component, should_cancel)
+
+    def _propagate(self, frames, key, add_prompt, largest_component, should_cancel) -> Iterator[SliceMask]:
+        predictor = self.model.predictor
+        state = _tracking_state(frames, self.model.device)
+        total = len(frames)
+        completed: list[int] = []
+        kept = {} if largest_component else None
+        try:
+            for reverse in (False, True):
+                if reverse and key == 0:
+                    break
+                predictor.reset_state(state)
+                with self._inference("preparing the key slice"):
+                    add_prompt(predictor, state, key)
+                passes = predictor.propagate_in_video(state, start_frame_idx=key, reverse=reverse)
+                while True:
+                    if should_cancel is not None and should_cancel():
+                        raise PropagationCancelled(completed)
+                    with self._inference("propagating"):
+                        step = next(passes, None)
+                    if step is None:
+                        break
+                    frame, _, logits = step
+                    _release_unneeded_outputs(predictor, state, frame, reverse)
+                    if reverse and frame == key:
+                        continue
+                    mask = (logits[0, 0] > 0).cpu().numpy()
+                    index = frames.start + frame
+                    completed.append(index)
+                    if kept is not None:
+                        kept[frame] = mask
+                    yield SliceMask(index, mask, len(completed), total)
+        finally:
+            predictor.reset_state(state)
+            state.clear()
+        if kept:
+            yield from _largest_component_changes(kept, frames.start, total)
+
+    def _prompt_adder(self, prompt, shape):
+        """Check the prompt now (before any work) and return how to add it to a tracking state."""
+        if isinstance(prompt, np.ndarray) and prompt.ndim == 2:
+            if prompt.shape != shape:
+                raise BadInputError(f"the mask prompt has shape {prompt.shape}, the slice has {shape}")
+            mask = prompt.astype(bool)
+            if not mask.any():
+                raise BadInputError("the mask prompt is empty: draw the object on the key slice first")
+            return lambda predictor, state, key: predictor.add_new_mask(state, key, OBJECT_ID, mask)
+        box = np.asarray(validate_box(prompt, shape).as_list(), dtype=np.float32)
+        return lambda predictor, state, key: predictor.add_new_points_or_box(state, key, OBJECT_ID, box=box)
+
+    def _embedding(self, axis: int, index: int, window: IntensityWindow) -> dict:
+        """Image-encoder features of one slice, cached per (volume, axis, slice, window)."""
+        key = (self.volume_id, axis, index, window)
+        if key in self._embeddings:
+            self._embeddings.move_to_end(key)
+            return self._embeddings[key]
+        model = self.model
+        image = window.to_uint8(np.take(self.volume, index, axis=axis))
+        with self._inference("encoding a slice"):
+            frame = frame_tensor(image, model.image_size, model.device)[None]
+            features = _image_features(model, frame)
+        self._embeddings[key] = features
+        while len(self._embeddings) > self.embedding_cache_size:
+            self._embeddings.popitem(last=False)
+        return features
+
+    @contextlib.contextmanager
+    def _inference(self, what: str):
+        """inference_mode + device autocast; out-of-memory becomes an OutOfMemoryError with advice."""
+        import torch
+
+        from .device import autocast, free_cached_memory
+
+        try:
+            with torch.inference_mode(), autocast(self.model.device):
+                yield
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            self._embeddings.clear()
+            free_cached_memory(self.model.device)
+            raise OutOfMemoryError(
+                f"out of memory while {what} on {self.model.device}: propagate a smaller range, "
+                "close other GPU programs, or use the CPU device"
+            ) from exc
+
+    def _require_volume(self) -> np.ndarray:
+        if self.volume is None:
+            raise BadInputError("no volume set: call set_volume first")
+        return self.volume
+
+    def _check_index(self, axis: int, index: int) -> None:
+        volume = self._require_volume()
+        if axis not in (0, 1, 2):
+            raise BadInputError(f"axis must be 0, 1 or 2, got {axis}")
+        if not 0 <= index < volume.shape[axis]:
+            raise BadInputError(f"slice {index} is outside the volume: axis {axis} has slices 0..{volume.shape[axis] - 1}")
+
+
+def _slice_shape(volume: np.ndarray, axis: int) -> tuple[int, int]:
+    return tuple(size for a, size in enumerate(volume.shape) if a != axis)
+
+
+def _image_features(model: LoadedModel, frame) -> dict:
+    """What SAM2ImagePredictor.set_image computes, at the model's own feature sizes."""
+    sam = model.predictor
+    backbone_out = sam.forward_image(frame)
+    _, vision_feats, _, _ = sam._prepare_backbone_features(backbone_out)
+    if sam.directly_add_no_mem_embed:
+        vision_feats[-1] = vision_feats[-1] + sam.no_mem_embed
+    feats = [
+        feat.permute(1, 2, 0).reshape(1, -1, *size)
+        for feat, size in zip(vision_feats[::-1], model.feature_sizes[::-1])
+    ][::-1]
+    return {"image_embed": feats[-1], "high_res_feats": feats[:-1]}
+
+
+def _tracking_state(frames: VolumeFrames, device) -> dict:
+    """The inference state SAM2VideoPredictor.init_state builds, over lazily made frames."""
+    rows, cols = _slice_shape(frames.volume, frames.axis)
+    return {
+        "images": frames,
+        "num_frames": len(frames),
+        "offload_video_to_cpu": False,
+        "offload_state_to_cpu": False,
+        "video_height": rows,
+        "video_width": cols,
+        "device": device,
+        "storage_device": device,
+        "point_inputs_per_obj": {},
+        "mask_inputs_per_obj": {},
+        "cached_features": {},
+        "constants": {},
+        "obj_id_to_idx": OrderedDict(),
+        "obj_idx_to_id": OrderedDict(),
+        "obj_ids": [],
+        "output_dict_per_obj": {},
+        "temp_output_dict_per_obj": {},
+        "frames_tracked_per_obj": {},
+    }
+
+
+def _release_unneeded_outputs(predictor, state: dict, frame: int, reverse: bool) -> None:
+    """Drop tracked outputs farther back than the memory bank and object-pointer window can reach."""
+    reach = max(predictor.num_maskmem * predictor.memory_temporal_stride_for_eval, predictor.max_obj_ptrs_in_encoder)
+    for outputs in state["output_dict_per_obj"].values():
+        tracked = outputs["non_cond_frame_outputs"]
+        for old in [f for f in tracked if (f - frame if reverse else frame - f) > reach]:
+            del tracked[old]
+
+
+def _largest_component_changes(masks: dict[int, np.ndarray], start: int, total: int) -> Iterator[SliceMask]:
+    """Keep the largest 3D connected component; yield the slices it changed."""
+    import SimpleITK as sitk
+
+    frames = sorted(masks)
+    stack = np.stack([masks[f] for f in frames]).astype(np.uint8)
+    if not stack.any():
+        return
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(stack)))
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    for position, frame in enumerate(frames):
+        kept = labels[position] == largest
+        if not np.array_equal(kept, masks[frame]):
+            yield SliceMask(start + frame, kept, total, total)
