@@ -81,9 +81,11 @@ def parse_window(spec, volume: np.ndarray) -> IntensityWindow:
     parts = text.split(",")
     if len(parts) == 2:
         try:
-            return ct_window(float(parts[0]), float(parts[1]))
+            width, level = float(parts[0]), float(parts[1])
         except ValueError:
             pass
+        else:
+            return ct_window(width, level)
     raise BadInputError(
         f"unknown intensity window '{spec}': use one of {', '.join(window_names())} or 'W,L' (e.g. 400,40)"
     )
