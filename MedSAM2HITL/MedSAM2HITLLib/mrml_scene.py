@@ -1,0 +1,225 @@
+"""MRML scene access that works both inside 3D Slicer and headless on the PyPI `slicer-core` wheel.
+
+Inside Slicer the application already owns `slicer.mrmlScene` and the module logics; headless (CLI, tests)
+`create_scene` builds the same setup: an application logic with colour nodes and the Volumes, Segmentations,
+Markups, SubjectHierarchy and Data logics registered, and publishes it as `slicer.mrmlScene` /
+`slicer.modules.<name>.logic()` so `slicer.util` array helpers work. The Data logic matters: without it every
+temporary labelmap that `slicer.util` creates leaks its display node.
+
+The loaders only need a scene, so they run on either.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BadInputError
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+ROI_SUFFIX = ".mrk.json"
+
+_HEADLESS: dict[str, Any] = {}
+
+
+def _slicer():
+    """Import Slicer's Python package lazily: importing this module must stay cheap."""
+    import slicer
+
+    return slicer
+
+
+def running_in_slicer() -> bool:
+    """True inside the Slicer application (it has a Qt `slicer.app`), False on the headless wheel."""
+    return hasattr(_slicer(), "app")
+
+
+def create_scene():
+    """Return a scene ready for volumes, segmentations and markups.
+
+    Inside Slicer this is `slicer.mrmlScene`. Headless it is a new `vtkMRMLScene` with the module logics
+    registered; it replaces any previous headless scene as `slicer.mrmlScene`.
+    """
+    slicer = _slicer()
+    if running_in_slicer():
+        return slicer.mrmlScene
+    import vtk
+
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+
+    # The colour logic looks for colour files of an installed Slicer and logs an error when there are none;
+    # the built-in colour tables it adds are all that volumes and segmentations need.
+    colors = slicer.vtkSlicerColorLogic()
+    warnings_were_on = vtk.vtkObject.GetGlobalWarningDisplay()
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    try:
+        colors.SetMRMLApplicationLogic(app_logic)
+        colors.SetMRMLScene(scene)
+    finally:
+        vtk.vtkObject.SetGlobalWarningDisplay(warnings_were_on)
+    app_logic.SetColorLogic(colors)
+    app_logic.SetModuleLogic("Colors", colors)
+
+    logics: dict[str, Any] = {"colors": colors}
+    for module, key, factory in (
+        ("volumes", "Volumes", slicer.vtkSlicerVolumesLogic),
+        ("segmentations", "Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+        ("markups", "Markups", slicer.vtkSlicerMarkupsLogic),
+        ("subjecthierarchy", "SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic),
+        ("data", "Data", slicer.vtkSlicerDataModuleLogic),
+    ):
+        logic = factory()
+        logic.SetMRMLApplicationLogic(app_logic)
+        logic.SetMRMLScene(scene)
+        app_logic.SetModuleLogic(key, logic)
+        logics[module] = logic
+
+    _HEADLESS.clear()
+    _HEADLESS.update(application=app_logic, **logics)  # keeps the logics alive while the scene is current
+    slicer.mrmlScene = scene
+    slicer.modules = types.SimpleNamespace(
+        **{name: types.SimpleNamespace(logic=(lambda logic=logic: logic)) for name, logic in logics.items()}
+    )
+    return scene
+
+
+def add_volume_from_array(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name: str = "Volume"):
+    """Add a scalar volume node holding a copy of `array` ([k, j, i] order) with the given 4x4 IJK→RAS."""
+    import vtk
+    from vtk.util import numpy_support
+
+    array = np.ascontiguousarray(array)
+    if array.ndim != 3:
+        raise BadInputError(f"volume '{name}' has {array.ndim} dimensions; a single 3D scalar volume is needed")
+    image = vtk.vtkImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    scalars = numpy_support.numpy_to_vtk(array.ravel(), deep=True)
+    image.GetPointData().SetScalars(scalars)
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras))
+    _add_default_display(scene, node)
+    return node
+
+
+def load_volume(scene, path: str | Path, name: str | None = None):
+    """Read a NIfTI/NRRD/MetaImage file or a DICOM series folder into a new scalar volume node.
+
+    Files go through Slicer's own reader (`vtkMRMLVolumeArchetypeStorageNode`), so the geometry is exactly what
+    Slicer shows; a DICOM folder is read with SimpleITK (its first series).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"volume '{path}' does not exist; check the path")
+    if path.is_dir():
+        return _load_dicom_series(scene, path, name or path.name)
+    if not path.name.lower().endswith(VOLUME_SUFFIXES):
+        raise BadInputError(
+            f"'{path.name}' is not a supported volume file; use one of {', '.join(VOLUME_SUFFIXES)} "
+            "or a folder with one DICOM series"
+        )
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or _stem(path))
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    storage.SetSingleFile(True)
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(node) or node.GetImageData() is None:
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise BadInputError(f"could not read volume '{path}'; is it a valid image file?")
+    components = node.GetImageData().GetNumberOfScalarComponents()
+    if components != 1:
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise BadInputError(
+            f"volume '{path.name}' has {components} components per voxel; a single-channel (scalar) 3D volume "
+            "is needed — split the channels first"
+        )
+    _add_default_display(scene, node)
+    return node
+
+
+def load_roi(scene, path: str | Path):
+    """Read a Slicer markups ROI file (.mrk.json, as saved by Slicer) into a new ROI node."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"ROI file '{path}' does not exist; check the path")
+    try:
+        markups = json.loads(path.read_text(encoding="utf-8")).get("markups", [])
+    except (ValueError, UnicodeDecodeError, AttributeError) as error:
+        raise BadInputError(f"ROI file '{path.name}' is not a markups JSON file ({error})") from error
+    types_in_file = [m.get("type") for m in markups if isinstance(m, dict)]
+    if types_in_file != ["ROI"]:
+        raise BadInputError(
+            f"ROI file '{path.name}' must hold exactly one ROI markup, found {types_in_file or 'none'}; "
+            "save a single ROI from Slicer's Markups module (File > Save, .mrk.json)"
+        )
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", _stem(path))
+    storage = scene.AddNewNodeByClass("vtkMRMLMarkupsROIJsonStorageNode")
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise BadInputError(f"could not read ROI file '{path.name}'; re-save it from Slicer's Markups module")
+    return node
+
+
+def _load_dicom_series(scene, folder: Path, name: str):
+    """Read the first DICOM series in `folder` with SimpleITK and turn LPS geometry into Slicer's RAS."""
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise BadInputError(f"folder '{folder}' contains no DICOM series; point to a folder of .dcm files")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    image = reader.Execute()
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise BadInputError(f"DICOM series in '{folder}' is not a single-channel 3D volume")
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction * np.array(image.GetSpacing(), dtype=float)
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps
+    return add_volume_from_array(scene, sitk.GetArrayViewFromImage(image), ijk_to_ras, name)
+
+
+def _add_default_display(scene, volume_node) -> None:
+    """Give a volume node a grey display node, as Slicer's loaders do, so it can be shown and saved."""
+    if volume_node.GetDisplayNode() is not None:
+        return
+    display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+    display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+    display.AutoWindowLevelOn()
+    volume_node.SetAndObserveDisplayNodeID(display.GetID())
+
+
+def _vtk_matrix(matrix: np.ndarray):
+    import vtk
+
+    matrix = np.asarray(matrix, dtype=float)
+    if matrix.shape != (4, 4):
+        raise BadInputError(f"expected a 4x4 matrix, got shape {matrix.shape}")
+    result = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for column in range(4):
+            result.SetElement(row, column, matrix[row, column])
+    return result
+
+
+def _stem(path: Path) -> str:
+    """File name without its (possibly double) extension: 'ct.nii.gz' → 'ct', 'box.mrk.json' → 'box'."""
+    name = path.name
+    for suffix in (*VOLUME_SUFFIXES, ROI_SUFFIX, ".json"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
