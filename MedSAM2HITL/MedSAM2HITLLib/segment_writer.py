@@ -157,9 +157,10 @@ def write_slices(
     segmentation = segmentation_node.GetSegmentation()
     was_modifying = segmentation_node.StartModify()
     try:
-        if segmentation.IsSharedBinaryLabelmap(segment_id):
-            # Merging into a labelmap layer shared with other segments writes the raw value 1, i.e. into
-            # another segment (measured on slicer-core 5.13); a layer of its own makes merges exact.
+        if len(segmentation.GetSegmentIDsForLayer(segmentation.GetLayerIndex(segment_id))) > 1:
+            # MODE_MERGE_MAX into a layer shared with other segments writes the modifier's raw values, i.e.
+            # into another segment's label (measured on slicer-core 5.13, where IsSharedBinaryLabelmap also
+            # answers the opposite); a layer of its own makes merges exact.
             segmentation.SeparateSegmentLabelmap(segment_id)
         label = segmentation.GetSegment(segment_id).GetLabelValue()
         for run in _consecutive_runs(sorted(items)):
