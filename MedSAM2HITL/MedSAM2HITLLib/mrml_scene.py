@@ -133,15 +133,7 @@ def load_volume(scene, path: str | Path, name: str | None = None):
     if not storage.ReadData(node) or node.GetImageData() is None:
         scene.RemoveNode(node)
         scene.RemoveNode(storage)
-        raise BadInputError(f"could not read volume '{path}'; is it a valid image file?")
-    components = node.GetImageData().GetNumberOfScalarComponents()
-    if components != 1:
-        scene.RemoveNode(node)
-        scene.RemoveNode(storage)
-        raise BadInputError(
-            f"volume '{path.name}' has {components} components per voxel; a single-channel (scalar) 3D volume "
-            "is needed — split the channels first"
-        )
+        raise BadInputError(f"could not read volume '{path.name}': {_why_unreadable(path)}")
     _add_default_display(scene, node)
     return node
 
@@ -170,6 +162,25 @@ def load_roi(scene, path: str | Path):
         scene.RemoveNode(storage)
         raise BadInputError(f"could not read ROI file '{path.name}'; re-save it from Slicer's Markups module")
     return node
+
+
+def _why_unreadable(path: Path) -> str:
+    """Slicer's scalar reader only says it failed; SimpleITK's header reader tells why."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return "it is not a valid image file"
+    components = reader.GetNumberOfComponents()
+    if components != 1:
+        return f"it has {components} components per voxel; a single-channel (scalar) volume is needed"
+    dimension = reader.GetDimension()
+    if dimension != 3:
+        return f"it is {dimension}D; a 3D volume is needed"
+    return "Slicer's reader refused it; try re-saving it as NIfTI or NRRD"
 
 
 def _load_dicom_series(scene, folder: Path, name: str):
