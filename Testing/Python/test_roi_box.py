@@ -198,3 +198,18 @@ def test_load_roi_refuses_other_markups(scene, tmp_path):  # noqa: F811
         load_roi(scene, path)
     with pytest.raises(BadInputError, match="does not exist"):
         load_roi(scene, tmp_path / "missing.mrk.json")
+
+
+def test_flat_roi_drawn_on_a_slice_selects_that_slice(scene):  # noqa: F811
+    """An ROI of zero thickness lying on a slice's voxel centres (as drawn in a slice view) still works."""
+    from MedSAM2HITLLib.mrml_scene import add_volume_from_array
+
+    ijk_to_ras = affine_from(np.diag([0.5, 0.5, 2.0]), [-10.0, -12.0, -8.0])
+    volume = add_volume_from_array(scene, np.zeros((20, 40, 50), np.int16), ijk_to_ras)
+    centre = (ijk_to_ras @ [20.0, 15.0, 7.0, 1.0])[:3]  # i = 20, j = 15 on slice k = 7
+    roi = add_roi(scene, affine_from(np.eye(3), centre), (6.0, 4.0, 0.0))
+    assert roi_box.key_slice_index(volume, roi, 0) == 7
+    assert roi_box.roi_slice_range(volume, roi, 0) == (7, 7)
+    assert roi_box.roi_box(volume, roi, 0) == (14, 11, 26, 19)  # ±3 mm and ±2 mm at 0.5 mm spacing
+    with pytest.raises(BadInputError, match="contains no voxel centre of slice 8"):
+        roi_box.roi_box(volume, roi, 0, index=8)

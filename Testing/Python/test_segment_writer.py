@@ -196,3 +196,18 @@ def test_write_cost_stays_per_slice_on_a_large_volume(scene):  # noqa: F811
     np.testing.assert_array_equal(read, ~mask)
     assert read_seconds < 0.05
     assert write_seconds < 1.0
+
+
+def test_headless_scene_supports_slicer_util_without_leaking_nodes(setup):
+    """create_scene registers the logics slicer.util needs; its temporary labelmaps leave nothing behind."""
+    import slicer
+
+    scene, volume, segmentation, contents, rng = setup
+    target, _ = list(contents)
+    replacement = _blob(rng)
+    nodes_before = scene.GetNumberOfNodes()
+    for _ in range(3):
+        slicer.util.updateSegmentBinaryLabelmapFromArray(replacement.astype(np.uint8), segmentation, target, volume)
+        slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, target, volume)
+    assert scene.GetNumberOfNodes() == nodes_before
+    np.testing.assert_array_equal(sw.read_segment(segmentation, target, volume), replacement)
