@@ -110,7 +110,9 @@ def _source_nifti(volume_node):
         return None
 
 
-def _reorder_to_grid(data: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, target_shape) -> np.ndarray | None:
+def _reorder_to_grid(
+    data: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, target_shape
+) -> np.ndarray | None:
     """`data` ([i, j, k] on `affine`) in the voxel order of the same grid described by `target_affine`.
 
     Returns None when the two affines do not describe the same voxels up to axis flips and permutations.

@@ -80,9 +80,8 @@ def test_seg_nrrd_round_trip(scene, tmp_path):  # noqa: F811
     path = export_seg_nrrd(segmentation, tmp_path / "result.seg.nrrd")
 
     header = path.read_bytes().split(b"\n\n", 1)[0].decode("latin-1")
-    directions = np.array(
-        [[float(v) for v in d.split(",")] for d in re.findall(r"\(([^)]*)\)", header.split("space directions:")[1].splitlines()[0])]
-    ).T
+    directions_line = header.split("space directions:")[1].splitlines()[0]
+    directions = np.array([[float(v) for v in d.split(",")] for d in re.findall(r"\(([^)]*)\)", directions_line)]).T
     origin = np.array([float(v) for v in re.search(r"space origin: \(([^)]*)\)", header).group(1).split(",")])
     ijk_to_lps = LPS_FROM_RAS @ volume_ijk_to_ras(volume)
     np.testing.assert_allclose(directions, ijk_to_lps[:3, :3], atol=1e-6)

@@ -66,7 +66,8 @@ def test_slice_write_replaces_only_that_slice_of_that_segment(setup, axis):
     np.moveaxis(expected[target], axis, 0)[index] = mask
     _assert_state(segmentation, volume, expected)
     np.testing.assert_array_equal(sw.read_slice(segmentation, target, volume, axis, index), mask)
-    np.testing.assert_array_equal(sw.read_slice(segmentation, other, volume, axis, index), np.take(contents[other], index, axis))
+    other_slice = sw.read_slice(segmentation, other, volume, axis, index)
+    np.testing.assert_array_equal(other_slice, np.take(contents[other], index, axis))
     assert scene.GetNumberOfNodes() == nodes_before  # no temporary or display nodes left behind
 
 
@@ -86,7 +87,9 @@ def test_range_writes_in_batches_replace_only_those_slices(setup, axis):
             np.moveaxis(expected[target], axis, 0)[index] = mask
         _assert_state(segmentation, volume, expected)
     untouched = [0, 1, SHAPE[axis] - 2, SHAPE[axis] - 1]
-    np.testing.assert_array_equal(np.take(expected[target], untouched, axis), np.take(contents[target], untouched, axis))
+    np.testing.assert_array_equal(
+        np.take(expected[target], untouched, axis), np.take(contents[target], untouched, axis)
+    )
 
 
 def test_empty_masks_clear_slices_and_new_segment_starts_empty(setup):
