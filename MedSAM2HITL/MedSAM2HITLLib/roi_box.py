@@ -16,8 +16,6 @@ import numpy as np
 
 from .errors import BadInputError
 
-Box = tuple[int, int, int, int]
-
 VIEW_NORMALS: dict[str, np.ndarray] = {
     "axial": np.array([0.0, 0.0, 1.0]),  # S
     "coronal": np.array([0.0, 1.0, 0.0]),  # A
@@ -131,8 +129,11 @@ def roi_slice_mask(volume_node, roi_node, axis: int, index: int) -> np.ndarray:
     return np.all(np.abs(points) <= half, axis=2)
 
 
-def roi_box(volume_node, roi_node, axis: int, index: int | None = None) -> Box:
-    """Engine box (x_min, y_min, x_max, y_max) of the ROI on slice `index` (default: the key slice)."""
+def roi_box(volume_node, roi_node, axis: int, index: int | None = None) -> tuple[int, int, int, int]:
+    """Engine box (x_min, y_min, x_max, y_max) of the ROI on slice `index` (default: the key slice).
+
+    A plain tuple in the order `box.Box`/`Engine.segment_slice` take.
+    """
     if index is None:
         index = key_slice_index(volume_node, roi_node, axis)
     inside = roi_slice_mask(volume_node, roi_node, axis, index)
