@@ -1,0 +1,314 @@
+"""The background worker: one long-lived process keeping the model, the volumes and the embedding cache warm.
+
+Run as `python -m MedSAM2HITLLib.worker`, or as `PythonSlicer <path>/worker.py` inside Slicer. stdin and stdout
+carry protocol frames only: at start-up the real stdout is kept for frames and fd 1 is pointed at stderr, so
+prints from Python, torch, sam2 or C code end up in the log instead of corrupting the stream.
+
+Requests run one at a time on the main thread. A reader thread decodes stdin, so `cancel` (and `status`) are seen
+while a propagation runs; cancelling is checked before each slice.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+
+if __package__ in (None, ""):  # run as a script path: import the package from its parent folder
+    _package_dir = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _package_dir:
+        sys.path.pop(0)  # the package folder itself must not shadow top-level modules (e.g. `model`)
+    sys.path.insert(0, os.path.dirname(_package_dir))
+
+from MedSAM2HITLLib import __version__
+from MedSAM2HITLLib.errors import BadInputError, MedSAM2Error, ModelError, OutOfMemoryError, PropagationCancelled
+from MedSAM2HITLLib.protocol import PROTOCOL_VERSION, Frame, FrameReader, FrameTooLarge, ProtocolError, encode
+
+READ_CHUNK = 1 << 20
+FINAL_REPLIES = ("done", "error", "cancelled")
+log = logging.getLogger("MedSAM2HITLLib.worker")
+
+
+def take_over_stdout() -> int:
+    """A private descriptor for frames; fd 1 and sys.stdout now go to stderr (also for C-level writes)."""
+    sys.stdout.flush()
+    frames_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    if os.name == "nt":
+        import msvcrt
+
+        msvcrt.setmode(frames_fd, os.O_BINARY)
+        msvcrt.setmode(0, os.O_BINARY)
+    return frames_fd
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Python, torch (CUDA/MPS) and torch CPU allocation failures; the CPU one is a plain RuntimeError."""
+    if isinstance(exc, (MemoryError, OutOfMemoryError)):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+class Channel:
+    """Writes whole frames to the frame descriptor; a lock keeps frames from two threads apart."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.lock = threading.Lock()
+        self.on_final = None  # called with the request id before its final reply goes out
+
+    def send(self, type: str, id: int | None = None, fields: dict | None = None, arrays: dict | None = None) -> None:
+        buffers = encode(type, id, fields, arrays)
+        if type in FINAL_REPLIES and self.on_final is not None:
+            self.on_final(id)
+        with self.lock:
+            for buffer in buffers:
+                view = memoryview(buffer).cast("B")
+                while len(view):
+                    view = view[os.write(self.fd, view) :]
+
+    def error(self, id: int | None, kind: str, message: str) -> None:
+        self.send("error", id, {"kind": kind, "message": message})
+
+
+class Stop:
+    """Queued by the reader when input ends; `reason` is set when the stream broke."""
+
+    def __init__(self, reason: str | None = None):
+        self.reason = reason
+
+
+class Worker:
+    def __init__(self, channel: Channel):
+        self.channel = channel
+        self.engine = None
+        self.volumes: dict = {}
+        self.cancelled: set[int] = set()
+        self.closing = threading.Event()
+        self.inbox: queue.Queue = queue.Queue()
+        self.current: Frame | None = None
+        channel.on_final = self._finished
+
+    # ---- input side (reader thread) ----
+
+    def read_requests(self, fd: int) -> None:
+        """Decode stdin; answer cancel and status at once, queue the rest. Never raises."""
+        reader = FrameReader()
+        chunk = bytearray(READ_CHUNK)  # reused: reading allocates nothing, even when memory runs out
+        source = io.FileIO(fd, "rb", closefd=False)
+        try:
+            while True:
+                size = source.readinto(chunk)
+                if size:
+                    reader.feed(memoryview(chunk)[:size])
+                self._dispatch_frames(reader)
+                if not size:
+                    reader.close()
+                    self._stop(None)
+                    return
+        except ProtocolError as exc:
+            self._stop(f"{exc}; the worker stops because it cannot find the next frame")
+        except OSError as exc:
+            self._stop(f"reading requests failed: {exc}")
+        except BaseException as exc:  # the reader must always unblock the main thread
+            self._stop(f"internal error while reading requests: {exc!r}")
+
+    def _dispatch_frames(self, reader: FrameReader) -> None:
+        while True:
+            try:
+                frame = reader.next_frame()
+            except FrameTooLarge as exc:
+                self.channel.error(exc.frame_id, OutOfMemoryError.kind, f"{exc}: free memory or send a smaller volume")
+                continue
+            except ProtocolError as exc:
+                if not exc.recoverable:
+                    raise
+                self.channel.error(exc.frame_id, BadInputError.kind, f"malformed request skipped: {exc}")
+                continue
+            if frame is None:
+                return
+            if frame.type == "cancel":
+                self.cancelled.add(frame.fields.get("request"))
+            elif frame.type == "status":
+                self.channel.send("done", frame.id, self.status())
+            else:
+                self.inbox.put(frame)
+
+    def _stop(self, reason: str | None) -> None:
+        self.closing.set()
+        self.inbox.put(Stop(reason))
+
+    def status(self) -> dict:
+        engine, current = self.engine, self.current
+        return {
+            "pid": os.getpid(),
+            "model": engine.info() if engine is not None else None,
+            "volumes": {key: {"shape": list(v.shape), "dtype": str(v.dtype)} for key, v in list(self.volumes.items())},
+            "running": {"type": current.type, "id": current.id} if current is not None else None,
+        }
+
+    # ---- request side (main thread) ----
+
+    def serve(self) -> int:
+        """Answer requests until shutdown or the end of input; the exit code of the process."""
+        while True:
+            item = self.inbox.get()
+            if isinstance(item, Stop):
+                if item.reason is None:
+                    return 0
+                self.channel.error(None, BadInputError.kind, item.reason)
+                return 2
+            self.current = item
+            try:
+                if self.handle(item) == "shutdown":
+                    return 0
+            finally:
+                self.current = None
+
+    def _finished(self, request_id) -> None:
+        """A request whose final reply is going out is no longer running (status must not say otherwise)."""
+        current = self.current
+        if current is not None and current.id == request_id:
+            self.current = None
+
+    def handle(self, frame: Frame) -> str | None:
+        started = time.perf_counter()
+        try:
+            handler = getattr(self, "on_" + frame.type, None)
+            if handler is None:
+                raise BadInputError(f"unknown request type '{frame.type}'")
+            return handler(frame)
+        except PropagationCancelled as exc:
+            self.channel.send("cancelled", frame.id, {"completed": exc.completed})
+        except Exception as exc:
+            self.channel.error(frame.id, *self.describe_failure(exc, frame.type))
+        finally:
+            self.cancelled.discard(frame.id)
+            log.info("%s #%s took %.3f s", frame.type, frame.id, time.perf_counter() - started)
+        return None
+
+    def describe_failure(self, exc: BaseException, request: str) -> tuple[str, str]:
+        """(kind, message) for an error frame; out-of-memory frees cached memory first."""
+        if is_out_of_memory(exc):
+            if self.engine is not None:
+                from MedSAM2HITLLib.device import free_cached_memory
+
+                free_cached_memory(self.engine.model.device)
+            if isinstance(exc, OutOfMemoryError):
+                return OutOfMemoryError.kind, str(exc)
+            return (
+                OutOfMemoryError.kind,
+                f"out of memory during {request}: propagate a smaller range of slices, or use the CPU device",
+            )
+        if isinstance(exc, MedSAM2Error):
+            return exc.kind, str(exc)
+        log.exception("%s failed", request)
+        return MedSAM2Error.kind, f"{request} failed: {exc.__class__.__name__}: {exc}"
+
+    def on_hello(self, frame: Frame) -> None:
+        version = frame.fields.get("version")
+        if version != PROTOCOL_VERSION:
+            raise BadInputError(
+                f"protocol version mismatch: the client speaks version {version}, this worker speaks "
+                f"{PROTOCOL_VERSION}; both come from the MedSAM2HITL install, so reinstall or restart Slicer"
+            )
+        self.channel.send(
+            "done", frame.id, {"version": PROTOCOL_VERSION, "package": __version__, "pid": os.getpid(), "python": sys.version}
+        )
+
+    def on_load_model(self, frame: Frame) -> None:
+        from MedSAM2HITLLib.engine import Engine
+
+        f = frame.fields
+        if not f.get("checkpoint"):
+            raise BadInputError("load_model needs a 'checkpoint' path")
+        self.engine = None  # free the old model before building the new one
+        self.engine = Engine.load(f["checkpoint"], f.get("config"), f.get("device") or "auto", f.get("threads"))
+        log.info("model loaded: %s", self.engine.info())
+        self.channel.send("done", frame.id, self.engine.info())
+
+    def on_set_volume(self, frame: Frame) -> None:
+        from MedSAM2HITLLib.engine import check_volume
+
+        volume_id = frame.fields.get("volume_id")
+        if not isinstance(volume_id, str) or not volume_id:
+            raise BadInputError("set_volume needs a non-empty string 'volume_id'")
+        if "volume" not in frame.arrays:
+            raise BadInputError("set_volume needs a 'volume' array")
+        volume = check_volume(frame.arrays["volume"])
+        self.volumes[volume_id] = volume
+        if self.engine is not None and self.engine.volume_id == volume_id:
+            self.engine.set_volume(volume, volume_id)
+        self.channel.send("done", frame.id, {"volume_id": volume_id, "shape": list(volume.shape), "dtype": str(volume.dtype)})
+
+    def on_segment_2d(self, frame: Frame) -> None:
+        f = frame.fields
+        engine = self._engine_for(f.get("volume_id"))
+        mask = engine.segment_slice(int(f["axis"]), int(f["index"]), f["box"], f.get("window", "mr"))
+        self.channel.send("done", frame.id, {}, {"mask": mask})
+
+    def on_propagate(self, frame: Frame) -> None:
+        f = frame.fields
+        engine = self._engine_for(f.get("volume_id"))
+        prompt = frame.arrays["prompt"] if "prompt" in frame.arrays else f.get("box")
+        if prompt is None:
+            raise BadInputError("propagate needs a 'box' field or a 'prompt' mask array")
+
+        def should_cancel() -> bool:
+            return frame.id in self.cancelled or self.closing.is_set()
+
+        completed: list[int] = []
+        slices = engine.propagate(
+            int(f["axis"]),
+            int(f["key_index"]),
+            prompt,
+            f.get("start"),
+            f.get("end"),
+            f.get("window", "mr"),
+            bool(f.get("largest_component", False)),
+            should_cancel,
+        )
+        for item in slices:
+            if item.index not in completed:
+                completed.append(item.index)
+            fields = {"index": item.index, "completed": item.completed, "total": item.total}
+            self.channel.send("slice", frame.id, fields, {"mask": item.mask})
+        self.channel.send("done", frame.id, {"completed": completed})
+
+    def on_shutdown(self, frame: Frame) -> str:
+        self.channel.send("done", frame.id, {})
+        return "shutdown"
+
+    def _engine_for(self, volume_id):
+        """The engine with `volume_id` as its current volume."""
+        if self.engine is None:
+            raise ModelError("no model is loaded in the worker: load a checkpoint first")
+        if volume_id not in self.volumes:
+            raise BadInputError(f"unknown volume '{volume_id}': send it with set_volume first")
+        if self.engine.volume_id != volume_id or self.engine.volume is None:
+            self.engine.set_volume(self.volumes[volume_id], volume_id)
+        return self.engine
+
+
+def main() -> int:
+    frames_fd = take_over_stdout()
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s worker %(process)d: %(message)s")
+    log.info("started (protocol %s, Python %s)", PROTOCOL_VERSION, sys.version.split()[0])
+    worker = Worker(Channel(frames_fd))
+    threading.Thread(target=worker.read_requests, args=(sys.stdin.fileno(),), name="requests", daemon=True).start()
+    try:
+        return worker.serve()
+    except BrokenPipeError:
+        return 0  # the client went away: nobody is left to answer
+
+
+if __name__ == "__main__":
+    sys.exit(main())
