@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
+from .roi_box import matrix_to_numpy
 from .segment_writer import ensure_geometry, read_segment
 
 
@@ -93,7 +94,7 @@ def volume_ijk_to_ras(volume_node) -> np.ndarray:
 
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(row, column) for column in range(4)] for row in range(4)])
+    return matrix_to_numpy(matrix)
 
 
 def _source_nifti(volume_node):

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from .errors import BadInputError
+from .roi_box import matrix_to_numpy
 
 MAX_UNDO_STATES = 30
 
@@ -331,8 +332,7 @@ def _geometry_matches(segmentation_node, volume_node) -> bool:
         return False
     volume_matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(volume_matrix)
-    ours = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-    theirs = np.array([[volume_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    ours, theirs = matrix_to_numpy(matrix), matrix_to_numpy(volume_matrix)
     shape = _volume_shape(volume_node)
     return list(extent) == [0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1] and np.allclose(
         ours, theirs, rtol=1e-6, atol=1e-5
