@@ -1,0 +1,735 @@
+"""3D Slicer module MedSAM2HITL: the panel, its parameter node, and a thin adapter over MedSAM2HITLLib.
+
+Everything that computes lives in the Qt-free `MedSAM2HITLLib` package (tested without Slicer); this file only
+binds widgets, turns clicks into logic calls and shows results. torch and sam2 are never imported here: the
+model runs in a background PythonSlicer process.
+"""
+
+import enum
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+README_URL = "https://github.com/medsam2hitl/SlicerMedSAM2HITL#readme"
+
+
+class MedSAM2HITL(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MedSAM2 HITL")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["The MedSAM2HITL authors"]
+        self.parent.helpText = _(
+            "Human-in-the-loop 3D segmentation with MedSAM2. Place a box ROI around an object on one slice, "
+            "<b>Segment slice</b>, then <b>Propagate</b> through the volume; correct any slice with the Segment "
+            "Editor and <b>Propagate from this slice</b>. Every result can be undone. "
+            'See the <a href="{url}">README</a> for installation, shortcuts and limitations.'
+        ).format(url=README_URL)
+        self.parent.acknowledgementText = _(
+            "MedSAM2: Ma J, Yang Z, Kim S, Chen B, Baharoon M, Fallahpour A, Asakereh R, Lyu H, Wang B. "
+            "MedSAM2: Segment Anything in 3D Medical Images and Videos. arXiv:2504.03600, 2025. "
+            "MedSAM2 weights (wanglab/MedSAM2) are licensed CC-BY-SA-4.0; the MedSAM2 and SAM 2 code is Apache-2.0 "
+            "(SAM 2: Meta AI). This extension is MIT-licensed."
+        )
+
+
+class Choice(enum.Enum):
+    """A combo-box option: `value` is what the library takes, `label()` what the user reads."""
+
+    def __new__(cls, value, label):
+        member = object.__new__(cls)
+        member._value_ = value
+        member._label = label
+        return member
+
+    def label(self):
+        return self._label
+
+
+class Axis(Choice):
+    AXIAL = ("axial", _("Axial"))
+    CORONAL = ("coronal", _("Coronal"))
+    SAGITTAL = ("sagittal", _("Sagittal"))
+
+
+class RangeMode(Choice):
+    WHOLE = ("whole", _("Whole volume"))
+    ROI = ("roi", _("ROI extent"))
+    CUSTOM = ("custom", _("Slices below"))
+
+
+class Intensity(Choice):
+    MR = ("mr", _("MR / other: automatic (0.5-99.5 percentile)"))
+    ABDOMEN = ("abdomen", _("CT abdomen (W400 L40)"))
+    LUNG = ("lung", _("CT lung (W1500 L-600)"))
+    BRAIN = ("brain", _("CT brain (W80 L40)"))
+    MEDIASTINUM = ("mediastinum", _("CT mediastinum (W350 L50)"))
+    BONE = ("bone", _("CT bone (W1800 L400)"))
+    DISPLAY = ("display", _("Current display window/level"))
+
+
+class Device(Choice):
+    AUTO = ("auto", _("Auto (CUDA, MPS, CPU)"))
+    CUDA = ("cuda", "CUDA")
+    MPS = ("mps", "Apple MPS")
+    CPU = ("cpu", "CPU")
+
+
+@parameterNodeWrapper
+class MedSAM2HITLParameterNode:
+    """The panel's state, saved with the scene."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    segmentationNode: vtkMRMLSegmentationNode
+    segmentId: str = ""
+    roiNode: vtkMRMLMarkupsROINode
+    axis: Axis = Axis.AXIAL
+    rangeMode: RangeMode = RangeMode.WHOLE
+    rangeStart: Annotated[int, Minimum(0)] = 0
+    rangeEnd: Annotated[int, Minimum(0)] = 0
+    intensity: Intensity = Intensity.MR
+    checkpoint: str = "MedSAM2_latest"
+    device: Device = Device.AUTO
+    largestComponent: bool = False
+
+
+class DownloadJob:
+    """A checkpoint download on a plain thread; the panel polls it (Qt must not be touched off the main thread)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.received, self.total = 0, None
+        self.path, self.error = None, None
+        self._cancel = False
+        self._thread = threading.Thread(target=self._run, name="MedSAM2HITL download", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from MedSAM2HITLLib import checkpoints
+
+        def progress(done, total):
+            self.received, self.total = done, total
+
+        try:
+            self.path = checkpoints.download(self.name, progress, should_cancel=lambda: self._cancel)
+        except Exception as exc:  # reported to the user by the panel, with the library's message
+            self.error = exc
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def cancel(self) -> None:
+        self._cancel = True
+
+
+class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel. Long work runs in the worker process; callbacks arrive on the main thread."""
+
+    SHORTCUTS = (("Shift+S", "onSegmentSlice"), ("Shift+P", "onPropagate"), ("Shift+F", "onPropagateFromSlice"))
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._lastSliceNode = None
+        self._shortcuts = []
+        self._running = None  # (kind, start time) while a request is in flight
+        self._download = None
+        self._timer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSAM2HITL.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedSAM2HITLLogic()
+
+        from MedSAM2HITLLib.checkpoints import REGISTRY
+
+        self.ui.checkpointComboBox.addItems(list(REGISTRY))
+        self.ui.progressBar.hide()
+        self.ui.downloadProgressBar.hide()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+        if crosshair:
+            self.addObserver(crosshair, slicer.vtkMRMLCrosshairNode.CursorPositionModifiedEvent, self.onCursorMoved)
+
+        self.ui.placeRoiButton.clicked.connect(self.onPlaceRoi)
+        self.ui.segmentSliceButton.clicked.connect(self.onSegmentSlice)
+        self.ui.propagateButton.clicked.connect(self.onPropagate)
+        self.ui.propagateFromSliceButton.clicked.connect(self.onPropagateFromSlice)
+        self.ui.cancelButton.clicked.connect(self.onCancel)
+        self.ui.undoButton.clicked.connect(self.onUndo)
+        self.ui.redoButton.clicked.connect(self.onRedo)
+        self.ui.downloadButton.clicked.connect(self.onDownload)
+        self.ui.browseCheckpointButton.clicked.connect(self.onBrowseCheckpoint)
+        self.ui.stopWorkerButton.clicked.connect(self.onStopWorker)
+        self.ui.checkpointComboBox.currentTextChanged.connect(self.onCheckpointEdited)
+        self.ui.segmentSelector.currentSegmentChanged.connect(self.onSegmentSelected)
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(250)
+        self._timer.timeout.connect(self.onTick)
+        self._timer.start()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        self._removeShortcuts()
+        if self._timer:
+            self._timer.stop()
+        if self._download:
+            self._download.cancel()
+        if self.logic:
+            self.logic.stopWorker()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self._installShortcuts()
+
+    def exit(self) -> None:
+        self._removeShortcuts()
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # --- parameter node -------------------------------------------------------------------------------------
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume:
+                self._parameterNode.inputVolume = firstVolume
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
+            self.updateGuiFromParameterNode()
+
+    def updateGuiFromParameterNode(self, caller=None, event=None) -> None:
+        """The parts the wrapper cannot bind: segment selector, free-text checkpoint, enabled states."""
+        p = self._parameterNode
+        if not p:
+            return
+        self.ui.segmentSelector.setCurrentNode(p.segmentationNode)
+        if p.segmentId and self.ui.segmentSelector.currentSegmentID() != p.segmentId:
+            self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
+        if self.ui.checkpointComboBox.currentText != p.checkpoint:
+            self.ui.checkpointComboBox.setCurrentText(p.checkpoint)
+        custom = p.rangeMode == RangeMode.CUSTOM
+        self.ui.rangeStartSpinBox.enabled = custom
+        self.ui.rangeEndSpinBox.enabled = custom
+        self._updateButtons()
+
+    def _updateButtons(self) -> None:
+        p = self._parameterNode
+        idle = self._running is None
+        hasVolume = bool(p and p.inputVolume)
+        hasRoi = bool(hasVolume and p.roiNode)
+        hasSegment = bool(hasVolume and p.segmentationNode and p.segmentId)
+        self.ui.segmentSliceButton.enabled = idle and hasRoi
+        self.ui.propagateButton.enabled = idle and hasRoi
+        self.ui.propagateFromSliceButton.enabled = idle and hasSegment
+        self.ui.cancelButton.enabled = not idle
+        segmentation = p.segmentationNode if p else None
+        self.ui.undoButton.enabled = idle and self.logic.canUndo(segmentation)
+        self.ui.redoButton.enabled = idle and self.logic.canRedo(segmentation)
+        self.ui.downloadButton.text = _("Cancel download") if self._download else _("Download")
+
+    def onSegmentSelected(self, segmentId) -> None:
+        if self._parameterNode and self._parameterNode.segmentId != (segmentId or ""):
+            self._parameterNode.segmentId = segmentId or ""
+
+    def onCheckpointEdited(self, text) -> None:
+        if self._parameterNode and text and self._parameterNode.checkpoint != text:
+            self._parameterNode.checkpoint = text
+
+    # --- slice views ----------------------------------------------------------------------------------------
+
+    def onCursorMoved(self, crosshair, event) -> None:
+        """Remember the slice view under the mouse: it decides the axis and the current slice."""
+        sliceNode = crosshair.GetCursorPositionXYZ([0.0, 0.0, 0.0])
+        if sliceNode:
+            self._lastSliceNode = sliceNode
+
+    def _followView(self) -> None:
+        """Set the axis to the orientation of the slice view the user works in (reformatted views: unchanged)."""
+        orientation = self._lastSliceNode.GetOrientation().lower() if self._lastSliceNode else ""
+        if self._parameterNode and orientation in {a.value for a in Axis}:
+            self._parameterNode.axis = Axis(orientation)
+
+    def _sliceNodeForAxis(self):
+        """The slice view showing the current axis: the one last used if it matches, else the first such view."""
+        wanted = self._parameterNode.axis.value
+        if self._lastSliceNode and self._lastSliceNode.GetOrientation().lower() == wanted:
+            return self._lastSliceNode
+        for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
+            if sliceNode.GetOrientation().lower() == wanted:
+                return sliceNode
+        raise ValueError(_("No slice view shows the {axis} orientation: set a view to it first.").format(axis=wanted))
+
+    # --- shortcuts ------------------------------------------------------------------------------------------
+
+    def _installShortcuts(self) -> None:
+        mainWindow = slicer.util.mainWindow()
+        if self._shortcuts or not mainWindow:
+            return
+        for keys, method in self.SHORTCUTS:
+            shortcut = qt.QShortcut(mainWindow)
+            shortcut.setKey(qt.QKeySequence(keys))
+            shortcut.connect("activated()", lambda method=method: self._fromShortcut(method))
+            self._shortcuts.append(shortcut)
+
+    def _removeShortcuts(self) -> None:
+        for shortcut in self._shortcuts:
+            shortcut.disconnect("activated()")
+            shortcut.setParent(None)
+        self._shortcuts = []
+
+    def _fromShortcut(self, method) -> None:
+        self._followView()  # a shortcut is pressed with the mouse over the view the user works in
+        getattr(self, method)()
+
+    # --- actions --------------------------------------------------------------------------------------------
+
+    def onPlaceRoi(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to start placing an ROI."), waitCursor=True):
+            roi = self.logic.startRoiPlacement()
+            self.addObserver(roi, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onRoiPlaced)
+            self._parameterNode.roiNode = roi
+            self._parameterNode.segmentId = ""  # a new ROI is a new object: its own segment, named after it
+            self._setStatus(_("Click two opposite corners of a box around the object in a slice view."))
+
+    def onRoiPlaced(self, roi, event) -> None:
+        """Each click: the view clicked in sets the axis. The second corner completes the box."""
+        self._followView()
+        if all(size > 0 for size in roi.GetSize()):
+            self.removeObserver(roi, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onRoiPlaced)
+            self._setStatus(_("ROI placed; axis: {axis}.").format(axis=self._parameterNode.axis.label()))
+
+    def onSegmentSlice(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to segment the slice."), waitCursor=True):
+            self._start("segment", self.logic.segmentSlice(
+                self._parameterNode, onDone=self._onSegmentDone, onError=self._onError))
+
+    def onPropagate(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to propagate."), waitCursor=True):
+            self._start("propagate", self.logic.propagate(
+                self._parameterNode, fromSegment=False, keyIndex=None, onProgress=self._onProgress,
+                onDone=self._onPropagateDone, onError=self._onError))
+
+    def onPropagateFromSlice(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to propagate from this slice."), waitCursor=True):
+            keyIndex = self.logic.sliceIndexInView(self._parameterNode, self._sliceNodeForAxis())
+            self._start("propagate", self.logic.propagate(
+                self._parameterNode, fromSegment=True, keyIndex=keyIndex, onProgress=self._onProgress,
+                onDone=self._onPropagateDone, onError=self._onError))
+
+    def onCancel(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to cancel.")):
+            self.logic.cancel()
+            self._setStatus(_("Cancelling..."))
+
+    def onUndo(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to undo.")):
+            self.logic.undo(self._parameterNode.segmentationNode)
+            self._updateButtons()
+
+    def onRedo(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to redo.")):
+            self.logic.redo(self._parameterNode.segmentationNode)
+            self._updateButtons()
+
+    def onStopWorker(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to stop the worker.")):
+            self.logic.stopWorker()
+            self._running = None
+            self._setStatus(_("Worker stopped; it restarts on the next action."))
+            self._updateButtons()
+
+    def onBrowseCheckpoint(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(
+            self.parent, _("Choose a checkpoint"), "", _("PyTorch checkpoint (*.pt *.pth);;All files (*)"))
+        if path:
+            self._parameterNode.checkpoint = path
+
+    def onDownload(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to download the checkpoint.")):
+            if self._download:
+                self._download.cancel()
+                return
+            self._download = DownloadJob(self._parameterNode.checkpoint)
+            self.ui.downloadProgressBar.setRange(0, 0)
+            self.ui.downloadProgressBar.show()
+            self._updateButtons()
+
+    # --- request life cycle ---------------------------------------------------------------------------------
+
+    def _start(self, kind, request) -> None:
+        self._running = (kind, time.perf_counter(), request)
+        self.ui.progressBar.setRange(0, 0)
+        self.ui.progressBar.show()
+        self._setStatus(_("Running... (the first request also starts the worker and loads the model)"))
+        self._updateButtons()
+
+    def _finish(self) -> float:
+        elapsed = time.perf_counter() - self._running[1] if self._running else 0.0
+        self._running = None
+        self.ui.progressBar.hide()
+        self._updateButtons()
+        return elapsed
+
+    def _onSegmentDone(self, result) -> None:
+        elapsed = self._finish()
+        self._setStatus(_("Segmented the key slice in {seconds:.2f} s.").format(seconds=elapsed))
+
+    def _onProgress(self, completed, total) -> None:
+        self.ui.progressBar.setRange(0, total)
+        self.ui.progressBar.setValue(completed)
+        if self._running:
+            elapsed = time.perf_counter() - self._running[1]
+            self._setStatus(_("Propagating: {done}/{total} slices, {seconds:.1f} s").format(
+                done=completed, total=total, seconds=elapsed))
+
+    def _onPropagateDone(self, written) -> None:
+        slices = len(written)
+        elapsed = self._finish()
+        perSlice = elapsed / slices if slices else 0.0
+        self._setStatus(_("Propagated {count} slices in {seconds:.1f} s ({perSlice:.2f} s/slice).").format(
+            count=slices, seconds=elapsed, perSlice=perSlice))
+
+    def _onError(self, error) -> None:
+        if self._running is None:  # a request that follows a failed model load fails too: reported once
+            logging.warning("MedSAM2HITL: %s", error)
+            return
+        self._finish()
+        if getattr(error, "kind", "") == "cancelled":
+            self._setStatus(_("Cancelled: {message}. Slices already written are kept; Undo removes them.").format(
+                message=error))
+            return
+        self._setStatus(_("Failed: {message}").format(message=error))
+        slicer.util.errorDisplay(_("MedSAM2 failed: {message}").format(message=error))
+
+    def _setStatus(self, text) -> None:
+        self.ui.statusLabel.text = text
+        logging.info("MedSAM2HITL: %s", text)
+
+    def onTick(self) -> None:
+        """Poll what has no callback: the worker state and a running download."""
+        self.ui.workerStateLabel.text = self.logic.workerState()
+        job = self._download
+        if not job:
+            return
+        if job.total:
+            self.ui.downloadProgressBar.setRange(0, 1000)
+            self.ui.downloadProgressBar.setValue(int(1000 * job.received / job.total))
+        if job.done:
+            self._download = None
+            self.ui.downloadProgressBar.hide()
+            self._updateButtons()
+            if job.error:
+                self._setStatus(_("Download stopped: {message}").format(message=job.error))
+                if getattr(job.error, "kind", "") != "cancelled":
+                    slicer.util.errorDisplay(_("Download failed: {message}").format(message=job.error))
+            else:
+                self._setStatus(_("Checkpoint ready: {path}").format(path=job.path))
+
+
+class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):
+    """Adapter from the parameter node to `MedSAM2HITLLib.logic.SegmentationLogic`, which does the work.
+
+    The library logic (and its worker process) is created on first use, so opening the module costs nothing.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._core = None
+        self._model = None  # (checkpoint, device) last sent to the worker client
+
+    def getParameterNode(self):
+        return MedSAM2HITLParameterNode(super().getParameterNode())
+
+    @property
+    def core(self):
+        """The library logic; the first call installs missing packages (after asking) and sets up the worker."""
+        if self._core is None:
+            from MedSAM2HITLLib import dependencies
+            from MedSAM2HITLLib.client import WorkerClient
+            from MedSAM2HITLLib.logic import SegmentationLogic
+            from MedSAM2HITLLib.slicer_transport import slicer_transport_factory
+
+            dependencies.ensure()
+            self._core = SegmentationLogic(client=WorkerClient(transport_factory=slicer_transport_factory()))
+        return self._core
+
+    def _prepare(self, p, needRoi: bool, onError) -> None:
+        """Check the inputs, (re)load the model when its choice changed, and make sure the target segment exists.
+
+        The client re-sends the model to a restarted worker by itself; a model that fails to load is reported
+        through `onError` and requested again next time.
+        """
+        from MedSAM2HITLLib import segment_writer
+
+        if not p.inputVolume:
+            raise ValueError(_("Select a volume first."))
+        if needRoi and not p.roiNode:
+            raise ValueError(_("Select or place an ROI around the object first."))
+        model = (p.checkpoint, p.device.value)
+        if self._model != model:
+            self.core.load_model(p.checkpoint, device=p.device.value, on_error=lambda error: self._modelFailed(error, onError))
+            self._model = model
+        if not p.segmentationNode:
+            p.segmentationNode = segment_writer.create_segmentation(p.inputVolume.GetScene(), p.inputVolume)
+        if not p.segmentId:
+            name = p.roiNode.GetName() if p.roiNode else "MedSAM2"
+            p.segmentId = segment_writer.get_or_create_segment(p.segmentationNode, name)
+
+    def _modelFailed(self, error, onError) -> None:
+        self._model = None
+        if onError:
+            onError(error)
+
+    def segmentSlice(self, p, onDone=None, onError=None):
+        """Segment the slice through the ROI centre; result (segmentation node, segment ID)."""
+        self._prepare(p, needRoi=True, onError=onError)
+        return self.core.segment_slice(
+            p.inputVolume, p.roiNode, p.segmentationNode, segment_id=p.segmentId, axis=p.axis.value,
+            window=p.intensity.value, on_done=onDone, on_error=onError)
+
+    def propagate(self, p, fromSegment=False, keyIndex=None, onProgress=None, onDone=None, onError=None):
+        """Propagate from the ROI's box or (fromSegment) the segment's mask on keyIndex; result: slices written."""
+        if fromSegment and not (p.segmentationNode and p.segmentId):
+            raise ValueError(_("Select the segment whose mask on this slice is the prompt."))
+        if p.rangeMode == RangeMode.ROI and not p.roiNode:
+            raise ValueError(_("The 'ROI extent' range needs an ROI."))
+        self._prepare(p, needRoi=not fromSegment, onError=onError)
+        custom = p.rangeMode == RangeMode.CUSTOM
+        return self.core.propagate(
+            p.inputVolume, p.segmentationNode, p.segmentId, axis=p.axis.value,
+            roi_node=p.roiNode, from_segment=fromSegment, key_index=keyIndex,
+            start=p.rangeStart if custom else None, end=p.rangeEnd if custom else None,
+            range_from_roi=p.rangeMode == RangeMode.ROI, window=p.intensity.value,
+            largest_component=p.largestComponent, on_progress=onProgress, on_done=onDone, on_error=onError)
+
+    @staticmethod
+    def sliceIndexInView(p, sliceNode) -> int:
+        """Index, along the array axis of the current view orientation, of the volume slice a view shows."""
+        import numpy as np
+
+        from MedSAM2HITLLib import roi_box
+
+        if not p.inputVolume:
+            raise ValueError(_("Select a volume first."))
+        axis = roi_box.array_axis_for_view(p.inputVolume, p.axis.value)
+        planeOrigin = [sliceNode.GetSliceToRAS().GetElement(row, 3) for row in range(3)] + [1.0]
+        ijk = np.linalg.solve(roi_box.volume_ijk_to_world(p.inputVolume), planeOrigin)
+        index = int(np.floor(ijk[2 - axis] + 0.5))  # array axis 0 is K, 2 is I
+        count = p.inputVolume.GetImageData().GetDimensions()[2 - axis]
+        if not 0 <= index < count:
+            raise ValueError(_("The slice view shows no slice of the volume (slice {index} of 0..{last}).").format(
+                index=index, last=count - 1))
+        return index
+
+    @staticmethod
+    def startRoiPlacement():
+        """A new box ROI, made the active markup, with the slice views in place mode."""
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", slicer.mrmlScene.GenerateUniqueName("ROI"))
+        roi.CreateDefaultDisplayNodes()
+        markupsLogic = slicer.modules.markups.logic()
+        markupsLogic.SetActiveList(roi)
+        markupsLogic.StartPlaceMode(False)
+        return roi
+
+    def cancel(self) -> None:
+        if self._core:
+            self._core.cancel()
+
+    def undo(self, segmentation) -> None:
+        if self._core and segmentation:
+            self._core.undo(segmentation)
+
+    def redo(self, segmentation) -> None:
+        if self._core and segmentation:
+            self._core.redo(segmentation)
+
+    def canUndo(self, segmentation) -> bool:
+        return bool(self._core and segmentation and self._core.history(segmentation).can_undo)
+
+    def canRedo(self, segmentation) -> bool:
+        return bool(self._core and segmentation and self._core.history(segmentation).can_redo)
+
+    def stopWorker(self) -> None:
+        if self._core:
+            self._core.stop_worker()
+
+    def workerState(self) -> str:
+        """stopped, starting, loading, ready or busy."""
+        return self._core.client.state if self._core else "stopped"
+
+
+class MedSAM2HITLTest(ScriptedLoadableModuleTest):
+    """The panel end to end inside Slicer: ROI, Segment slice, Propagate, Cancel, Undo/Redo, Stop worker."""
+
+    TIMEOUT = 300.0
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_panel_end_to_end()
+
+    def _checkpoint(self):
+        """The project's phantom-trained fixture (accurate: True) or, when absent, a random model of the same family."""
+        candidates = [os.environ.get("MEDSAM2HITL_TEST_CHECKPOINT", ""),
+                      str(Path(__file__).resolve().parents[1] / "Testing" / "Data" / "phantom_sam2.pt")]
+        for candidate in candidates:
+            if candidate and Path(candidate).is_file():
+                return Path(candidate), True
+        self.delayDisplay("Fixture checkpoint not found: building a random-init one (structure checks only)")
+        from MedSAM2HITLLib import dependencies
+
+        dependencies.ensure()
+        import torch
+        from omegaconf import OmegaConf
+
+        from MedSAM2HITLLib.model import DEFAULT_CONFIG, build_predictor, save_checkpoint
+
+        folder = Path(slicer.app.temporaryPath) / "MedSAM2HITLTest"
+        folder.mkdir(parents=True, exist_ok=True)
+        config = OmegaConf.load(DEFAULT_CONFIG)
+        config.model.image_size = 128
+        OmegaConf.save(config, folder / "random.yaml")
+        torch.manual_seed(0)
+        return save_checkpoint(build_predictor(folder / "random.yaml"), folder / "random.pt"), False
+
+    def _wait(self, widget):
+        deadline = time.monotonic() + self.TIMEOUT
+        while widget._running is not None:
+            self.assertLess(time.monotonic(), deadline, "the worker did not answer in time")
+            slicer.app.processEvents()
+            time.sleep(0.02)
+
+    @staticmethod
+    def _phantom():
+        """A CT-like stack (slices along axis 0): soft tissue with a bright ellipsoid on slices 7..24."""
+        import numpy as np
+
+        k, j, i = np.mgrid[0:32, 0:64, 0:64]
+        truth = ((k - 15.5) / 8.5) ** 2 + ((j - 30) / 12.0) ** 2 + ((i - 34) / 10.0) ** 2 <= 1.0
+        rng = np.random.default_rng(0)
+        array = (40 + 10 * rng.standard_normal(truth.shape) + 160 * truth).astype(np.int16)
+        return array, truth
+
+    def _segmentArray(self, p):
+        return slicer.util.arrayFromSegmentBinaryLabelmap(p.segmentationNode, p.segmentId, p.inputVolume).astype(bool)
+
+    def test_panel_end_to_end(self):
+        import numpy as np
+
+        checkpoint, accurate = self._checkpoint()
+        array, truth = self._phantom()
+        volume = slicer.util.addVolumeFromArray(array, ijkToRAS=np.eye(4), name="MedSAM2HITLTestPhantom")
+        before = array.copy()
+        slicer.util.selectModule("MedSAM2HITL")
+        widget = slicer.modules.medsam2hitl.widgetRepresentation().self()
+        p = widget._parameterNode
+        p.inputVolume = volume
+        p.checkpoint = str(checkpoint)
+        p.device = Device.CPU
+        p.intensity = Intensity.ABDOMEN
+        p.axis = Axis.AXIAL
+
+        widget.ui.placeRoiButton.click()  # creates an ROI and enters place mode, as for a user
+        roi = p.roiNode
+        self.assertIsNotNone(roi)
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.Place)
+        interaction.SetCurrentInteractionMode(interaction.ViewTransform)
+        roi.SetCenter(34.0, 30.0, 16.0)  # identity IJK->RAS: (x, y, z) = (i, j, k)
+        roi.SetSize(24.0, 28.0, 1.0)
+
+        widget.ui.segmentSliceButton.click()
+        self._wait(widget)
+        self.assertTrue(p.segmentationNode and p.segmentId, widget.ui.statusLabel.text)
+        mask2d = self._segmentArray(p)
+        self.assertEqual(sorted(set(np.nonzero(mask2d)[0])), [16], "only the key slice may change")
+        if accurate:
+            dice = 2 * (mask2d[16] & truth[16]).sum() / (mask2d[16].sum() + truth[16].sum())
+            self.assertGreater(dice, 0.8)
+
+        p.rangeMode = RangeMode.CUSTOM
+        p.rangeStart, p.rangeEnd = 10, 22
+        widget.ui.propagateButton.click()
+        self._wait(widget)
+        mask3d = self._segmentArray(p)
+        changed = sorted(set(np.nonzero(mask3d)[0]))
+        self.assertTrue(changed and changed[0] >= 10 and changed[-1] <= 22, f"slices outside 10..22: {changed}")
+        if accurate:
+            inRange = slice(10, 23)
+            dice = 2 * (mask3d[inRange] & truth[inRange]).sum() / (mask3d[inRange].sum() + truth[inRange].sum())
+            self.assertGreater(dice, 0.7)
+
+        widget.ui.undoButton.click()
+        np.testing.assert_array_equal(self._segmentArray(p), mask2d)
+        widget.ui.redoButton.click()
+        np.testing.assert_array_equal(self._segmentArray(p), mask3d)
+
+        # Cancel right away: the slices written before the cancel landed (maybe none) go with one Undo.
+        p.rangeMode = RangeMode.WHOLE
+        widget.ui.propagateButton.click()
+        request = widget._running[2]
+        widget.ui.cancelButton.click()
+        self._wait(widget)
+        cancelled = getattr(request.error, "kind", "") == "cancelled"
+        self.assertTrue(cancelled or request.error is None, f"unexpected failure: {request.error}")
+        if cancelled and not request.error.completed:
+            np.testing.assert_array_equal(self._segmentArray(p), mask3d)
+        else:
+            widget.ui.undoButton.click()
+            np.testing.assert_array_equal(self._segmentArray(p), mask3d)
+
+        widget.ui.stopWorkerButton.click()
+        self.assertEqual(widget.logic.workerState(), "stopped")
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), before)
+        self.delayDisplay("Test passed")
