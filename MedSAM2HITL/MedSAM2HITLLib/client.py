@@ -48,6 +48,7 @@ class Request:
         self.result = None
         self.error: MedSAM2Error | None = None
         self.fields: dict = {}  # what was sent
+        self.reply: dict = {}  # fields of the final answer (e.g. `seconds` the worker spent on a 2D request)
         self.completed: list[int] = []  # propagate: slices received so far
         self.cancelling = False  # cancel was requested and the worker was killed for not stopping
         self.on_slice = on_slice
@@ -342,7 +343,7 @@ class WorkerClient:
         self._model_args = args
         request = self._request("load_model", callbacks)
         self._start_worker(request)
-        self._worker_has_model = True
+        self._worker_has_model = self._transport is not None
         self._send(request, args)
         return request
 
@@ -468,6 +469,7 @@ class WorkerClient:
             request._slice(SliceMask(f["index"], frame.arrays["mask"], f["completed"], f["total"]))
             return
         del self._pending[frame.id]
+        request.reply = frame.fields
         if frame.type == "done":
             self._done(request, frame)
         elif frame.type == "cancelled":
@@ -491,7 +493,8 @@ class WorkerClient:
             if request.cancelling and request.type == "propagate":
                 request._fail(PropagationCancelled(request.completed))
             else:
-                request._fail(WorkerError(f"{request.type} failed: {message}"))
+                what = "starting the worker" if request.type == "hello" else request.type
+                request._fail(WorkerError(f"{what} failed: {message}"))
         self._update_state()
 
     # ---- internals ----
@@ -505,7 +508,7 @@ class WorkerClient:
         return request
 
     def _send(self, request: Request, fields: dict, arrays: dict | None = None) -> None:
-        if request.done:
+        if request.done or self._transport is None:
             return
         request.fields = fields
         self._pending[request.id] = request
@@ -518,7 +521,13 @@ class WorkerClient:
             return
         self._transport = self.transport_factory(self)
         self._update_state()
-        self._transport.start()
+        try:
+            self._transport.start()
+        except OSError as exc:  # e.g. the Python executable is missing
+            self._transport = None
+            self._update_state()
+            parent._fail(WorkerError(f"could not start the worker: {exc}"))
+            return
         hello = self._internal("hello", parent)
         self._send(hello, {"version": PROTOCOL_VERSION})
 
@@ -539,6 +548,8 @@ class WorkerClient:
             request._fail(BadInputError(f"unknown volume '{volume_id}': call set_volume first"))
             return False
         self._start_worker(request)
+        if request.done:
+            return False
         if not self._worker_has_model and self._model_args is not None:
             self._worker_has_model = True
             self._send(self._internal("load_model", request), self._model_args)
@@ -547,7 +558,8 @@ class WorkerClient:
         return not request.done
 
     def _send_volume(self, request: Request, volume_id: str) -> None:
-        self._worker_volumes.add(volume_id)
+        if self._transport is not None:
+            self._worker_volumes.add(volume_id)
         self._send(request, {"volume_id": volume_id}, {"volume": self._volumes[volume_id]})
 
     def _internal(self, type: str, parent: Request) -> Request:

@@ -90,7 +90,8 @@ class Worker:
     def __init__(self, channel: Channel):
         self.channel = channel
         self.engine = None
-        self.volumes: dict = {}
+        self.volumes: dict = {}  # volume_id -> array
+        self._engine_keys: dict = {}  # volume_id -> id given to the engine, new for each set_volume
         self.cancelled: set[int] = set()
         self.closing = threading.Event()
         self.inbox: queue.Queue = queue.Queue()
@@ -245,15 +246,16 @@ class Worker:
             raise BadInputError("set_volume needs a 'volume' array")
         volume = check_volume(frame.arrays["volume"])
         self.volumes[volume_id] = volume
-        if self.engine is not None and self.engine.volume_id == volume_id:
-            self.engine.set_volume(volume, volume_id)
+        # New content under a known id must not reuse the engine's embeddings of the old content.
+        self._engine_keys[volume_id] = f"{volume_id}#{frame.id}"
         self.channel.send("done", frame.id, {"volume_id": volume_id, "shape": list(volume.shape), "dtype": str(volume.dtype)})
 
     def on_segment_2d(self, frame: Frame) -> None:
         f = frame.fields
         engine = self._engine_for(f.get("volume_id"))
+        started = time.perf_counter()
         mask = engine.segment_slice(int(f["axis"]), int(f["index"]), f["box"], f.get("window", "mr"))
-        self.channel.send("done", frame.id, {}, {"mask": mask})
+        self.channel.send("done", frame.id, {"seconds": time.perf_counter() - started}, {"mask": mask})
 
     def on_propagate(self, frame: Frame) -> None:
         f = frame.fields
@@ -293,8 +295,9 @@ class Worker:
             raise ModelError("no model is loaded in the worker: load a checkpoint first")
         if volume_id not in self.volumes:
             raise BadInputError(f"unknown volume '{volume_id}': send it with set_volume first")
-        if self.engine.volume_id != volume_id or self.engine.volume is None:
-            self.engine.set_volume(self.volumes[volume_id], volume_id)
+        key = self._engine_keys[volume_id]
+        if self.engine.volume_id != key:
+            self.engine.set_volume(self.volumes[volume_id], key)
         return self.engine
 
 

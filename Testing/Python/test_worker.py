@@ -120,6 +120,25 @@ def test_segment_slice_equals_the_in_process_engine(client, random_checkpoint):
         np.testing.assert_array_equal(mask, expected)
     sagittal = client.segment_slice("phantom", 2, 30, (1, 1, 60, 6)).wait(60)
     assert sagittal.shape == (8, 64)
+    # New content under a known id: the worker must not answer from the old content's embeddings.
+    moved = np.ascontiguousarray(np.roll(VOLUME, 20, axis=2))
+    engine.set_volume(moved, "moved")
+    expected_moved = engine.segment_slice(0, 4, BOX)
+    assert not np.array_equal(expected_moved, expected)
+    client.set_volume("swap", VOLUME).wait(30)
+    np.testing.assert_array_equal(client.segment_slice("swap", 0, 4, BOX).wait(60), expected)
+    client.set_volume("swap", moved).wait(30)
+    np.testing.assert_array_equal(client.segment_slice("swap", 0, 4, BOX).wait(60), expected_moved)
+
+
+def test_worker_that_cannot_start_fails_the_request():
+    missing = WorkerClient(lambda handler: SubprocessTransport(handler, command=["/nonexistent/python", "-m", "x"]))
+    request = missing.segment_slice("v", 0, 0, BOX)
+    assert isinstance(request.error, BadInputError)  # no volume: checked before starting anything
+    missing.set_volume("v", VOLUME)
+    with pytest.raises(WorkerError, match="could not start the worker"):
+        missing.segment_slice("v", 0, 0, BOX).wait(5)
+    assert missing.state == "stopped"
 
 
 def test_bad_request_fails_with_the_engine_message_and_the_worker_keeps_serving(client):
