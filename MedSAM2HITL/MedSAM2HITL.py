@@ -156,7 +156,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._lastSliceNode = None
         self._shortcuts = []
-        self._running = None  # (kind, start time) while a request is in flight
+        self._running = None  # (token, start time, request) while a request is in flight
         self._download = None
         self._timer = None
 
@@ -185,8 +185,8 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.propagateButton.clicked.connect(self.onPropagate)
         self.ui.propagateFromSliceButton.clicked.connect(self.onPropagateFromSlice)
         self.ui.cancelButton.clicked.connect(self.onCancel)
-        self.ui.undoButton.clicked.connect(self.onUndo)
-        self.ui.redoButton.clicked.connect(self.onRedo)
+        self.ui.undoButton.clicked.connect(lambda: self.onHistory(self.logic.undo))
+        self.ui.redoButton.clicked.connect(lambda: self.onHistory(self.logic.redo))
         self.ui.downloadButton.clicked.connect(self.onDownload)
         self.ui.browseCheckpointButton.clicked.connect(self.onBrowseCheckpoint)
         self.ui.stopWorkerButton.clicked.connect(self.onStopWorker)
@@ -348,36 +348,32 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(_("ROI placed; axis: {axis}.").format(axis=self._parameterNode.axis.label()))
 
     def onSegmentSlice(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Failed to segment the slice."), waitCursor=True):
-            self._start("segment", self.logic.segmentSlice(
-                self._parameterNode, onDone=self._onSegmentDone, onError=self._onError))
+        self._launch(_("Failed to segment the slice."), lambda mine: self.logic.segmentSlice(
+            self._parameterNode, onDone=mine(self._onSegmentDone), onError=mine(self._onError)))
 
     def onPropagate(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Failed to propagate."), waitCursor=True):
-            self._start("propagate", self.logic.propagate(
-                self._parameterNode, fromSegment=False, keyIndex=None, onProgress=self._onProgress,
-                onDone=self._onPropagateDone, onError=self._onError))
+        self._launch(_("Failed to propagate."), lambda mine: self.logic.propagate(
+            self._parameterNode, onProgress=mine(self._onProgress), onDone=mine(self._onPropagateDone),
+            onError=mine(self._onError)))
 
     def onPropagateFromSlice(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Failed to propagate from this slice."), waitCursor=True):
+        def request(mine):
             keyIndex = self.logic.sliceIndexInView(self._parameterNode, self._sliceNodeForAxis())
-            self._start("propagate", self.logic.propagate(
-                self._parameterNode, fromSegment=True, keyIndex=keyIndex, onProgress=self._onProgress,
-                onDone=self._onPropagateDone, onError=self._onError))
+            return self.logic.propagate(
+                self._parameterNode, fromSegment=True, keyIndex=keyIndex, onProgress=mine(self._onProgress),
+                onDone=mine(self._onPropagateDone), onError=mine(self._onError))
+
+        self._launch(_("Failed to propagate from this slice."), request)
 
     def onCancel(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to cancel.")):
             self.logic.cancel()
             self._setStatus(_("Cancelling..."))
 
-    def onUndo(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Failed to undo.")):
-            self.logic.undo(self._parameterNode.segmentationNode)
-            self._updateButtons()
-
-    def onRedo(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Failed to redo.")):
-            self.logic.redo(self._parameterNode.segmentationNode)
+    def onHistory(self, step) -> None:
+        """Undo or redo one MedSAM2 result (logic.undo / logic.redo)."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to undo or redo.")):
+            step(self._parameterNode.segmentationNode)
             self._updateButtons()
 
     def onStopWorker(self) -> None:
@@ -405,12 +401,35 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- request life cycle ---------------------------------------------------------------------------------
 
-    def _start(self, kind, request) -> None:
-        self._running = (kind, time.perf_counter(), request)
-        self.ui.progressBar.setRange(0, 0)
-        self.ui.progressBar.show()
-        self._setStatus(_("Running... (the first request also starts the worker and loads the model)"))
-        self._updateButtons()
+    def _launch(self, failure, makeRequest) -> None:
+        """Run a logic call that returns a Request, with callbacks that act only while it is the current one.
+
+        Callbacks may fire before the call returns (bad input), and a request that follows a failed model load,
+        or one cut off by Stop worker, still answers later: those answers must not end the next request.
+        """
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
+            token = object()
+            self._running = (token, time.perf_counter(), None)
+            self.ui.progressBar.setRange(0, 0)
+            self.ui.progressBar.show()
+            self._setStatus(_("Running... (the first request also starts the worker and loads the model)"))
+            self._updateButtons()
+
+            def mine(callback):
+                def run(*args):
+                    if self._running and self._running[0] is token:
+                        callback(*args)
+                    else:
+                        logging.info("MedSAM2HITL: ignored a late answer of an earlier request: %s", args[:1])
+                return run
+
+            try:
+                request = makeRequest(mine)
+            except Exception:
+                self._finish()
+                raise
+            if self._running and self._running[0] is token:  # still in flight
+                self._running = (token, self._running[1], request)
 
     def _finish(self) -> float:
         elapsed = time.perf_counter() - self._running[1] if self._running else 0.0
@@ -439,9 +458,6 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             count=slices, seconds=elapsed, perSlice=perSlice))
 
     def _onError(self, error) -> None:
-        if self._running is None:  # a request that follows a failed model load fails too: reported once
-            logging.warning("MedSAM2HITL: %s", error)
-            return
         self._finish()
         if getattr(error, "kind", "") == "cancelled":
             self._setStatus(_("Cancelled: {message}. Slices already written are kept; Undo removes them.").format(
