@@ -191,7 +191,11 @@ class Transport:
 
 
 class SubprocessTransport(Transport):
-    """Pipes to `python -m MedSAM2HITLLib.worker`; reader threads only queue bytes, pump() dispatches them."""
+    """Pipes to `python -m MedSAM2HITLLib.worker`.
+
+    Threads only move bytes: readers queue what arrives, a writer sends queued frames (so a caller never blocks
+    on a worker that stopped reading); pump() dispatches on the caller's thread.
+    """
 
     def __init__(self, handler, command: list[str] | None = None, env: dict | None = None):
         super().__init__(handler)
@@ -201,6 +205,7 @@ class SubprocessTransport(Transport):
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, self.env.get("PYTHONPATH")) if p)
         self.process: subprocess.Popen | None = None
         self._events: queue.Queue = queue.Queue()
+        self._outbox: queue.Queue = queue.Queue()
         self._timers: list[tuple[float, Callable]] = []
 
     @property
@@ -222,6 +227,23 @@ class SubprocessTransport(Transport):
         for thread in (stdout, stderr):
             thread.start()
         threading.Thread(target=self._watch, args=(stdout, stderr), daemon=True).start()
+        threading.Thread(target=self._write, daemon=True).start()
+
+    def _write(self) -> None:
+        """Send queued frames in order; None closes the worker's stdin. After a write error, drop the rest."""
+        fd = self.process.stdin.fileno()
+        while (buffers := self._outbox.get()) is not None:
+            try:
+                for buffer in buffers:
+                    view = memoryview(buffer).cast("B")
+                    while len(view):
+                        view = view[os.write(fd, view) :]
+            except OSError:
+                pass  # the worker is gone; its exit event is on the way and fails the requests
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
 
     def _read(self, pipe, channel: str) -> None:
         while True:
@@ -241,14 +263,11 @@ class SubprocessTransport(Transport):
         self._events.put(("exit", code))
 
     def send(self, buffers: list) -> None:
-        try:
-            fd = self.process.stdin.fileno()
-            for buffer in buffers:
-                view = memoryview(buffer).cast("B")
-                while len(view):
-                    view = view[os.write(fd, view) :]
-        except (OSError, ValueError):
-            pass  # the worker is gone; its exit event is on the way and fails the request
+        self._outbox.put(buffers)
+
+    def close_input(self) -> None:
+        """Close the worker's stdin after the frames already queued (the worker exits at end of input)."""
+        self._outbox.put(None)
 
     def pump(self, timeout: float) -> None:
         deadline = time.monotonic() + max(0.0, timeout)
@@ -300,10 +319,7 @@ class SubprocessTransport(Transport):
     def close(self, timeout: float) -> None:
         if self.process is None:
             return
-        try:
-            self.process.stdin.close()
-        except OSError:
-            pass
+        self.close_input()
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:

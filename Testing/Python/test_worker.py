@@ -150,13 +150,20 @@ def test_bad_request_fails_with_the_engine_message_and_the_worker_keeps_serving(
 
 
 def test_propagation_streams_every_slice_in_order(client):
-    received, states = [], []
+    received, states, statuses = [], [], []
+
+    def on_slice(item):
+        received.append(item)
+        if len(received) == 1:
+            client.status(on_done=statuses.append)  # answered while the propagation runs
+
     client.on_state_changed = states.append
     try:
-        request = client.propagate("phantom", 0, 3, BOX, start=1, end=6, on_slice=received.append)
+        request = client.propagate("phantom", 0, 3, BOX, start=1, end=6, on_slice=on_slice)
         completed = request.wait(120)
     finally:
         client.on_state_changed = None
+    assert statuses[0]["running"] == {"type": "propagate", "id": request.id}
     assert [s.index for s in received] == [3, 4, 5, 6, 2, 1]  # key slice, forward, backward
     assert [(s.completed, s.total) for s in received] == [(n, 6) for n in range(1, 7)]
     assert all(s.mask.shape == (64, 64) and s.mask.dtype == bool for s in received)
@@ -199,12 +206,15 @@ def test_cancel_kills_a_worker_that_does_not_answer(client):
         pytest.skip("needs SIGSTOP to hang the worker")
     pid = worker_pid(client)
     client.cancel_grace = 1.0
-    received = []
+    received, queued = [], []
 
     def on_slice(item):
         received.append(item.index)
         if len(received) == 1:
             os.kill(pid, signal.SIGSTOP)
+            started = time.monotonic()  # sending to a worker that reads nothing must not block the caller
+            queued.append(client.set_volume("large", np.zeros((64, 512, 512), np.int16)))
+            queued.append(time.monotonic() - started)
             client.cancel()
 
     try:
@@ -212,7 +222,10 @@ def test_cancel_kills_a_worker_that_does_not_answer(client):
             client.propagate("phantom", 0, 2, BOX, on_slice=on_slice).wait(60)
     finally:
         client.cancel_grace = 5.0
+        client.forget_volume("large")
     assert info.value.completed == received == [2]
+    assert queued[1] < 0.5
+    assert isinstance(queued[0].error, WorkerError)
     assert client.state == "stopped"
     deadline = time.monotonic() + 5
     while alive(pid) and time.monotonic() < deadline:
@@ -300,7 +313,7 @@ def test_truncated_request_stream_is_reported_and_the_worker_exits():
     try:
         frame = encode_bytes("set_volume", 1, {"volume_id": "v"}, {"volume": np.ones((4, 16, 16), np.int16)})
         transport.send([frame[: len(frame) // 2]])
-        transport.process.stdin.close()
+        transport.close_input()
         pump_until(transport, lambda: recorder.exit is not None, timeout=10)
         assert "truncated" in recorder.frames[-1].fields["message"]
         assert "exited with code 2" in recorder.exit
