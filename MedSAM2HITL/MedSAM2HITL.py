@@ -731,6 +731,22 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         widget.ui.redoButton.click()
         np.testing.assert_array_equal(self._segmentArray(p), mask3d)
 
+        # A user corrects slice 13 by hand, shows it in the Red view and propagates from it: the corrected
+        # mask is the prompt and stays exactly as drawn; one Undo returns to the corrected state.
+        corrected = mask3d.copy()
+        corrected[13] = truth[13]
+        slicer.util.updateSegmentBinaryLabelmapFromArray(corrected.astype(np.uint8), p.segmentationNode, p.segmentId, volume)
+        slicer.app.layoutManager().sliceWidget("Red").sliceLogic().SetSliceOffset(13.0)
+        widget.ui.propagateFromSliceButton.click()
+        self._wait(widget)
+        fromSlice = self._segmentArray(p)
+        np.testing.assert_array_equal(fromSlice[13], truth[13])
+        changed = np.nonzero((fromSlice != corrected).any(axis=(1, 2)))[0]
+        self.assertTrue(all(10 <= k <= 22 for k in changed), f"slices outside 10..22 changed: {changed}")
+        widget.ui.undoButton.click()
+        np.testing.assert_array_equal(self._segmentArray(p), corrected)
+        mask3d = corrected
+
         # Cancel right away: the slices written before the cancel landed (maybe none) go with one Undo.
         p.rangeMode = RangeMode.WHOLE
         widget.ui.propagateButton.click()
