@@ -42,7 +42,8 @@ class MedSAM2HITL(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Human-in-the-loop 3D segmentation with MedSAM2. Place a box ROI around an object on one slice, "
             "<b>Segment slice</b>, then <b>Propagate</b> through the volume; correct any slice with the Segment "
-            "Editor and <b>Propagate from this slice</b>. Every result can be undone. "
+            "Editor and <b>Propagate from this slice</b>. Every result can be undone. Shortcuts: Shift+S segment "
+            "slice, Shift+P propagate, Shift+F propagate from this slice. "
             'See the <a href="{url}">README</a> for installation, shortcuts and limitations.'
         ).format(url=README_URL)
         self.parent.acknowledgementText = _(
@@ -155,6 +156,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._lastSliceNode = None
+        self._roiId = None  # the ROI the panel last showed: switching ROIs switches objects (segments)
         self._shortcuts = []
         self._running = None  # (token, start time, request) while a request is in flight
         self._download = None
@@ -251,6 +253,13 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not p:
             return
+        roiId = p.roiNode.GetID() if p.roiNode else None
+        if roiId != self._roiId:
+            switched = self._roiId is not None
+            self._roiId = roiId
+            if switched and p.segmentationNode:  # one object per ROI: its segment is the one named after it
+                segmentation = p.segmentationNode.GetSegmentation()
+                p.segmentId = segmentation.GetSegmentIdBySegmentName(p.roiNode.GetName()) if p.roiNode else ""
         self.ui.segmentSelector.setCurrentNode(p.segmentationNode)
         if p.segmentId and self.ui.segmentSelector.currentSegmentID() != p.segmentId:
             self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
@@ -336,8 +345,8 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start placing an ROI."), waitCursor=True):
             roi = self.logic.startRoiPlacement()
             self.addObserver(roi, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onRoiPlaced)
-            self._parameterNode.roiNode = roi
             self._parameterNode.segmentId = ""  # a new ROI is a new object: its own segment, named after it
+            self._parameterNode.roiNode = roi
             self._setStatus(_("Click two opposite corners of a box around the object in a slice view."))
 
     def onRoiPlaced(self, roi, event) -> None:
