@@ -388,9 +388,8 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onStopWorker(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to stop the worker.")):
             self.logic.stopWorker()
-            self._running = None
+            self._finish()  # what was running is abandoned; its late answer is ignored
             self._setStatus(_("Worker stopped; it restarts on the next action."))
-            self._updateButtons()
 
     def onBrowseCheckpoint(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
