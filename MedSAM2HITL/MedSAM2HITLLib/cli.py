@@ -1,0 +1,295 @@
+"""`medsam2hitl`: the Slicer module's logic and worker from the command line, on a headless MRML scene.
+
+Exit codes: 0 done; 2 bad input (files, box, preset, unknown or missing checkpoint); 3 inference failed (out of
+memory, worker stopped); 130 interrupted by Ctrl+C (nothing written unless --keep-partial); 1 unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import BadInputError, MedSAM2Error, ModelError, PropagationCancelled
+
+EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+VIEWS = ("axial", "coronal", "sagittal")
+REQUEST_TIMEOUT_SECONDS = 3600.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .checkpoints import DEFAULT_MODEL
+    from .preprocessing import window_names
+
+    parser = argparse.ArgumentParser(prog="medsam2hitl", description="MedSAM2 box-prompted 3D segmentation.",
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks and the worker's log")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    segment = commands.add_parser("segment", help="segment an object from a box, optionally through the volume")
+    segment.add_argument("volume", help="NIfTI, NRRD, MHA/MHD file or a DICOM series folder")
+    prompt = segment.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--box-ras", nargs=6, type=float, metavar=("X1", "Y1", "Z1", "X2", "Y2", "Z2"),
+                        help="two opposite corners of the box in RAS millimetres (as Slicer shows them)")
+    prompt.add_argument("--roi", help="Slicer markups ROI file (.mrk.json)")
+    segment.add_argument("--axis", choices=VIEWS, default="axial", help="slice orientation of the box (default axial)")
+    segment.add_argument("--propagate", action="store_true", help="propagate from the key slice through the range")
+    segment.add_argument("--start", type=int, help="first slice of the range: 0-based, counted as Slicer and `info` count them")
+    segment.add_argument("--end", type=int, help="last slice of the range (inclusive)")
+    segment.add_argument("--window", default="mr", help=f"{', '.join(window_names())} or W,L (default mr)")
+    segment.add_argument("--largest-component", action="store_true", help="keep the largest 3D connected part")
+    segment.add_argument("--checkpoint", default=DEFAULT_MODEL, help=f"registry name or file (default {DEFAULT_MODEL})")
+    segment.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    segment.add_argument("--threads", type=int, help="CPU threads for inference")
+    segment.add_argument("-o", "--output", required=True, help="segmentation to write (.seg.nrrd)")
+    segment.add_argument("--labelmap", help="also write a NIfTI labelmap with the volume's affine (.nii.gz)")
+    segment.add_argument("--keep-partial", action="store_true", help="on Ctrl+C, write the slices done so far")
+
+    models = commands.add_parser("models", help="list, download or locate checkpoints")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_commands.add_parser("list", help="known checkpoints and whether they are downloaded")
+    download = models_commands.add_parser("download", help="download a checkpoint into the cache (resumes)")
+    download.add_argument("name")
+    download.add_argument("--url", help="download from this address instead (a mirror)")
+    path = models_commands.add_parser("path", help="the cache folder, or where a checkpoint is/goes")
+    path.add_argument("name", nargs="?")
+
+    info = commands.add_parser("info", help="size, spacing, orientation and intensity range of a volume")
+    info.add_argument("volume")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if not args.verbose:
+        _quiet_vtk()
+    try:
+        return {"segment": run_segment, "models": run_models, "info": run_info}[args.command](args)
+    except KeyboardInterrupt:
+        print("medsam2hitl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MedSAM2Error as error:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"medsam2hitl: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT if error.kind in (BadInputError.kind, ModelError.kind) else EXIT_FAILED
+    except Exception as error:  # a bug: say so, with the traceback on request
+        if args.verbose:
+            raise
+        print(f"medsam2hitl: unexpected error: {error.__class__.__name__}: {error} (run with --verbose)", file=sys.stderr)
+        return EXIT_BUG
+
+
+def run_segment(args) -> int:
+    from .checkpoints import resolve_checkpoint
+    from .logic import SegmentationLogic
+    from .mrml_scene import create_scene, load_roi, load_volume
+    from .preprocessing import parse_window
+
+    output = _output_path(args.output, ".seg.nrrd")
+    labelmap = _output_path(args.labelmap, ".nii.gz", ".nii") if args.labelmap else None
+    parse_window(args.window, _no_volume()) if args.window != "mr" else None  # a bad preset fails before any work
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    scene = create_scene()
+    volume = load_volume(scene, args.volume)
+    roi = load_roi(scene, args.roi) if args.roi else _roi_from_corners(scene, volume, args.box_ras)
+    logic = SegmentationLogic()
+    try:
+        started = time.monotonic()
+        _say(f"loading {checkpoint.name} ...")
+        loading = logic.load_model(checkpoint, device=args.device, threads=args.threads)
+        segmenting = logic.segment_slice(volume, roi, None, axis=args.axis, window=args.window)  # checks the box now
+        info = loading.wait(REQUEST_TIMEOUT_SECONDS)
+        _say(f"model ready on {info.get('device')} ({time.monotonic() - started:.1f} s)")
+        started = time.monotonic()
+        segmentation, segment_id = segmenting.wait(REQUEST_TIMEOUT_SECONDS)
+        _say(f"key slice segmented ({time.monotonic() - started:.2f} s)")
+        if args.propagate:
+            if not _propagate(logic, volume, segmentation, segment_id, roi, args):
+                return EXIT_INTERRUPTED
+        _write_outputs(segmentation, volume, output, labelmap)
+        return EXIT_OK
+    finally:
+        logic.stop_worker()
+
+
+def _propagate(logic, volume, segmentation, segment_id, roi, args) -> bool:
+    """Run the propagation with a progress bar; False when Ctrl+C stopped it (outputs written only if asked)."""
+    started = time.monotonic()
+    progress = _ProgressBar("propagating")
+    request = logic.propagate(volume, segmentation, segment_id, axis=args.axis, roi_node=roi, start=args.start,
+                              end=args.end, window=args.window, largest_component=args.largest_component,
+                              on_progress=progress.update)
+    try:
+        written = request.wait(REQUEST_TIMEOUT_SECONDS)
+    except KeyboardInterrupt:
+        progress.close()
+        _say("cancelling ...")
+        logic.cancel()
+        try:
+            request.wait(30.0)
+        except (PropagationCancelled, MedSAM2Error, TimeoutError):
+            pass
+        if args.keep_partial:
+            output = _output_path(args.output, ".seg.nrrd")
+            labelmap = _output_path(args.labelmap, ".nii.gz", ".nii") if args.labelmap else None
+            _write_outputs(segmentation, volume, output, labelmap)
+            _say("kept the slices completed before the interruption (--keep-partial)")
+        else:
+            _say("interrupted: nothing written (use --keep-partial to keep completed slices)")
+        return False
+    progress.close()
+    _say(f"propagated {len(written)} slices ({time.monotonic() - started:.1f} s)")
+    return True
+
+
+def _write_outputs(segmentation, volume, output: Path, labelmap: Path | None) -> None:
+    """Each file is written beside its final name and renamed into place, so none is ever left half-written."""
+    from .export import export_labelmap_nifti, export_seg_nrrd
+
+    writes = [(output, ".seg.nrrd", lambda p: export_seg_nrrd(segmentation, p))]
+    if labelmap is not None:
+        suffix = ".nii.gz" if labelmap.name.lower().endswith(".nii.gz") else ".nii"
+        writes.append((labelmap, suffix, lambda p: export_labelmap_nifti(segmentation, volume, p)))
+    for final, suffix, write in writes:
+        partial = final.with_name(f".{final.name[: -len(suffix)]}.partial{suffix}")
+        write(partial)
+        partial.replace(final)
+        _say(f"wrote {final}")
+
+
+def run_models(args) -> int:
+    from .checkpoints import cache_dir, cached_path, download, list_models, lookup
+
+    if args.models_command == "list":
+        rows = list_models()
+        print(f"{'name':<26} {'size':>8}  {'cached':<6}  licence")
+        for row in rows:
+            mark = "*" if row["default"] else " "
+            print(f"{row['name'] + mark:<26} {row['size']:>8}  {'yes' if row['cached'] else 'no':<6}  {row['licence']}")
+        print(f"(* default)  cache: {cache_dir()}")
+    elif args.models_command == "download":
+        progress = _ProgressBar(f"downloading {args.name}", unit="MB", scale=1e-6)
+        path = download(args.name, progress.update, url=args.url)
+        progress.close()
+        print(path)
+    else:
+        print(cached_path(lookup(args.name)) if args.name else cache_dir())
+    return EXIT_OK
+
+
+def run_info(args) -> int:
+    import numpy as np
+    import slicer.util
+
+    from .mrml_scene import create_scene, load_volume
+    from .roi_box import array_axis_for_view, volume_ijk_to_world
+
+    volume = load_volume(create_scene(), args.volume)
+    array = slicer.util.arrayFromVolume(volume)
+    ijk_to_ras = volume_ijk_to_world(volume)
+    spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    directions = ijk_to_ras[:3, :3] / spacing
+    print(f"file:        {args.volume}")
+    print(f"size (IJK):  {' x '.join(str(n) for n in array.shape[::-1])}  ({array.dtype})")
+    print(f"spacing mm:  {' x '.join(f'{s:g}' for s in spacing)}")
+    print(f"origin RAS:  {' '.join(f'{v:g}' for v in ijk_to_ras[:3, 3])}")
+    print(f"orientation: {''.join(_axis_code(d) for d in directions.T)} (I, J, K point towards)")
+    print(f"intensity:   {array.min():g} .. {array.max():g}")
+    for view in VIEWS:
+        axis = array_axis_for_view(volume, view)
+        print(f"{view + ':':<12} {array.shape[axis]} slices (0..{array.shape[axis] - 1})")
+    return EXIT_OK
+
+
+def _quiet_vtk() -> None:
+    """Slicer's readers log every failure at length; the CLI reports it once, in one line."""
+    import vtk
+
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_OFF)
+
+
+def _axis_code(direction) -> str:
+    import numpy as np
+
+    axis = int(np.argmax(np.abs(direction)))
+    return ("LR", "PA", "IS")[axis][int(direction[axis] > 0)]
+
+
+def _roi_from_corners(scene, volume, corners: list[float]):
+    """An axis-aligned ROI (in RAS) between two corners.
+
+    A box drawn on a slice is flat along one axis; it gets the volume's smallest voxel spacing as thickness so
+    that it holds the voxel centres of one slice even when its coordinate falls between them.
+    """
+    import numpy as np
+
+    from .roi_box import volume_ijk_to_world
+
+    if not np.all(np.isfinite(corners)):
+        raise BadInputError("--box-ras needs six finite numbers")
+    first, second = np.array(corners[:3]), np.array(corners[3:])
+    size = np.abs(second - first)
+    if np.count_nonzero(size < 1e-6) > 1:
+        raise BadInputError(f"--box-ras {corners} is a line or a point; give two opposite corners of a box")
+    spacing = np.linalg.norm(volume_ijk_to_world(volume)[:3, :3], axis=0).min()
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
+    roi.SetCenter(*((first + second) / 2))
+    roi.SetSize(*np.where(size < 1e-6, spacing, size))
+    return roi
+
+
+def _output_path(value: str, *suffixes: str) -> Path:
+    path = Path(value)
+    if not path.name.lower().endswith(suffixes):
+        raise BadInputError(f"output '{path.name}' must end with {' or '.join(suffixes)}")
+    if not path.parent.resolve().is_dir():
+        raise BadInputError(f"output folder '{path.parent}' does not exist; create it first")
+    return path
+
+
+def _no_volume():
+    import numpy as np
+
+    return np.zeros((1, 1, 1))
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _ProgressBar:
+    """A one-line text progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, label: str, unit: str = "slices", scale: float = 1.0):
+        self.label, self.unit, self.scale = label, unit, scale
+        self.tty = sys.stderr.isatty()
+        self.shown = False
+
+    def update(self, done, total) -> None:
+        done, total = done * self.scale, (total * self.scale if total else None)
+        if total:
+            filled = int(30 * done / total)
+            text = f"{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done:.0f}/{total:.0f} {self.unit}"
+        else:
+            text = f"{self.label} {done:.0f} {self.unit}"
+        if self.tty:
+            print("\r" + text, end="", file=sys.stderr, flush=True)
+            self.shown = True
+        elif not total or done == total or int(done) % 10 == 0:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.shown:
+            print(file=sys.stderr, flush=True)
+            self.shown = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
