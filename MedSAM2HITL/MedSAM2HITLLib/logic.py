@@ -138,9 +138,10 @@ class SegmentationLogic:
 
     def history(self, segmentation_node) -> segment_writer.SegmentationHistory:
         key = segmentation_node.GetID()
-        if key not in self._histories:
-            self._histories[key] = segment_writer.SegmentationHistory(segmentation_node)
-        return self._histories[key]
+        history = self._histories.get(key)
+        if history is None or history.segmentation_node is not segmentation_node:  # IDs recur in a new scene
+            history = self._histories[key] = segment_writer.SegmentationHistory(segmentation_node)
+        return history
 
     @staticmethod
     def array_axis(volume_node, axis) -> int:
