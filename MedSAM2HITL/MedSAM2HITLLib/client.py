@@ -373,9 +373,16 @@ class WorkerClient:
         self._send_volume(request, volume_id)
         return request
 
-    def forget_volume(self, volume_id: str) -> None:
-        """Stop re-sending this volume to restarted workers (the running worker keeps its copy)."""
+    def forget_volume(self, volume_id: str, **callbacks) -> Request:
+        """The volume is no longer needed: the worker drops its copy and a restarted worker does not get it."""
+        request = self._request("forget_volume", callbacks)
         self._volumes.pop(volume_id, None)
+        if volume_id in self._worker_volumes:
+            self._worker_volumes.discard(volume_id)
+            self._send(request, {"volume_id": volume_id})
+        else:
+            request._finish({})
+        return request
 
     def segment_slice(self, volume_id: str, axis: int, index: int, box, window="mr", **callbacks) -> Request:
         """Mask of one slice for a box (x_min, y_min, x_max, y_max); `result` is a bool array of the slice shape."""

@@ -57,6 +57,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
+def integer(frame: Frame, name: str, default=...):
+    """An integer field of a request, or a BadInputError naming it."""
+    value = frame.fields.get(name, default)
+    if value is ...:
+        raise BadInputError(f"{frame.type} needs an integer '{name}'")
+    if value is None and default is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadInputError(f"{frame.type}: '{name}' must be an integer, got {value!r}")
+    return value
+
+
 class Channel:
     """Writes whole frames to the frame descriptor; a lock keeps frames from two threads apart."""
 
@@ -254,7 +266,7 @@ class Worker:
         f = frame.fields
         engine = self._engine_for(f.get("volume_id"))
         started = time.perf_counter()
-        mask = engine.segment_slice(int(f["axis"]), int(f["index"]), f["box"], f.get("window", "mr"))
+        mask = engine.segment_slice(integer(frame, "axis"), integer(frame, "index"), f.get("box"), f.get("window", "mr"))
         self.channel.send("done", frame.id, {"seconds": time.perf_counter() - started}, {"mask": mask})
 
     def on_propagate(self, frame: Frame) -> None:
@@ -269,11 +281,11 @@ class Worker:
 
         completed: list[int] = []
         slices = engine.propagate(
-            int(f["axis"]),
-            int(f["key_index"]),
+            integer(frame, "axis"),
+            integer(frame, "key_index"),
             prompt,
-            f.get("start"),
-            f.get("end"),
+            integer(frame, "start", None),
+            integer(frame, "end", None),
             f.get("window", "mr"),
             bool(f.get("largest_component", False)),
             should_cancel,
@@ -284,6 +296,13 @@ class Worker:
             fields = {"index": item.index, "completed": item.completed, "total": item.total}
             self.channel.send("slice", frame.id, fields, {"mask": item.mask})
         self.channel.send("done", frame.id, {"completed": completed})
+
+    def on_forget_volume(self, frame: Frame) -> None:
+        """Drop a volume the client no longer uses (the engine may still hold its current one)."""
+        volume_id = frame.fields.get("volume_id")
+        self.volumes.pop(volume_id, None)
+        self._engine_keys.pop(volume_id, None)
+        self.channel.send("done", frame.id, {})
 
     def on_shutdown(self, frame: Frame) -> str:
         self.channel.send("done", frame.id, {})
