@@ -354,8 +354,12 @@ class WorkerClient:
 
     # ---- requests ----
 
-    def load_model(self, checkpoint, config=None, device: str = "auto", threads: int | None = None, **callbacks) -> Request:
-        args = {"checkpoint": str(checkpoint), "config": str(config) if config else None, "device": device, "threads": threads}
+    def load_model(
+        self, checkpoint, config=None, device: str = "auto", threads: int | None = None, **callbacks
+    ) -> Request:
+        """Load (or replace) the worker's model; `result` is its info dict. Re-sent to restarted workers."""
+        config = str(config) if config else None
+        args = {"checkpoint": str(checkpoint), "config": config, "device": device, "threads": threads}
         self._model_args = args
         request = self._request("load_model", callbacks)
         self._start_worker(request)
@@ -388,7 +392,8 @@ class WorkerClient:
         """Mask of one slice for a box (x_min, y_min, x_max, y_max); `result` is a bool array of the slice shape."""
 
         def fields():
-            return {"volume_id": volume_id, "axis": int(axis), "index": int(index), "box": _numbers(box), "window": _window(window)}, {}
+            values = {"volume_id": volume_id, "axis": int(axis), "index": int(index), "box": _numbers(box)}
+            return {**values, "window": _window(window)}, {}
 
         return self._submit(self._request("segment_2d", callbacks), volume_id, fields)
 

@@ -67,11 +67,12 @@ def wire_dtype(dtype: np.dtype) -> str:
 def encode(
     type: str, id: int | None = None, fields: dict | None = None, arrays: dict[str, np.ndarray] | None = None
 ) -> list:
-    """The frame as a list of buffers (prefix+header bytes, then one memoryview per array: no copy of C-ordered arrays)."""
+    """The frame as buffers: prefix+header bytes, then one memoryview per array (C-ordered arrays are not copied)."""
     payloads, buffers = [], []
     for name, array in (arrays or {}).items():
         array = np.asarray(array, order="C")  # ascontiguousarray would turn a 0-d array into 1-d
-        payloads.append({"name": name, "dtype": wire_dtype(array.dtype), "shape": list(array.shape), "nbytes": array.nbytes})
+        dtype = wire_dtype(array.dtype)
+        payloads.append({"name": name, "dtype": dtype, "shape": list(array.shape), "nbytes": array.nbytes})
         buffers.append(memoryview(array).cast("B") if array.nbytes else b"")
     header = json.dumps(
         {"type": type, "id": id, "fields": fields or {}, "payloads": payloads}, separators=(",", ":"), allow_nan=False
@@ -126,7 +127,7 @@ def _parse_header(raw: bytes, body_bytes: int) -> tuple[dict, list[dict]]:
         itemsize = np.dtype(p["dtype"]).itemsize
         expected = itemsize * int(np.prod(shape, dtype=object))
         if p.get("nbytes") != expected:
-            raise bad(f"payload '{p['name']}' declares {p.get('nbytes')!r} bytes, {p['dtype']} {shape} needs {expected}")
+            raise bad(f"payload '{p['name']}' declares {p.get('nbytes')!r} bytes, {p['dtype']} {shape} has {expected}")
         total += expected
     if total != body_bytes:
         raise bad(f"payloads add up to {total} bytes but the frame body has {body_bytes}")
@@ -182,7 +183,9 @@ class FrameReader:
                 return None
             magic, header_bytes, body_bytes = PREFIX.unpack_from(self._buffer)
             if magic != MAGIC:
-                raise self._break(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r}): the stream is not a MedSAM2HITL protocol stream")
+                raise self._break(
+                    f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r}): this is not a MedSAM2HITL protocol stream"
+                )
             if header_bytes > MAX_HEADER_BYTES or body_bytes > MAX_BODY_BYTES:
                 raise self._break(f"frame header of {header_bytes} bytes or body of {body_bytes} bytes is too large")
             if len(self._buffer) < PREFIX.size + header_bytes:

@@ -234,7 +234,9 @@ class Worker:
                 f"{PROTOCOL_VERSION}; both come from the MedSAM2HITL install, so reinstall or restart Slicer"
             )
         self.channel.send(
-            "done", frame.id, {"version": PROTOCOL_VERSION, "package": __version__, "pid": os.getpid(), "python": sys.version}
+            "done",
+            frame.id,
+            {"version": PROTOCOL_VERSION, "package": __version__, "pid": os.getpid(), "python": sys.version},
         )
 
     def on_load_model(self, frame: Frame) -> None:
@@ -260,13 +262,15 @@ class Worker:
         self.volumes[volume_id] = volume
         # New content under a known id must not reuse the engine's embeddings of the old content.
         self._engine_keys[volume_id] = f"{volume_id}#{frame.id}"
-        self.channel.send("done", frame.id, {"volume_id": volume_id, "shape": list(volume.shape), "dtype": str(volume.dtype)})
+        described = {"volume_id": volume_id, "shape": list(volume.shape), "dtype": str(volume.dtype)}
+        self.channel.send("done", frame.id, described)
 
     def on_segment_2d(self, frame: Frame) -> None:
         f = frame.fields
         engine = self._engine_for(f.get("volume_id"))
         started = time.perf_counter()
-        mask = engine.segment_slice(integer(frame, "axis"), integer(frame, "index"), f.get("box"), f.get("window", "mr"))
+        axis, index = integer(frame, "axis"), integer(frame, "index")
+        mask = engine.segment_slice(axis, index, f.get("box"), f.get("window", "mr"))
         self.channel.send("done", frame.id, {"seconds": time.perf_counter() - started}, {"mask": mask})
 
     def on_propagate(self, frame: Frame) -> None:
@@ -322,6 +326,7 @@ class Worker:
 
 def main() -> int:
     frames_fd = take_over_stdout()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # sam2's per-slice progress bars would crowd the log tail
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s worker %(process)d: %(message)s")
     log.info("started (protocol %s, Python %s)", PROTOCOL_VERSION, sys.version.split()[0])
     worker = Worker(Channel(frames_fd))

@@ -19,6 +19,7 @@ from MedSAM2HITLLib.protocol import MAGIC, PREFIX, PROTOCOL_VERSION, encode, enc
 
 THREADS = 2
 BOX = (16, 16, 47, 47)
+ENCODER = "sam2.modeling.backbones.image_encoder.ImageEncoder"
 
 
 def phantom() -> np.ndarray:
@@ -303,7 +304,8 @@ def test_malformed_frames_are_answered_then_garbage_stops_the_worker():
         assert "unsupported dtype '|O8'" in by_id[7].fields["message"]
         assert "unknown request type 'teleport'" in by_id[8].fields["message"]
         assert "scalar 3D array" in by_id[9].fields["message"]
-        assert by_id[10].fields == {"kind": "model", "message": "no model is loaded in the worker: load a checkpoint first"}
+        assert by_id[10].fields["kind"] == "model"
+        assert by_id[10].fields["message"] == "no model is loaded in the worker: load a checkpoint first"
         assert by_id[11].type == "done" and by_id[11].fields["running"] is None
         transport.send([b"GET / HTTP/1.1\r\nHost: worker\r\n\r\n"])
         pump_until(transport, lambda: recorder.exit is not None, timeout=10)
@@ -327,7 +329,7 @@ def test_truncated_request_stream_is_reported_and_the_worker_exits():
 
 
 def test_unreadable_worker_output_fails_the_request_quickly_and_kills_it():
-    script = "import sys, time; sys.stdout.write('Traceback (most recent call last):\\n'); sys.stdout.flush(); time.sleep(60)"
+    script = "import time; print('Traceback (most recent call last):', flush=True); time.sleep(60)"
     created = []
 
     def factory(handler):
@@ -358,9 +360,9 @@ def test_prints_from_model_code_go_to_stderr_not_into_frames(random_checkpoint, 
         )
     )
     config = random_checkpoint.with_suffix(".yaml").read_text()
-    assert "_target_: sam2.modeling.backbones.image_encoder.ImageEncoder" in config
+    assert f"_target_: {ENCODER}" in config
     noisy = tmp_path / "noisy.yaml"
-    noisy.write_text(config.replace("sam2.modeling.backbones.image_encoder.ImageEncoder", "noisy_encoder.NoisyImageEncoder"))
+    noisy.write_text(config.replace(ENCODER, "noisy_encoder.NoisyImageEncoder"))
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     worker = WorkerClient(lambda handler: SubprocessTransport(handler, env=env))
     try:
