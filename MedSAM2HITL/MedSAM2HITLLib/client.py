@@ -520,6 +520,8 @@ class WorkerClient:
         for request in pending:
             if request.cancelling and request.type == "propagate":
                 request._fail(PropagationCancelled(request.completed))
+            elif request.cancelling:
+                request._fail(WorkerError(f"{request.type} cancelled: the worker did not stop in time and was killed"))
             else:
                 what = "starting the worker" if request.type == "hello" else request.type
                 request._fail(WorkerError(f"{what} failed: {message}"))
