@@ -8,6 +8,7 @@ model runs in a background PythonSlicer process.
 import enum
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -643,13 +644,17 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_panel_end_to_end()
 
-    def _checkpoint(self):
-        """The project's phantom-trained fixture (accurate: True) or, when absent, a random model of the same family."""
-        candidates = [os.environ.get("MEDSAM2HITL_TEST_CHECKPOINT", ""),
-                      str(Path(__file__).resolve().parents[1] / "Testing" / "Data" / "phantom_sam2.pt")]
-        for candidate in candidates:
-            if candidate and Path(candidate).is_file():
-                return Path(candidate), True
+    @staticmethod
+    def _sourceTree():
+        """The repository holding the fixtures: given by ctest, or the one this file lies in (development)."""
+        given = os.environ.get("MEDSAM2HITL_SOURCE_DIR")
+        for root in ([Path(given)] if given else []) + [Path(__file__).resolve().parents[1]]:
+            if (root / "Testing" / "Data" / "phantom_sam2.pt").is_file():
+                return root
+        return None
+
+    def _randomCheckpoint(self):
+        """The fixture's model family at random init, for installed extensions that have no fixture."""
         self.delayDisplay("Fixture checkpoint not found: building a random-init one (structure checks only)")
         from MedSAM2HITLLib import dependencies
 
@@ -665,7 +670,7 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         config.model.image_size = 128
         OmegaConf.save(config, folder / "random.yaml")
         torch.manual_seed(0)
-        return save_checkpoint(build_predictor(folder / "random.yaml"), folder / "random.pt"), False
+        return save_checkpoint(build_predictor(folder / "random.yaml"), folder / "random.pt")
 
     def _wait(self, widget):
         deadline = time.monotonic() + self.TIMEOUT
@@ -675,15 +680,24 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
             time.sleep(0.02)
 
     @staticmethod
-    def _phantom():
-        """A CT-like stack (slices along axis 0): soft tissue with a bright ellipsoid on slices 7..24."""
+    def _phantom(sourceTree):
+        """Volume [k, j, i], true mask, key slice and its box (x_min, y_min, x_max, y_max).
+
+        With the source tree: a held-out phantom of the project's generator (all the fixture model knows).
+        Without: a CT-like block with a bright ellipsoid on slices 7..24.
+        """
         import numpy as np
 
+        if sourceTree:
+            sys.path.insert(0, str(sourceTree / "Testing" / "Training"))
+            import phantoms
+
+            phantom = phantoms.make_phantom(1_000_003, modality="ct")
+            return phantom.volume, phantom.mask, phantom.key_index, phantom.box()
         k, j, i = np.mgrid[0:32, 0:64, 0:64]
         truth = ((k - 15.5) / 8.5) ** 2 + ((j - 30) / 12.0) ** 2 + ((i - 34) / 10.0) ** 2 <= 1.0
-        rng = np.random.default_rng(0)
-        array = (40 + 10 * rng.standard_normal(truth.shape) + 160 * truth).astype(np.int16)
-        return array, truth
+        array = (40 + 10 * np.random.default_rng(0).standard_normal(truth.shape) + 160 * truth).astype(np.int16)
+        return array, truth, 16, (24, 18, 44, 42)
 
     def _segmentArray(self, p):
         return slicer.util.arrayFromSegmentBinaryLabelmap(p.segmentationNode, p.segmentId, p.inputVolume).astype(bool)
@@ -691,8 +705,11 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
     def test_panel_end_to_end(self):
         import numpy as np
 
-        checkpoint, accurate = self._checkpoint()
-        array, truth = self._phantom()
+        sourceTree = self._sourceTree()
+        checkpoint = sourceTree / "Testing" / "Data" / "phantom_sam2.pt" if sourceTree else self._randomCheckpoint()
+        accurate = sourceTree is not None  # a random model only allows structure checks
+        array, truth, key, (x0, y0, x1, y1) = self._phantom(sourceTree)
+        first, last = max(key - 6, 0), min(key + 6, array.shape[0] - 1)
         volume = slicer.util.addVolumeFromArray(array, ijkToRAS=np.eye(4), name="MedSAM2HITLTestPhantom")
         before = array.copy()
         slicer.util.selectModule("MedSAM2HITL")
@@ -710,50 +727,54 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         interaction = slicer.app.applicationLogic().GetInteractionNode()
         self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.Place)
         interaction.SetCurrentInteractionMode(interaction.ViewTransform)
-        roi.SetCenter(34.0, 30.0, 16.0)  # identity IJK->RAS: (x, y, z) = (i, j, k)
-        roi.SetSize(24.0, 28.0, 1.0)
+        # Identity IJK->RAS: (x, y, z) = (i, j, k). The box plus one voxel each side, one slice thick.
+        roi.SetCenter((x0 + x1) / 2, (y0 + y1) / 2, float(key))
+        roi.SetSize(x1 - x0 + 2.0, y1 - y0 + 2.0, 1.0)
+
+        def dice(a, b):
+            return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
 
         widget.ui.segmentSliceButton.click()
         self._wait(widget)
         self.assertTrue(p.segmentationNode and p.segmentId, widget.ui.statusLabel.text)
         mask2d = self._segmentArray(p)
-        self.assertEqual(sorted(set(np.nonzero(mask2d)[0])), [16], "only the key slice may change")
+        self.assertEqual(sorted(set(np.nonzero(mask2d)[0])), [key], "only the key slice may change")
         if accurate:
-            dice = 2 * (mask2d[16] & truth[16]).sum() / (mask2d[16].sum() + truth[16].sum())
-            self.assertGreater(dice, 0.8)
+            self.assertGreater(dice(mask2d[key], truth[key]), 0.8)
 
         p.rangeMode = RangeMode.CUSTOM
-        p.rangeStart, p.rangeEnd = 10, 22
+        p.rangeStart, p.rangeEnd = first, last
         widget.ui.propagateButton.click()
         self._wait(widget)
         mask3d = self._segmentArray(p)
         changed = sorted(set(np.nonzero(mask3d)[0]))
-        self.assertTrue(changed and changed[0] >= 10 and changed[-1] <= 22, f"slices outside 10..22: {changed}")
+        self.assertTrue(changed and changed[0] >= first and changed[-1] <= last, f"outside {first}..{last}: {changed}")
         if accurate:
-            inRange = slice(10, 23)
-            dice = 2 * (mask3d[inRange] & truth[inRange]).sum() / (mask3d[inRange].sum() + truth[inRange].sum())
-            self.assertGreater(dice, 0.7)
+            self.assertGreater(dice(mask3d[first:last + 1], truth[first:last + 1]), 0.7)
 
         widget.ui.undoButton.click()
         np.testing.assert_array_equal(self._segmentArray(p), mask2d)
         widget.ui.redoButton.click()
         np.testing.assert_array_equal(self._segmentArray(p), mask3d)
 
-        # A user corrects slice 13 by hand, shows it in the Red view and propagates from it: the corrected
-        # mask is the prompt and stays exactly as drawn; one Undo returns to the corrected state.
+        # A user corrects a slice by hand, shows it in the Red view and propagates from it: the corrected mask
+        # is the prompt and stays exactly as drawn; one Undo returns to the corrected state.
+        fixed = key - 3
         corrected = mask3d.copy()
-        corrected[13] = truth[13]
-        slicer.util.updateSegmentBinaryLabelmapFromArray(corrected.astype(np.uint8), p.segmentationNode, p.segmentId, volume)
-        slicer.app.layoutManager().sliceWidget("Red").sliceLogic().SetSliceOffset(13.0)
+        corrected[fixed] = truth[fixed]
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            corrected.astype(np.uint8), p.segmentationNode, p.segmentId, volume)
+        slicer.app.layoutManager().sliceWidget("Red").sliceLogic().SetSliceOffset(float(fixed))
         widget.ui.propagateFromSliceButton.click()
         self._wait(widget)
         fromSlice = self._segmentArray(p)
-        np.testing.assert_array_equal(fromSlice[13], truth[13])
+        np.testing.assert_array_equal(fromSlice[fixed], truth[fixed])
         changed = np.nonzero((fromSlice != corrected).any(axis=(1, 2)))[0]
-        self.assertTrue(all(10 <= k <= 22 for k in changed), f"slices outside 10..22 changed: {changed}")
+        self.assertTrue(all(first <= k <= last for k in changed), f"outside {first}..{last}: {changed}")
+        if accurate:
+            self.assertGreater(dice(fromSlice[first:last + 1], truth[first:last + 1]), 0.7)
         widget.ui.undoButton.click()
         np.testing.assert_array_equal(self._segmentArray(p), corrected)
-        mask3d = corrected
 
         # Cancel right away: the slices written before the cancel landed (maybe none) go with one Undo.
         p.rangeMode = RangeMode.WHOLE
@@ -763,11 +784,9 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         self._wait(widget)
         cancelled = getattr(request.error, "kind", "") == "cancelled"
         self.assertTrue(cancelled or request.error is None, f"unexpected failure: {request.error}")
-        if cancelled and not request.error.completed:
-            np.testing.assert_array_equal(self._segmentArray(p), mask3d)
-        else:
+        if not (cancelled and not request.error.completed):
             widget.ui.undoButton.click()
-            np.testing.assert_array_equal(self._segmentArray(p), mask3d)
+        np.testing.assert_array_equal(self._segmentArray(p), corrected)
 
         widget.ui.stopWorkerButton.click()
         self.assertEqual(widget.logic.workerState(), "stopped")
