@@ -82,13 +82,15 @@ class Request:
             self.completed.append(item.index)
         _call(self.on_slice, item)
 
-    def _finish(self, result) -> None:
+    def finish(self, result) -> None:
+        """End with a result (also used by requests that the logic composes from worker requests)."""
         if not self.done:
             self.done, self.result = True, result
             for callback in self._on_done:
                 _call(callback, result)
 
-    def _fail(self, error: MedSAM2Error) -> None:
+    def fail(self, error: MedSAM2Error) -> None:
+        """End with an error; the first of finish/fail wins."""
         if not self.done:
             self.done, self.error = True, error
             for callback in self._on_error:
@@ -370,7 +372,7 @@ class WorkerClient:
     def set_volume(self, volume_id: str, array: np.ndarray, **callbacks) -> Request:
         request = self._request("set_volume", callbacks)
         if not isinstance(array, np.ndarray):
-            request._fail(BadInputError(f"the volume must be a numpy array, got {type(array).__name__}"))
+            request.fail(BadInputError(f"the volume must be a numpy array, got {type(array).__name__}"))
             return request
         self._volumes[volume_id] = array
         self._start_worker(request)
@@ -385,7 +387,7 @@ class WorkerClient:
             self._worker_volumes.discard(volume_id)
             self._send(request, {"volume_id": volume_id})
         else:
-            request._finish({})
+            request.finish({})
         return request
 
     def segment_slice(self, volume_id: str, axis: int, index: int, box, window="mr", **callbacks) -> Request:
@@ -501,7 +503,7 @@ class WorkerClient:
         if frame.type == "done":
             self._done(request, frame)
         elif frame.type == "cancelled":
-            request._fail(PropagationCancelled(frame.fields.get("completed", request.completed)))
+            request.fail(PropagationCancelled(frame.fields.get("completed", request.completed)))
         elif frame.type == "error":
             kind = frame.fields.get("kind")
             message = frame.fields.get("message") or f"{request.type} failed"
@@ -519,12 +521,12 @@ class WorkerClient:
         pending, self._pending = list(self._pending.values()), {}
         for request in pending:
             if request.cancelling and request.type == "propagate":
-                request._fail(PropagationCancelled(request.completed))
+                request.fail(PropagationCancelled(request.completed))
             elif request.cancelling:
-                request._fail(WorkerError(f"{request.type} cancelled: the worker did not stop in time and was killed"))
+                request.fail(WorkerError(f"{request.type} cancelled: the worker did not stop in time and was killed"))
             else:
                 what = "starting the worker" if request.type == "hello" else request.type
-                request._fail(WorkerError(f"{what} failed: {message}"))
+                request.fail(WorkerError(f"{what} failed: {message}"))
         self._update_state()
 
     # ---- internals ----
@@ -556,7 +558,7 @@ class WorkerClient:
         except OSError as exc:  # e.g. the Python executable is missing
             self._transport = None
             self._update_state()
-            parent._fail(WorkerError(f"could not start the worker: {exc}"))
+            parent.fail(WorkerError(f"could not start the worker: {exc}"))
             return
         hello = self._internal("hello", parent)
         self._send(hello, {"version": PROTOCOL_VERSION})
@@ -566,7 +568,7 @@ class WorkerClient:
         try:
             values, arrays = fields()
         except (TypeError, ValueError) as exc:  # BadInputError is a ValueError
-            request._fail(exc if isinstance(exc, BadInputError) else BadInputError(f"{request.type}: {exc}"))
+            request.fail(exc if isinstance(exc, BadInputError) else BadInputError(f"{request.type}: {exc}"))
             return request
         if self._prepare(request, volume_id):
             self._send(request, values, arrays)
@@ -575,7 +577,7 @@ class WorkerClient:
     def _prepare(self, request: Request, volume_id: str) -> bool:
         """Start the worker and (re)send the model and the volume it lacks; False if the request failed."""
         if volume_id not in self._volumes:
-            request._fail(BadInputError(f"unknown volume '{volume_id}': call set_volume first"))
+            request.fail(BadInputError(f"unknown volume '{volume_id}': call set_volume first"))
             return False
         self._start_worker(request)
         if request.done:
@@ -595,20 +597,20 @@ class WorkerClient:
     def _internal(self, type: str, parent: Request) -> Request:
         """A request the client sends on its own; if it fails, `parent` fails with the same error."""
         request = self._request(type, {})
-        request.then(on_error=parent._fail)
+        request.then(on_error=parent.fail)
         return request
 
     def _done(self, request: Request, frame: Frame) -> None:
         if request.type == "hello":
             self._hello_done = True
             self.worker_info = frame.fields
-            request._finish(frame.fields)
+            request.finish(frame.fields)
         elif request.type == "segment_2d":
-            request._finish(frame.arrays["mask"])
+            request.finish(frame.arrays["mask"])
         elif request.type == "propagate":
-            request._finish(list(frame.fields.get("completed", request.completed)))
+            request.finish(list(frame.fields.get("completed", request.completed)))
         else:
-            request._finish(frame.fields)
+            request.finish(frame.fields)
 
     def _failed(self, request: Request, error: MedSAM2Error) -> None:
         """Fail a request and forget what the worker did not take from it."""
@@ -620,7 +622,7 @@ class WorkerClient:
             self._worker_volumes.discard(request.fields.get("volume_id"))
             if isinstance(error, BadInputError):
                 self._volumes.pop(request.fields.get("volume_id"), None)
-        request._fail(error)
+        request.fail(error)
         if request.type == "hello" and self._transport is not None:
             self._transport.kill()  # a worker that speaks another protocol version is of no use
 

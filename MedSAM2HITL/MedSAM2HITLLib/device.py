@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+
+from .errors import BadInputError, OutOfMemoryError
 
 
 def resolve_device(name: str = "auto"):
@@ -17,8 +20,6 @@ def resolve_device(name: str = "auto"):
             return torch.device("mps")
         return torch.device("cpu")
     if name not in ("cpu", "cuda", "mps"):
-        from .errors import BadInputError
-
         raise BadInputError(f"unknown device '{name}': use auto, cpu, cuda or mps")
     available = {
         "cpu": True,
@@ -26,8 +27,6 @@ def resolve_device(name: str = "auto"):
         "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
     }[name]
     if not available:
-        from .errors import BadInputError
-
         raise BadInputError(f"device '{name}' is not available on this machine: use auto or cpu")
     return torch.device(name)
 
@@ -60,3 +59,13 @@ def free_cached_memory(device) -> None:
         torch.cuda.empty_cache()
     elif device.type == "mps":
         torch.mps.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Python, torch (CUDA/MPS) and torch CPU allocation failures; the CPU one is a plain RuntimeError."""
+    if isinstance(exc, (MemoryError, OutOfMemoryError)):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)

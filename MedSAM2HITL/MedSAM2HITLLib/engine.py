@@ -80,6 +80,7 @@ class Engine:
         self._windows: dict = {}
         self.volume: np.ndarray | None = None
         self.volume_id: str | None = None
+        self._source: np.ndarray | None = None  # the caller's array behind self.volume
 
     @classmethod
     def load(
@@ -100,11 +101,11 @@ class Engine:
 
     def set_volume(self, volume: np.ndarray, volume_id: str) -> None:
         """Use this volume for the following requests; it is referenced (read-only), never copied or changed."""
-        self.volume = check_volume(volume)
-        if volume_id != self.volume_id:
+        if volume_id != self.volume_id or volume is not self._source:  # new content under an old ID too
             self._embeddings.clear()
             self._windows.clear()
-        self.volume_id = volume_id
+        self.volume = check_volume(volume)
+        self._source, self.volume_id = volume, volume_id
 
     def window(self, spec) -> IntensityWindow:
         """The intensity window for the current volume, computed once per volume and spec."""
@@ -230,12 +231,14 @@ class Engine:
         """inference_mode + device autocast; out-of-memory becomes an OutOfMemoryError with advice."""
         import torch
 
-        from .device import autocast, free_cached_memory
+        from .device import autocast, free_cached_memory, is_out_of_memory
 
         try:
             with torch.inference_mode(), autocast(self.model.device):
                 yield
-        except (torch.OutOfMemoryError, MemoryError) as exc:
+        except Exception as exc:
+            if not is_out_of_memory(exc) or isinstance(exc, OutOfMemoryError):
+                raise
             self._embeddings.clear()
             free_cached_memory(self.model.device)
             raise OutOfMemoryError(

@@ -64,11 +64,11 @@ class SegmentationLogic:
         def write(mask: np.ndarray) -> None:
             self.history(segmentation_node).save_state()
             segment_writer.write_slice(segmentation_node, segment_id, volume_node, axis_index, index, mask)
-            result._finish((segmentation_node, segment_id))
+            result.finish((segmentation_node, segment_id))
 
         volume_id = self._send_volume(volume_node)
         request = self.client.segment_slice(volume_id, axis_index, index, box, self.window(volume_node, window))
-        request.then(_guarded(write, result), result._fail)
+        request.then(_guarded(write, result), result.fail)
         return result
 
     def propagate(self, volume_node, segmentation_node, segment_id: str, axis="axial", roi_node=None,
@@ -110,11 +110,11 @@ class SegmentationLogic:
 
         def finished(completed) -> None:
             writer.flush()
-            result._finish(writer.written)
+            result.finish(writer.written)
 
         def failed(error: MedSAM2Error) -> None:
             writer.flush()  # completed work is kept on cancel or crash
-            result._fail(error)
+            result.fail(error)
 
         volume_id = self._send_volume(volume_node)
         request = self.client.propagate(volume_id, axis_index, key_index, prompt, start, end,
@@ -216,8 +216,8 @@ def _guarded(callback, result: Request):
         try:
             callback(argument)
         except MedSAM2Error as error:
-            result._fail(error)
+            result.fail(error)
         except Exception as error:  # a bug must still end the request, with its message
-            result._fail(MedSAM2Error(f"{error.__class__.__name__}: {error}"))
+            result.fail(MedSAM2Error(f"{error.__class__.__name__}: {error}"))
 
     return run

@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script path: import the package from i
     sys.path.insert(0, os.path.dirname(_package_dir))
 
 from MedSAM2HITLLib import __version__
+from MedSAM2HITLLib.device import free_cached_memory, is_out_of_memory
 from MedSAM2HITLLib.errors import BadInputError, MedSAM2Error, ModelError, OutOfMemoryError, PropagationCancelled
 from MedSAM2HITLLib.protocol import PROTOCOL_VERSION, Frame, FrameReader, FrameTooLarge, ProtocolError, encode
 
@@ -45,16 +46,6 @@ def take_over_stdout() -> int:
         msvcrt.setmode(frames_fd, os.O_BINARY)
         msvcrt.setmode(0, os.O_BINARY)
     return frames_fd
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Python, torch (CUDA/MPS) and torch CPU allocation failures; the CPU one is a plain RuntimeError."""
-    if isinstance(exc, (MemoryError, OutOfMemoryError)):
-        return True
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def integer(frame: Frame, name: str, default=...):
@@ -212,8 +203,6 @@ class Worker:
         """(kind, message) for an error frame; out-of-memory frees cached memory first."""
         if is_out_of_memory(exc):
             if self.engine is not None:
-                from MedSAM2HITLLib.device import free_cached_memory
-
                 free_cached_memory(self.engine.model.device)
             if isinstance(exc, OutOfMemoryError):
                 return OutOfMemoryError.kind, str(exc)

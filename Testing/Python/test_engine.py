@@ -65,6 +65,14 @@ def test_a_second_prompt_on_the_same_slice_skips_the_image_encoder(engine, volum
     assert len(calls) == 3
 
 
+def test_new_content_under_the_same_volume_id_is_not_answered_from_old_embeddings(engine, volume):
+    engine.set_volume(volume, "reused-id")
+    before = engine.segment_slice(0, 4, (20, 10, 43, 29), window="mr")
+    engine.set_volume(volume[::-1].copy(), "reused-id")
+    after = engine.segment_slice(0, 4, (20, 10, 43, 29), window="mr")
+    assert not np.array_equal(before, after)
+
+
 def test_an_mr_window_is_computed_once_per_volume(engine, volume, monkeypatch):
     import MedSAM2HITLLib.preprocessing as preprocessing
 
