@@ -208,3 +208,11 @@ def test_dependencies_pin_the_same_sam2_as_the_development_setup():
 
     pinned = (REPO / "requirements" / "sam2.txt").read_text(encoding="utf-8")
     assert dependencies.SAM2_PINNED in pinned
+
+
+def test_ctest_passes_the_source_tree_under_the_name_the_self_test_reads():
+    """Otherwise ctest would silently fall back to a random model and skip the accuracy checks."""
+    wiring = (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").read_text(encoding="utf-8")
+    passed = set(re.findall(r'PROPERTY ENVIRONMENT\s+"(\w+)=', wiring))
+    read = set(re.findall(r'os\.environ\.get\("(\w+)"\)', MODULE_FILE.read_text(encoding="utf-8")))
+    assert passed and passed <= read, f"ctest sets {passed}, the module reads {read}"
