@@ -205,7 +205,7 @@ def make_phantom(seed: int, size: tuple[int, int, int] = (48, 96, 96), modality:
     target_centre = _place(rng, shape3, body, radius_range, [], 0.0)
     target = _random_shape(rng, shape3, held_out, None, target_centre, radius_range).raster(shape3)
     polarity = 1.0 if rng.random() < 0.6 else -1.0
-    contrast = rng.uniform(0.35, 1.0)  # in units of the modality's full object contrast
+    contrast = rng.uniform(0.45, 1.0)  # in units of the modality's full object contrast
 
     objects: list[tuple[np.ndarray, float]] = [(target, polarity * contrast)]
     centres = [target_centre]
@@ -218,7 +218,7 @@ def make_phantom(seed: int, size: tuple[int, int, int] = (48, 96, 96), modality:
             min_distance = 0.36 * small
         else:  # anywhere, told apart by intensity: other polarity, or clearly weaker/stronger
             if rng.random() < 0.5:
-                level = -polarity * rng.uniform(0.35, 1.0)
+                level = -polarity * rng.uniform(0.45, 1.0)
             else:
                 level = polarity * (contrast * 0.45 if contrast > 0.7 else min(1.3, contrast * 1.9 + 0.2))
             min_distance = 1.5 * radius_range[1]
@@ -257,7 +257,7 @@ def _render(rng: np.random.Generator, shape3: tuple[int, int, int], body: tuple[
             clean[mask] = tissue + level * full_contrast
         clean = _blur_in_plane(clean, rng.uniform(0.5, 1.0))
         clean += rng.uniform(0, 15) * _smooth_field(rng, shape3, 3, 1.0) * inside
-        noisy = clean + rng.normal(0, rng.uniform(4, 22), shape3).astype(np.float32)
+        noisy = clean + rng.normal(0, rng.uniform(4, 16), shape3).astype(np.float32)
         return np.clip(np.rint(noisy), -1024, 3071).astype(np.int16)
 
     tissue = rng.uniform(150, 600)
@@ -266,7 +266,7 @@ def _render(rng: np.random.Generator, shape3: tuple[int, int, int], body: tuple[
         clean[mask] = tissue * (1 + level * (1.2 if level > 0 else 0.7))
     clean = _blur_in_plane(clean, rng.uniform(0.5, 1.0))
     clean *= 1 + rng.uniform(0.05, 0.3) * _smooth_field(rng, shape3, 3, 1.0)
-    sigma = tissue * rng.uniform(0.02, 0.09)
+    sigma = tissue * rng.uniform(0.02, 0.07)
     real = clean + rng.normal(0, sigma, shape3)
     imaginary = rng.normal(0, sigma, shape3)
     return np.hypot(real, imaginary).astype(np.float32)

@@ -1,0 +1,438 @@
+"""Train the small SAM2.1-family test model on procedural phantoms, deterministically, on two CPU threads.
+
+The fixture exists so that tests can check that masks land on the prompted object and follow it through the
+slices (no real MedSAM2 weights can be downloaded on test machines). It uses sam2's own model classes with
+reduced sizes, built from a config in the same format as MedSAM2's, so it loads through the project's normal
+loader. Two phases, with a step-based schedule so that a rerun gives the same weights:
+
+1. Key slice only, many cheap samples: box (sometimes a click) on a random object of a random phantom, or a
+   box on empty background → empty mask. Uses the prompt encoder and mask decoder exactly as the image
+   predictor does, so the model learns to follow the prompt instead of segmenting "the salient blob".
+2. Tracking: the key slice prompted by a box, a click or the true mask is the conditioning frame, then the
+   next slices in one direction (forward or backward) go through SAM2's track step with the memory bank;
+   slices past the object's end teach the object-score head to stop.
+
+Losses as in SAM2: focal (x20) + dice on the best of the multimask outputs, L1 on the predicted IoU, BCE on
+the object score. Run from the repository root:
+
+    .venv/bin/python Testing/Training/train_phantom_model.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Sleep instead of spinning at OpenMP barriers: on a CPU shared with other jobs, spinning threads slowed
+# training >10x. Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "MedSAM2HITL"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from phantoms import Phantom, make_phantom  # noqa: E402
+
+DATA = REPO / "Testing" / "Data"
+IMAGE_SIZE = 128
+SEED = 20241124
+THREADS = 2
+HEADER = """\
+# Small SAM2.1-family model trained by MedSAM2HITL on procedural phantoms (a test fixture, not for clinical use).
+# Written by Testing/Training/train_phantom_model.py from MedSAM2HITLLib/configs/medsam2_hiera_t512.yaml with
+# reduced sizes; the loader sets the memory-attention RoPE feat_sizes to image_size/16.
+"""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    key_steps: int = 1300  # phase 1
+    key_batch: int = 16
+    track_steps: int = 800  # phase 2
+    track_batch: int = 4
+    track_frames: int = 8  # key slice + following slices
+    key_lr: float = 1e-3
+    track_lr: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.05
+    pool: int = 160  # phantoms kept in memory; one is replaced every other step
+    negative_fraction: float = 0.12  # phase-1 boxes on empty background
+    feature_rms: float = 1.0  # bound on the RMS of the stride-16 image features (see feature_penalty)
+
+
+def small_config():
+    """MedSAM2's config with the sizes reduced (see platform notes: widths must match across modules)."""
+    from omegaconf import OmegaConf
+
+    from MedSAM2HITLLib.model import DEFAULT_CONFIG
+
+    cfg = OmegaConf.load(DEFAULT_CONFIG)
+    m = cfg.model
+    m.image_size = IMAGE_SIZE
+    trunk = m.image_encoder.trunk
+    trunk.embed_dim, trunk.num_heads, trunk.stages = 32, 1, [1, 1, 2, 1]
+    trunk.global_att_blocks = [3]  # second block of stage 3; a pooling block here would divide by zero
+    trunk.window_spec = [8, 4, 8, 4]
+    trunk.window_pos_embed_bkg_spatial_size = [8, 8]
+    neck = m.image_encoder.neck
+    neck.d_model, neck.backbone_channel_list = 64, [256, 128, 64, 32]
+    neck.position_encoding.num_pos_feats = 64
+    attention = m.memory_attention
+    attention.d_model, attention.num_layers = 64, 2
+    layer = attention.layer
+    layer.d_model, layer.dim_feedforward = 64, 256
+    for name in ("self_attention", "cross_attention"):
+        layer[name].embedding_dim = 64
+        layer[name].feat_sizes = [IMAGE_SIZE // 16] * 2
+    layer.cross_attention.kv_in_dim = 32
+    encoder = m.memory_encoder
+    encoder.out_dim, encoder.in_dim = 32, 64
+    encoder.position_encoding.num_pos_feats = 32
+    encoder.mask_downsampler.embed_dim = 64
+    encoder.fuser.layer.dim = 64
+    return cfg
+
+
+def write_config(path: Path) -> Path:
+    from omegaconf import OmegaConf
+
+    path.write_text(HEADER + OmegaConf.to_yaml(small_config()), encoding="utf-8")
+    return path
+
+
+class PhantomPool:
+    """Phantoms of random size, modality and in-plane orientation, windowed to uint8 once; refreshed steadily."""
+
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.rng = rng
+        self.next_seed = 0
+        self.items = [self._make() for _ in range(size)]
+
+    def _make(self) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        from MedSAM2HITLLib.preprocessing import ct_window, parse_window
+
+        rng = self.rng
+        size = (int(rng.integers(40, 65)), int(rng.integers(64, 161)), int(rng.integers(64, 161)))
+        phantom: Phantom = make_phantom(self.next_seed, size=size, modality=str(rng.choice(["ct", "mr"])))
+        self.next_seed += 1
+        if phantom.modality == "ct":  # the abdomen preset, jittered a little
+            window = ct_window(400 * rng.uniform(0.8, 1.2), 40 + rng.uniform(-20, 20))
+        else:
+            window = parse_window("mr", phantom.volume)
+        volume = window.to_uint8(phantom.volume)
+        objects = phantom.objects
+        for axis in (1, 2):
+            if rng.random() < 0.5:
+                volume = np.flip(volume, axis)
+                objects = tuple(np.flip(o, axis) for o in objects)
+        if rng.random() < 0.5:
+            volume = volume.transpose(0, 2, 1)
+            objects = tuple(o.transpose(0, 2, 1) for o in objects)
+        return np.ascontiguousarray(volume), tuple(np.ascontiguousarray(o) for o in objects)
+
+    def refresh(self) -> None:
+        self.items[int(self.rng.integers(len(self.items)))] = self._make()
+
+    def pick(self) -> tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray]:
+        """A volume, all its objects and one of them (any object can be the prompt's target)."""
+        volume, objects = self.items[int(self.rng.integers(len(self.items)))]
+        return volume, objects, objects[int(self.rng.integers(len(objects)))]
+
+
+def frames(volume_u8: np.ndarray, indices) -> "torch.Tensor":
+    """Model input frames of some slices, made exactly as the engine makes them."""
+    import torch
+
+    from MedSAM2HITLLib.preprocessing import frame_tensor
+
+    return torch.stack([frame_tensor(volume_u8[i], IMAGE_SIZE) for i in indices])
+
+
+def resized_mask(mask2d: np.ndarray) -> "torch.Tensor":
+    import torch
+    import torch.nn.functional as F
+
+    m = torch.from_numpy(mask2d.astype(np.float32))[None, None]
+    return (F.interpolate(m, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False) > 0.5).float()[0]
+
+
+def jittered_box(mask2d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The object's box with SAM-style noise (std 10 % of the side, at most 20 px), in model coordinates."""
+    rows = np.flatnonzero(mask2d.any(axis=1))
+    cols = np.flatnonzero(mask2d.any(axis=0))
+    x0, x1, y0, y1 = cols[0], cols[-1], rows[0], rows[-1]
+    w, h = x1 - x0 + 1, y1 - y0 + 1
+    noise = rng.normal(0, 0.1, 4) * np.array([w, h, w, h])
+    box = np.array([x0, y0, x1, y1], dtype=np.float64) + np.clip(noise, -20, 20)
+    return _to_model(box, mask2d.shape)
+
+
+def background_box(objects_here: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """A box somewhere on this slice that touches no object (there may be none)."""
+    rows, cols = objects_here.shape
+    for _ in range(20):
+        w, h = rng.integers(8, max(9, cols // 3)), rng.integers(8, max(9, rows // 3))
+        x0, y0 = rng.integers(0, cols - w), rng.integers(0, rows - h)
+        if not objects_here[y0:y0 + h, x0:x0 + w].any():
+            return _to_model(np.array([x0, y0, x0 + w - 1, y0 + h - 1], dtype=np.float64), (rows, cols))
+    return None
+
+
+def click(mask2d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A positive click at a random pixel of the object, in model coordinates."""
+    ys, xs = np.nonzero(mask2d)
+    i = int(rng.integers(len(ys)))
+    return _to_model(np.array([xs[i], ys[i]], dtype=np.float64), mask2d.shape)
+
+
+def _to_model(xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Slice pixels → model pixels, as sam2's predictors scale prompts (x / width * image_size)."""
+    rows, cols = shape
+    scale = np.array([IMAGE_SIZE / cols, IMAGE_SIZE / rows] * (len(xy) // 2))
+    return (xy * scale).astype(np.float32)
+
+
+def prompt_points(kind: str, coords: list[np.ndarray]) -> dict:
+    import torch
+
+    if kind == "box":
+        points = torch.from_numpy(np.stack(coords)).view(-1, 2, 2)
+        labels = torch.tensor([[2, 3]], dtype=torch.int32).repeat(len(coords), 1)
+    else:
+        points = torch.from_numpy(np.stack(coords)).view(-1, 1, 2)
+        labels = torch.ones(len(coords), 1, dtype=torch.int32)
+    return {"point_coords": points, "point_labels": labels}
+
+
+def mask_losses(logits, target, ious, object_logits):
+    """SAM2's loss for one frame: best-of-multimask focal x20 + dice, IoU L1, object-score BCE.
+
+    logits: B x M x S x S, target: B x 1 x S x S, ious: B x M, object_logits: B x 1. Mask terms count only
+    where the object is present.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    prob = logits.sigmoid()
+    target_m = target.expand_as(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target_m, reduction="none")
+    p_t = prob * target_m + (1 - prob) * (1 - target_m)
+    alpha_t = 0.25 * target_m + 0.75 * (1 - target_m)
+    focal = (alpha_t * ce * (1 - p_t) ** 2).mean(dim=(2, 3))
+    inter = (prob * target_m).sum(dim=(2, 3))
+    dice = 1 - (2 * inter + 1) / (prob.sum(dim=(2, 3)) + target_m.sum(dim=(2, 3)) + 1)
+    combined = 20 * focal + dice
+    best = combined.argmin(dim=1)
+    rows = torch.arange(len(best))
+    hard = (logits > 0).float()
+    true_iou = (hard * target_m).sum(dim=(2, 3)) / ((hard + target_m).clamp(max=1).sum(dim=(2, 3))).clamp(min=1)
+    present = (target.flatten(1).amax(dim=1) > 0).float()
+    n = present.sum().clamp(min=1)
+    mask_loss = (combined[rows, best] * present).sum() / n
+    iou_loss = ((ious - true_iou).abs().mean(dim=1) * present).sum() / n
+    object_loss = F.binary_cross_entropy_with_logits(object_logits[:, 0], present)
+    return mask_loss + iou_loss + object_loss, mask_loss.item(), object_loss.item()
+
+
+def feature_penalty(features, bound: float):
+    """Hinge on the RMS of the image embedding the decoder and memory attention read.
+
+    The mask decoder locates prompts by adding a bounded (sin/cos) positional encoding to the image tokens;
+    trained from scratch without this, the token norm grew to ~150 against ~6 for the encoding, the prompt's
+    position was drowned and the model segmented the most salient blob whatever the box.
+    """
+    return (features.pow(2).mean() - bound**2).clamp(min=0)
+
+
+def key_slice_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Generator):
+    """Phase 1: prompt encoder + mask decoder on single slices, the image predictor's path."""
+    import torch
+    import torch.nn.functional as F
+
+    kind = "click" if rng.random() < 0.3 else "box"
+    images, targets, coords = [], [], []
+    while len(images) < schedule.key_batch:
+        volume, objects, obj = pool.pick()
+        present = np.flatnonzero(obj.sum(axis=(1, 2)) >= 6)
+        if present.size == 0:
+            continue
+        if kind == "box" and rng.random() < schedule.negative_fraction:
+            index = int(rng.integers(volume.shape[0]))
+            box = background_box(np.logical_or.reduce([o[index] for o in objects]), rng)
+            if box is None:
+                continue
+            coords.append(box)
+            targets.append(torch.zeros(1, IMAGE_SIZE, IMAGE_SIZE))
+        else:
+            index = int(rng.choice(present))
+            coords.append(jittered_box(obj[index], rng) if kind == "box" else click(obj[index], rng))
+            targets.append(resized_mask(obj[index]))
+        images.append(frames(volume, [index])[0])
+    backbone = model.forward_image(torch.stack(images))
+    _, feats, _, sizes = model._prepare_backbone_features(backbone)
+    b = len(images)
+    embed = (feats[-1] + model.no_mem_embed).permute(1, 2, 0).view(b, -1, *sizes[-1])
+    high_res = [f.permute(1, 2, 0).view(b, -1, *s) for f, s in zip(feats[:-1], sizes[:-1])]
+    points = prompt_points(kind, coords)
+    sparse, dense = model.sam_prompt_encoder(
+        points=(points["point_coords"], points["point_labels"]), boxes=None, masks=None
+    )
+    multimask = kind == "click"
+    low_res, ious, _, object_logits = model.sam_mask_decoder(
+        image_embeddings=embed,
+        image_pe=model.sam_prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+        repeat_image=False,
+        high_res_features=high_res,
+    )
+    logits = F.interpolate(low_res, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    # Supervise the raw masks even without an object: the image predictor ignores the object score.
+    target = torch.stack(targets)
+    loss, mask_loss, object_loss = mask_losses(logits, target, ious, object_logits)
+    loss = loss + feature_penalty(feats[-1], schedule.feature_rms)
+    empty = (target.flatten(1).amax(dim=1) == 0).float()
+    if empty.any():
+        empty_focal = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+        loss = loss + 5 * (empty_focal.mean(dim=(1, 2, 3)) * empty).sum() / empty.sum()
+    return loss, mask_loss, object_loss
+
+
+def tracking_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Generator):
+    """Phase 2: conditioning key slice, then the following slices through the memory bank (one direction)."""
+    import torch
+
+    kind = str(rng.choice(["box", "mask", "click"], p=[0.6, 0.3, 0.1]))
+    reverse = bool(rng.random() < 0.5)
+    t = schedule.track_frames
+    samples = []
+    while len(samples) < schedule.track_batch:
+        volume, _, obj = pool.pick()
+        depth = volume.shape[0]
+        areas = obj.sum(axis=(1, 2))
+        candidates = np.flatnonzero(areas >= max(6, 0.25 * areas.max()))
+        candidates = candidates[(candidates - (t - 1) >= 0) if reverse else (candidates + t - 1 < depth)]
+        if candidates.size == 0:
+            continue
+        key = int(rng.choice(candidates))
+        samples.append((volume, obj, key))
+    step = -1 if reverse else 1
+    images = torch.stack([frames(v, [k + step * i for i in range(t)]) for v, _, k in samples], dim=1)
+    b = len(samples)
+    backbone = model.forward_image(images.flatten(0, 1))  # frame-major: [t0 of all samples, t1 ...]
+    _, feats, pos, sizes = model._prepare_backbone_features(backbone)
+    depth = min(v.shape[0] for v, _, _ in samples)
+    output = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+    total, mask_sum, object_sum = 0, 0.0, 0.0
+    base = depth - 1 if reverse else 0  # frame numbers as the video predictor sees them
+    for i in range(t):
+        frame_idx = base + step * i
+        frame_feats = [f[:, i * b:(i + 1) * b] for f in feats]
+        frame_pos = [p[:, i * b:(i + 1) * b] for p in pos]
+        target = torch.stack([resized_mask(o[k + step * i]) for _, o, k in samples])
+        point_inputs = mask_inputs = None
+        if i == 0:
+            if kind == "mask":
+                mask_inputs = target
+            else:
+                maker = (lambda m: jittered_box(m, rng)) if kind == "box" else (lambda m: click(m, rng))
+                point_inputs = prompt_points(kind, [maker(o[k]) for _, o, k in samples])
+        current, sam_outputs, _, _ = model._track_step(
+            frame_idx, i == 0, frame_feats, frame_pos, sizes, point_inputs, mask_inputs, output, depth,
+            reverse, None,
+        )
+        multimasks, high_res_multimasks, ious, low_res, high_res, obj_ptr, object_logits = sam_outputs
+        current.update(pred_masks=low_res, pred_masks_high_res=high_res, obj_ptr=obj_ptr)
+        model._encode_memory_in_output(frame_feats, sizes, point_inputs, True, high_res, object_logits, current)
+        output["cond_frame_outputs" if i == 0 else "non_cond_frame_outputs"][frame_idx] = current
+        if mask_inputs is not None:
+            continue  # the mask prompt is passed through as the output: nothing to learn on this frame
+        loss, mask_loss, object_loss = mask_losses(high_res_multimasks, target, ious, object_logits)
+        total = total + loss
+        mask_sum += mask_loss
+        object_sum += object_loss
+    frames_scored = t - (1 if kind == "mask" else 0)
+    total = total / frames_scored + feature_penalty(feats[-1], schedule.feature_rms)
+    return total, mask_sum / frames_scored, object_sum / frames_scored
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(schedule: Schedule, out: Path, init: Path | None = None, log_every: int = 25) -> Path:
+    """Both phases from scratch, or (with `init`) one more tracking phase on top of a checkpoint of this script."""
+    import torch
+
+    from MedSAM2HITLLib.model import build_predictor, read_state_dict, save_checkpoint
+
+    seed = SEED if init is None else SEED + 1  # a continuation sees other phantoms
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = write_config(out.with_suffix(".yaml"))
+    model = build_predictor(config)
+    if init is not None:
+        model.load_state_dict(read_state_dict(init), strict=True)
+    model.train()
+    pool = PhantomPool(schedule.pool, rng)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "pos_embed" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=schedule.key_lr,
+    )
+    started = time.perf_counter()
+    phases = [
+        ("key", schedule.key_steps, schedule.key_lr, key_slice_step),
+        ("track", schedule.track_steps, schedule.track_lr, tracking_step),
+    ]
+    if init is not None:
+        phases = phases[1:]
+    for name, steps, peak, step_fn in phases:
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, steps, peak, schedule.warmup)
+            loss, mask_loss, object_loss = step_fn(model, pool, schedule, rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if step % 2:
+                pool.refresh()
+            if step % log_every == 0 or step == steps - 1:
+                print(
+                    f"{name} {step:5d}/{steps} loss {loss.item():.4f} mask {mask_loss:.4f} object {object_loss:.4f} "
+                    f"lr {optimizer.param_groups[0]['lr']:.2e} {time.perf_counter() - started:7.1f}s",
+                    flush=True,
+                )
+    model.eval()
+    save_checkpoint(model, out)
+    size = out.stat().st_size / 2**20
+    print(f"wrote {out} ({size:.1f} MiB) and {config.name} in {time.perf_counter() - started:.0f}s", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=DATA / "phantom_sam2.pt", help="checkpoint to write")
+    parser.add_argument("--key-steps", type=int, default=Schedule.key_steps)
+    parser.add_argument("--track-steps", type=int, default=Schedule.track_steps)
+    parser.add_argument("--init", type=Path, help="continue: one more tracking phase from this checkpoint")
+    args = parser.parse_args()
+    train(Schedule(key_steps=args.key_steps, track_steps=args.track_steps), args.out, args.init)
+
+
+if __name__ == "__main__":
+    main()
