@@ -370,21 +370,17 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(schedule: Schedule, out: Path, init: Path | None = None, log_every: int = 25) -> Path:
-    """Both phases from scratch, or (with `init`) one more tracking phase on top of a checkpoint of this script."""
+def train(schedule: Schedule, out: Path, log_every: int = 25) -> Path:
     import torch
 
-    from MedSAM2HITLLib.model import build_predictor, read_state_dict, save_checkpoint
+    from MedSAM2HITLLib.model import build_predictor, save_checkpoint
 
-    seed = SEED if init is None else SEED + 1  # a continuation sees other phantoms
     torch.set_num_threads(THREADS)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    torch.manual_seed(SEED)
+    rng = np.random.default_rng(SEED)
     out.parent.mkdir(parents=True, exist_ok=True)
     config = write_config(out.with_suffix(".yaml"))
     model = build_predictor(config)
-    if init is not None:
-        model.load_state_dict(read_state_dict(init), strict=True)
     model.train()
     pool = PhantomPool(schedule.pool, rng)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
@@ -398,8 +394,6 @@ def train(schedule: Schedule, out: Path, init: Path | None = None, log_every: in
         ("key", schedule.key_steps, schedule.key_lr, key_slice_step),
         ("track", schedule.track_steps, schedule.track_lr, tracking_step),
     ]
-    if init is not None:
-        phases = phases[1:]
     for name, steps, peak, step_fn in phases:
         for step in range(steps):
             for group in optimizer.param_groups:
@@ -429,9 +423,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DATA / "phantom_sam2.pt", help="checkpoint to write")
     parser.add_argument("--key-steps", type=int, default=Schedule.key_steps)
     parser.add_argument("--track-steps", type=int, default=Schedule.track_steps)
-    parser.add_argument("--init", type=Path, help="continue: one more tracking phase from this checkpoint")
     args = parser.parse_args()
-    train(Schedule(key_steps=args.key_steps, track_steps=args.track_steps), args.out, args.init)
+    train(Schedule(key_steps=args.key_steps, track_steps=args.track_steps), args.out)
 
 
 if __name__ == "__main__":
