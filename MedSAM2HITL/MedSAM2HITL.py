@@ -659,18 +659,11 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         from MedSAM2HITLLib import dependencies
 
         dependencies.ensure()
-        import torch
-        from omegaconf import OmegaConf
-
-        from MedSAM2HITLLib.model import DEFAULT_CONFIG, build_predictor, save_checkpoint
+        from MedSAM2HITLLib.model import save_random_checkpoint
 
         folder = Path(slicer.app.temporaryPath) / "MedSAM2HITLTest"
         folder.mkdir(parents=True, exist_ok=True)
-        config = OmegaConf.load(DEFAULT_CONFIG)
-        config.model.image_size = 128
-        OmegaConf.save(config, folder / "random.yaml")
-        torch.manual_seed(0)
-        return save_checkpoint(build_predictor(folder / "random.yaml"), folder / "random.pt")
+        return save_random_checkpoint(folder / "random.pt", image_size=128)
 
     def _wait(self, widget):
         deadline = time.monotonic() + self.TIMEOUT

@@ -11,21 +11,14 @@ sys.path.insert(0, str(REPO / "MedSAM2HITL"))
 
 
 def random_checkpoint(folder: Path, image_size: int = 512) -> Path:
-    """MedSAM2 at random init, saved in the real format with a config fixing image_size (made once)."""
-    import torch
-    from omegaconf import OmegaConf
-
-    from MedSAM2HITLLib.model import DEFAULT_CONFIG, build_predictor, save_checkpoint
+    """MedSAM2 at random init in the real checkpoint format, made once and reused."""
+    from MedSAM2HITLLib.model import save_random_checkpoint
 
     checkpoint = folder / f"medsam2_random_{image_size}.pt"
     if checkpoint.exists():
         return checkpoint
     folder.mkdir(parents=True, exist_ok=True)
-    config = OmegaConf.load(DEFAULT_CONFIG)
-    config.model.image_size = image_size
-    OmegaConf.save(config, checkpoint.with_suffix(".yaml"))
-    torch.manual_seed(0)
-    return save_checkpoint(build_predictor(checkpoint.with_suffix(".yaml")), checkpoint)
+    return save_random_checkpoint(checkpoint, image_size)
 
 
 def synthetic_volume(slices: int, size: int = 512, seed: int = 0):

@@ -128,3 +128,19 @@ def save_checkpoint(predictor, path: str | Path) -> Path:
     torch.save({"model": predictor.state_dict()}, partial)
     partial.replace(path)
     return path
+
+
+def save_random_checkpoint(path: str | Path, image_size: int, seed: int = 0) -> Path:
+    """MedSAM2's architecture at random init, with a config beside it fixing image_size.
+
+    For tests, benchmarks and the module self-test: real weights cannot be downloaded everywhere.
+    """
+    import torch
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    config = OmegaConf.load(DEFAULT_CONFIG)
+    config.model.image_size = int(image_size)
+    OmegaConf.save(config, path.with_suffix(".yaml"))
+    torch.manual_seed(seed)
+    return save_checkpoint(build_predictor(path.with_suffix(".yaml")), path)

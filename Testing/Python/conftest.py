@@ -20,15 +20,6 @@ def random_checkpoint(tmp_path_factory) -> Path:
 
     A `.yaml` beside it (the loader's convention) fixes image_size to RANDOM_IMAGE_SIZE.
     """
-    import torch
-    from omegaconf import OmegaConf
+    from MedSAM2HITLLib.model import save_random_checkpoint
 
-    from MedSAM2HITLLib.model import DEFAULT_CONFIG, build_predictor, save_checkpoint
-
-    folder = tmp_path_factory.mktemp("random_model")
-    config = OmegaConf.load(DEFAULT_CONFIG)
-    config.model.image_size = RANDOM_IMAGE_SIZE
-    OmegaConf.save(config, folder / "medsam2_random.yaml")
-    torch.manual_seed(0)
-    predictor = build_predictor(folder / "medsam2_random.yaml")
-    return save_checkpoint(predictor, folder / "medsam2_random.pt")
+    return save_random_checkpoint(tmp_path_factory.mktemp("random_model") / "medsam2_random.pt", RANDOM_IMAGE_SIZE)
