@@ -65,18 +65,18 @@ def array_axis_for_view(volume_node, view: str) -> int:
 
 def view_for_array_axis(volume_node, axis: int) -> str:
     """The slice view (axial/coronal/sagittal) whose normal is closest to an array axis's direction."""
-    _check_axis(axis)
+    check_axis(axis)
     direction = _array_axis_directions(volume_node)[axis]
     return max(VIEW_NORMALS, key=lambda view: abs(float(direction @ VIEW_NORMALS[view])))
 
 
 def key_slice_index(volume_node, roi_node, axis: int) -> int:
     """Index along `axis` of the slice through the ROI centre (nearest voxel centre)."""
-    _check_axis(axis)
+    check_axis(axis)
     _check_roi(roi_node)
     centre = np.append(np.array(roi_node.GetCenterWorld(), dtype=float), 1.0)
     ijk = np.linalg.solve(volume_ijk_to_world(volume_node), centre)[:3]
-    shape = _shape(volume_node)
+    shape = volume_shape(volume_node)
     index = int(np.floor(ijk[2 - axis] + 0.5))
     if not 0 <= index < shape[axis]:
         raise BadInputError(
@@ -89,14 +89,14 @@ def key_slice_index(volume_node, roi_node, axis: int) -> int:
 
 def roi_slice_range(volume_node, roi_node, axis: int) -> tuple[int, int]:
     """First and last slice index along `axis` whose plane meets the ROI, clipped to the volume."""
-    _check_axis(axis)
+    check_axis(axis)
     _check_roi(roi_node)
     half = np.array(roi_node.GetSize(), dtype=float) / 2.0
     corners = np.array([[sx, sy, sz, 1.0] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
     corners[:, :3] *= half
     box_to_ijk = np.linalg.inv(volume_ijk_to_world(volume_node)) @ np.linalg.inv(roi_world_to_box(roi_node))
     along = (box_to_ijk @ corners.T)[2 - axis]
-    count = _shape(volume_node)[axis]
+    count = volume_shape(volume_node)[axis]
     first = max(int(np.ceil(along.min() - 1e-6)), 0)
     last = min(int(np.floor(along.max() + 1e-6)), count - 1)
     if first > last:
@@ -109,9 +109,9 @@ def roi_slice_range(volume_node, roi_node, axis: int) -> tuple[int, int]:
 
 def roi_slice_mask(volume_node, roi_node, axis: int, index: int) -> np.ndarray:
     """2D bool mask of the voxels of slice `index` along `axis` whose centres lie inside the ROI."""
-    _check_axis(axis)
+    check_axis(axis)
     _check_roi(roi_node)
-    shape = _shape(volume_node)
+    shape = volume_shape(volume_node)
     if not 0 <= index < shape[axis]:
         raise BadInputError(f"slice index {index} is outside 0..{shape[axis] - 1} along array axis {axis}")
     ijk_to_box = roi_world_to_box(roi_node) @ volume_ijk_to_world(volume_node)
@@ -183,11 +183,15 @@ def _check_roi(roi_node) -> None:
         )
 
 
-def _check_axis(axis: int) -> None:
+def check_axis(axis: int) -> None:
     if axis not in (0, 1, 2):
         raise BadInputError(f"array axis must be 0, 1 or 2 ([k, j, i] order), got {axis!r}")
 
 
-def _shape(volume_node) -> tuple[int, int, int]:
-    dims = volume_node.GetImageData().GetDimensions()
+def volume_shape(volume_node) -> tuple[int, int, int]:
+    """The shape of the volume's [k, j, i] array, or a BadInputError when it has no voxels."""
+    image = volume_node.GetImageData() if volume_node is not None else None
+    if image is None:
+        raise BadInputError("the volume has no image data; load or select a volume first")
+    dims = image.GetDimensions()
     return dims[2], dims[1], dims[0]

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from .errors import BadInputError
-from .roi_box import matrix_to_numpy
+from .roi_box import check_axis, matrix_to_numpy, volume_shape
 
 MAX_UNDO_STATES = 30
 
@@ -143,8 +143,8 @@ def write_slices(
     items = dict(masks.items() if isinstance(masks, Mapping) else masks)
     if not items:
         return
-    shape = _volume_shape(volume_node)
-    _check_axis(axis)
+    shape = volume_shape(volume_node)
+    check_axis(axis)
     _check_segment(segmentation_node, segment_id)
     ensure_geometry(segmentation_node, volume_node)
     expected = tuple(np.delete(shape, axis))
@@ -210,7 +210,7 @@ def _editable_labelmap(segmentation_node, segment_id: str, volume_node, needed: 
     labelmap = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
     current = None if labelmap.IsEmpty() else tuple(labelmap.GetExtent())
     if current is not None:
-        shape = _volume_shape(volume_node)
+        shape = volume_shape(volume_node)
         reference = _oriented_image(volume_node, (0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1))
         if not slicer.vtkOrientedImageDataResample.DoGeometriesMatch(labelmap, reference):
             resampled = slicer.vtkOrientedImageData()
@@ -248,8 +248,8 @@ def _array(image) -> np.ndarray:
 
 def read_slice(segmentation_node, segment_id: str, volume_node, axis: int, index: int) -> np.ndarray:
     """The segment's mask on one slice, as a 2D bool array (the prompt for "Propagate from this slice")."""
-    shape = _volume_shape(volume_node)
-    _check_axis(axis)
+    shape = volume_shape(volume_node)
+    check_axis(axis)
     if not 0 <= index < shape[axis]:
         raise BadInputError(f"slice index {index} is outside 0..{shape[axis] - 1} along array axis {axis}")
     block = _read_block(segmentation_node, segment_id, volume_node, _slab_extent(shape, axis, index, index))
@@ -258,7 +258,7 @@ def read_slice(segmentation_node, segment_id: str, volume_node, axis: int, index
 
 def read_segment(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     """The whole segment as a bool array of the volume's shape ([k, j, i])."""
-    shape = _volume_shape(volume_node)
+    shape = volume_shape(volume_node)
     extent = (0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1)
     return _read_block(segmentation_node, segment_id, volume_node, extent)
 
@@ -333,7 +333,7 @@ def _geometry_matches(segmentation_node, volume_node) -> bool:
     volume_matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(volume_matrix)
     ours, theirs = matrix_to_numpy(matrix), matrix_to_numpy(volume_matrix)
-    shape = _volume_shape(volume_node)
+    shape = volume_shape(volume_node)
     return list(extent) == [0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1] and np.allclose(
         ours, theirs, rtol=1e-6, atol=1e-5
     )
@@ -346,19 +346,6 @@ def _is_empty(segmentation_node) -> bool:
         if labelmap is not None and not labelmap.IsEmpty():
             return False
     return True
-
-
-def _volume_shape(volume_node) -> tuple[int, int, int]:
-    image = volume_node.GetImageData() if volume_node is not None else None
-    if image is None:
-        raise BadInputError("the volume has no image data; load or select a volume first")
-    dims = image.GetDimensions()
-    return dims[2], dims[1], dims[0]
-
-
-def _check_axis(axis: int) -> None:
-    if axis not in (0, 1, 2):
-        raise BadInputError(f"array axis must be 0, 1 or 2 ([k, j, i] order), got {axis!r}")
 
 
 def _check_segment(segmentation_node, segment_id: str) -> None:
