@@ -96,6 +96,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spinning on a shared CPU
+    os.environ.setdefault("TQDM_DISABLE", "1")  # sam2 draws a progress bar per propagation
     from MedSAM2HITLLib.engine import Engine
 
     engine = Engine.load(args.checkpoint, device="cpu", threads=args.threads)

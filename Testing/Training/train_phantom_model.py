@@ -9,11 +9,13 @@ loader. Two phases, with a step-based schedule so that a rerun gives the same we
    box on empty background → empty mask. Uses the prompt encoder and mask decoder exactly as the image
    predictor does, so the model learns to follow the prompt instead of segmenting "the salient blob".
 2. Tracking: the key slice prompted by a box, a click or the true mask is the conditioning frame, then the
-   next slices in one direction (forward or backward) go through SAM2's track step with the memory bank;
-   slices past the object's end teach the object-score head to stop.
+   next three slices in one direction (forward or backward) go through SAM2's track step with the memory
+   bank; slices past the object's end teach the object-score head to stop. Half the steps also rehearse
+   phase 1. What made tracking work: many short clips rather than fewer long ones, a higher learning rate
+   for the memory path, no dropout, and one mask per tracked slice (before: memory ignored, 3D Dice ~0.4).
 
-Losses as in SAM2: focal (x20) + dice on the best of the multimask outputs, L1 on the predicted IoU, BCE on
-the object score. Run from the repository root:
+Losses as in SAM2: focal (x20) + dice (the best of the multimask outputs for clicks), L1 on the predicted
+IoU, BCE on the object score. Run from the repository root:
 
     .venv/bin/python Testing/Training/train_phantom_model.py
 """
@@ -43,6 +45,8 @@ DATA = REPO / "Testing" / "Data"
 IMAGE_SIZE = 128
 SEED = 20241124
 THREADS = 2
+# Modules only tracking trains (phase 2); optimizer parameters without gradients are left alone in phase 1.
+MEMORY_PATH = ("memory_attention", "memory_encoder", "obj_ptr", "maskmem_tpos_enc", "mask_downsample", "no_obj")
 HEADER = """\
 # Small SAM2.1-family model trained by MedSAM2HITL on procedural phantoms (a test fixture, not for clinical use).
 # Written by Testing/Training/train_phantom_model.py from MedSAM2HITLLib/configs/medsam2_hiera_t512.yaml with
@@ -54,9 +58,12 @@ HEADER = """\
 class Schedule:
     key_steps: int = 1300  # phase 1
     key_batch: int = 16
-    track_steps: int = 800  # phase 2
-    track_batch: int = 4
-    track_frames: int = 8  # key slice + following slices
+    track_steps: int = 1500  # phase 2
+    track_batch: int = 8
+    track_frames: int = 4  # key slice + following slices; short clips, many of them (8 frames: 3D Dice 0.4)
+    memory_lr_scale: float = 4.0  # the memory path starts untrained in phase 2 while the rest is trained
+    key_rehearsal: float = 0.5  # share of phase-2 steps that also train on a phase-1 batch
+    ending_fraction: float = 0.35  # tracking samples in which the object ends, so the object score learns to stop
     key_lr: float = 1e-3
     track_lr: float = 5e-4
     warmup: int = 100
@@ -64,6 +71,7 @@ class Schedule:
     pool: int = 160  # phantoms kept in memory; one is replaced every other step
     negative_fraction: float = 0.12  # phase-1 boxes on empty background
     feature_rms: float = 1.0  # bound on the RMS of the stride-16 image features (see feature_penalty)
+    empty_weight: float = 5.0  # extra loss on any foreground for phase-1 boxes on empty background
 
 
 def small_config():
@@ -96,6 +104,11 @@ def small_config():
     encoder.position_encoding.num_pos_feats = 32
     encoder.mask_downsampler.embed_dim = 64
     encoder.fuser.layer.dim = 64
+    # One mask per tracked slice, the one trained: with SAM2's three, best-of-three training left the IoU head
+    # unable to pick the tracked mask (held-out 3D Dice 0.4; the right mask was among the three).
+    m.multimask_output_for_tracking = False
+    m.sam_mask_decoder_extra_args.dynamic_multimask_via_stability = False
+    layer.dropout = layer.self_attention.dropout = layer.cross_attention.dropout = 0.0
     return cfg
 
 
@@ -245,7 +258,8 @@ def feature_penalty(features, bound: float):
 
     The mask decoder locates prompts by adding a bounded (sin/cos) positional encoding to the image tokens;
     trained from scratch without this, the token norm grew to ~150 against ~6 for the encoding, the prompt's
-    position was drowned and the model segmented the most salient blob whatever the box.
+    position was drowned and the model segmented the most salient blob whatever the box (held-out key-slice
+    Dice after phase 1: 0.36 without the bound, 0.81 with it).
     """
     return (features.pow(2).mean() - bound**2).clamp(min=0)
 
@@ -301,7 +315,7 @@ def key_slice_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.
     empty = (target.flatten(1).amax(dim=1) == 0).float()
     if empty.any():
         empty_focal = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-        loss = loss + 5 * (empty_focal.mean(dim=(1, 2, 3)) * empty).sum() / empty.sum()
+        loss = loss + schedule.empty_weight * (empty_focal.mean(dim=(1, 2, 3)) * empty).sum() / empty.sum()
     return loss, mask_loss, object_loss
 
 
@@ -319,6 +333,9 @@ def tracking_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.G
         areas = obj.sum(axis=(1, 2))
         candidates = np.flatnonzero(areas >= max(6, 0.25 * areas.max()))
         candidates = candidates[(candidates - (t - 1) >= 0) if reverse else (candidates + t - 1 < depth)]
+        if rng.random() < schedule.ending_fraction:  # the object ends inside the tracked slices
+            last = np.flatnonzero(areas)[0 if reverse else -1]
+            candidates = candidates[np.abs(last - candidates) <= t - 2]
         if candidates.size == 0:
             continue
         key = int(rng.choice(candidates))
@@ -363,6 +380,18 @@ def tracking_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.G
     return total, mask_sum / frames_scored, object_sum / frames_scored
 
 
+def tracking_with_key_rehearsal(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Generator):
+    """Phase 2 step: tracking, plus on some steps a phase-1 batch so the box → mask path is not forgotten.
+
+    Measured after phase 1 at 0.81 held-out key-slice Dice: 400 tracking steps gave 0.87 with the rehearsal; the
+    first recipe's 800 without it ended at 0.77.
+    """
+    loss, mask_loss, object_loss = tracking_step(model, pool, schedule, rng)
+    if rng.random() < schedule.key_rehearsal:
+        loss = loss + key_slice_step(model, pool, schedule, rng)[0]
+    return loss, mask_loss, object_loss
+
+
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -383,21 +412,28 @@ def train(schedule: Schedule, out: Path, log_every: int = 25) -> Path:
     model = build_predictor(config)
     model.train()
     pool = PhantomPool(schedule.pool, rng)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "pos_embed" in n]
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, parameter in model.named_parameters():
+        decays = parameter.ndim > 1 and "pos_embed" not in name
+        groups.setdefault((decays, name.startswith(MEMORY_PATH)), []).append(parameter)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": params, "weight_decay": schedule.weight_decay if decays else 0.0,
+             "lr_scale": schedule.memory_lr_scale if memory else 1.0}
+            for (decays, memory), params in groups.items()
+        ],
         lr=schedule.key_lr,
     )
     started = time.perf_counter()
     phases = [
         ("key", schedule.key_steps, schedule.key_lr, key_slice_step),
-        ("track", schedule.track_steps, schedule.track_lr, tracking_step),
+        ("track", schedule.track_steps, schedule.track_lr, tracking_with_key_rehearsal),
     ]
     for name, steps, peak, step_fn in phases:
         for step in range(steps):
+            lr = learning_rate(step, steps, peak, schedule.warmup)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, steps, peak, schedule.warmup)
+                group["lr"] = lr * group["lr_scale"]
             loss, mask_loss, object_loss = step_fn(model, pool, schedule, rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -408,7 +444,7 @@ def train(schedule: Schedule, out: Path, log_every: int = 25) -> Path:
             if step % log_every == 0 or step == steps - 1:
                 print(
                     f"{name} {step:5d}/{steps} loss {loss.item():.4f} mask {mask_loss:.4f} object {object_loss:.4f} "
-                    f"lr {optimizer.param_groups[0]['lr']:.2e} {time.perf_counter() - started:7.1f}s",
+                    f"lr {lr:.2e} {time.perf_counter() - started:7.1f}s",
                     flush=True,
                 )
     model.eval()
