@@ -1,8 +1,7 @@
 """Volume → slice → box → mask → segment, end to end with the project's trained phantom model.
 
-Single-object phantoms (the fixture model confuses look-alike objects, see Testing/Data/README.md) are written
-as NIfTI on several grids (identity, left-handed/flipped, oblique, and a parent transform
-on volume and ROI), with the object's slice direction on each array axis in turn. An ROI is placed in RAS around
+Phantoms with distractor objects are written as NIfTI on several grids (identity, left-handed/flipped, oblique,
+and a parent transform on volume and ROI), with the object's slice direction on each array axis in turn. An ROI is placed in RAS around
 the object on its key slice; the worker segments and propagates; the exported labelmap is compared with the
 true mask in the file's own voxel order (nibabel), so any flip, transpose or off-by-one shows up as low Dice.
 """
@@ -66,7 +65,7 @@ class Case:
     def __init__(self, folder: Path, seed: int, grid: str, axis: int, transformed: bool = False):
         from MedSAM2HITLLib.mrml_scene import create_scene, load_volume
 
-        self.phantom = make_phantom(seed, size=SIZE, modality="ct", held_out=False, distractors=0)
+        self.phantom = make_phantom(seed, size=SIZE, modality="ct")
         self.affine = GRIDS[grid]
         self.file_axis = 2 - axis  # Slicer's [k, j, i] array axis a is the file's axis 2 - a
         # file (i, j, k) arrays with the phantom's slices along file_axis
@@ -149,12 +148,13 @@ def test_box_in_ras_segments_and_propagates_onto_the_true_object(logic, tmp_path
 def test_propagation_from_a_corrected_slice_beats_a_bad_box(logic, tmp_path):
     from MedSAM2HITLLib.segment_writer import create_segmentation, get_or_create_segment, write_slice
 
-    case = Case(tmp_path, seed=7, grid="oblique", axis=0)
-    on_key = np.take(case.truth, case.key, axis=2)
-    rows, cols = np.nonzero(on_key)
-    # a box over the object's upper-left quarter only, as a hurried user might draw
+    case = Case(tmp_path, seed=8, grid="oblique", axis=0)
+    on_key = [o[case.key] for o in case.phantom.objects]  # phantom [j, i] slices; the file's are [i, j]
+    neighbour = next(o for o in on_key[1:] if o.any())
+    # a hurried box that takes in the neighbouring object too
+    cols, rows = np.nonzero(on_key[0] | neighbour)
     low = np.array([rows.min(), cols.min(), case.key], float)
-    high = np.array([(rows.min() + rows.max()) // 2, (cols.min() + cols.max()) // 2, case.key], float)
+    high = np.array([rows.max(), cols.max(), case.key], float)
     roi = case.roi((low, high), name="Bad")
     segmentation, segment_id = logic.segment_slice(case.volume, roi, None, axis=case.view(), window="abdomen").wait(120)
     logic.propagate(case.volume, segmentation, segment_id, axis=case.view(), roi_node=roi, window="abdomen").wait(300)
@@ -167,9 +167,7 @@ def test_propagation_from_a_corrected_slice_beats_a_bad_box(logic, tmp_path):
     logic.propagate(case.volume, corrected, fixed, axis=case.view(), from_segment=True, key_index=case.key,
                     window="abdomen").wait(300)
     good = dice(case.exported(corrected, tmp_path), case.truth)
-    # The fixture model is nearly box-insensitive on single-object phantoms (it finds the object from most boxes
-    # near it), so the gain is small (0.854 → 0.863 here); the seeded run must still be at least as good and valid.
-    assert good >= 0.7 and good > bad
+    assert good >= 0.9 and good >= bad + 0.2, (bad, good)  # measured: 0.01 → 0.97 through the Engine
 
 
 def test_cancel_keeps_the_completed_slices_of_a_real_propagation(logic, tmp_path):
