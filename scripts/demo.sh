@@ -17,7 +17,7 @@ sys.path.insert(0, "Testing/Training")
 from phantoms import make_phantom
 
 out = sys.argv[1]
-phantom = make_phantom(2026, size=(60, 128, 128), modality="ct", distractors=0)  # one object: see Testing/Data/README.md
+phantom = make_phantom(2026, size=(60, 128, 128), modality="ct")  # a target among distractor objects
 affine = np.diag([0.8, 0.8, 2.5, 1.0])  # 0.8 mm in-plane, 2.5 mm slices
 nib.save(nib.Nifti1Image(phantom.volume.transpose(2, 1, 0), affine), f"{out}/phantom_ct.nii.gz")
 nib.save(nib.Nifti1Image(phantom.mask.transpose(2, 1, 0).astype(np.uint8), affine), f"{out}/phantom_truth.nii.gz")
