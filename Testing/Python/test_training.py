@@ -1,0 +1,62 @@
+"""The phantom generator and the fixture's training script: reproducible, well-formed, loadable output.
+
+The fixture model is committed, so CI never retrains it; these tests keep the script that made it runnable
+and deterministic (a few steps of each phase, twice) and the phantoms it learns from as documented.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "Testing" / "Training"))
+from phantoms import MIN_TARGET_SLICES, make_phantom  # noqa: E402
+
+
+@pytest.mark.parametrize("modality", ["ct", "mr"])
+def test_phantoms_are_reproducible_and_in_their_modality_range(modality):
+    first = make_phantom(5, size=(40, 64, 72), modality=modality)
+    again = make_phantom(5, size=(40, 64, 72), modality=modality)
+    other = make_phantom(6, size=(40, 64, 72), modality=modality)
+    assert np.array_equal(first.volume, again.volume) and np.array_equal(first.mask, again.mask)
+    assert not np.array_equal(first.volume, other.volume)
+    assert first.volume.shape == first.mask.shape == (40, 64, 72)
+    if modality == "ct":
+        assert first.volume.dtype == np.int16 and first.volume.min() >= -1024
+    else:
+        assert first.volume.dtype == np.float32 and first.volume.min() >= 0
+
+
+def test_phantom_objects_are_separate_and_the_target_spans_enough_slices():
+    for seed in range(6):
+        phantom = make_phantom(seed, size=(48, 96, 96), modality="ct", distractors=3, held_out=seed % 2 == 1)
+        assert np.count_nonzero(phantom.mask.any(axis=(1, 2))) >= MIN_TARGET_SLICES
+        for distractor in phantom.distractors:
+            assert distractor.any() and not np.logical_and(distractor, phantom.mask).any()
+        x0, y0, x1, y1 = phantom.box()
+        key = phantom.mask[phantom.key_index]
+        assert key[y0:y1 + 1, x0:x1 + 1].sum() == key.sum()
+
+
+def test_training_is_deterministic_and_writes_a_checkpoint_the_loader_accepts(tmp_path):
+    import torch
+
+    import train_phantom_model as training
+    from MedSAM2HITLLib.model import load_model
+
+    schedule = training.Schedule(key_steps=2, track_steps=2, pool=4, warmup=1)
+    first = training.train(schedule, tmp_path / "first" / "model.pt", log_every=1000)
+    second = training.train(schedule, tmp_path / "second" / "model.pt", log_every=1000)
+    weights = torch.load(first, map_location="cpu")["model"]
+    repeated = torch.load(second, map_location="cpu")["model"]
+    assert weights.keys() == repeated.keys()
+    assert all(torch.equal(weights[k], repeated[k]) for k in weights)
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+    loaded = load_model(first, device="cpu")  # strict: the yaml beside it must describe these weights
+    assert loaded.image_size == training.IMAGE_SIZE
+    assert loaded.config == first.with_suffix(".yaml")
