@@ -10,6 +10,7 @@ import http.client
 import os
 import re
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .errors import BadInputError, MedSAM2Error, ModelError
 
 CACHE_ENV = "MEDSAM2HITL_CACHE"  # a directory that holds the checkpoint files themselves
 CHUNK = 1 << 20
+LOCK_STALE_SECONDS = 60.0  # a download lock not refreshed for this long was left by a stopped process
 MEDSAM2_URL = "https://huggingface.co/wanglab/MedSAM2/resolve/main/"
 MEDSAM2_SIZE = 156_000_000  # approximate: 38.96 M float32 parameters plus the zip container
 MEDSAM2_LICENCE = "weights CC-BY-SA-4.0, code Apache-2.0"
@@ -212,6 +214,55 @@ def _remember_version(partial: Path, headers) -> None:
         _if_range_file(partial).unlink(missing_ok=True)
 
 
+class _DownloadLock:
+    """`<file>.lock` beside a download: one writer per cache file, across processes (the Slicer panel and the
+    CLI share the cache). The holder touches it as bytes arrive, so a lock left by a crashed or killed process
+    is recognised by its age, portably, without asking the OS about process IDs."""
+
+    def __init__(self, final: Path, file_name: str):
+        self.path = final.with_name(final.name + ".lock")
+        self.file_name = file_name
+        self.touched = 0.0
+
+    def __enter__(self) -> "_DownloadLock":
+        try:
+            self._create()
+        except FileExistsError:
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:  # released meanwhile
+                age = LOCK_STALE_SECONDS
+            if age < LOCK_STALE_SECONDS:
+                raise ModelError(
+                    f"{self.file_name} is being downloaded by another MedSAM2HITL process (lock file {self.path}); "
+                    f"wait for it to finish. A lock without progress for {LOCK_STALE_SECONDS:.0f} s is ignored."
+                ) from None
+            self.path.unlink(missing_ok=True)
+            self._create()
+        return self
+
+    def _create(self) -> None:
+        descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(descriptor, f"pid {os.getpid()}\n".encode())
+        os.close(descriptor)
+        self.touched = time.monotonic()
+
+    def refreshing(self, progress: Progress | None) -> Progress:
+        """`progress`, touching the lock on the way (at most every 5 s)."""
+
+        def report(done: int, total: int | None) -> None:
+            if time.monotonic() - self.touched > 5.0:
+                os.utime(self.path)
+                self.touched = time.monotonic()
+            if progress:
+                progress(done, total)
+
+        return report
+
+    def __exit__(self, *exc_info) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def _open(url: str, partial: Path, offset: int, timeout: float):
     headers = {"User-Agent": f"MedSAM2HITL/{__version__}", "Accept-Encoding": "identity"}
     if offset:
@@ -238,13 +289,26 @@ def download(
     """
     entry = lookup(name)
     final = cached_path(entry)
-    if final.is_file():
-        size = final.stat().st_size
-        if progress:
-            progress(size, size)
-        return final
-    source = url or entry.url
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if not final.is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with _DownloadLock(final, entry.file) as lock:
+            if not final.is_file():  # another process may have finished it before we took the lock
+                source = url or entry.url
+                return _download_locked(entry, final, source, timeout, lock.refreshing(progress), should_cancel)
+    size = final.stat().st_size
+    if progress:
+        progress(size, size)
+    return final
+
+
+def _download_locked(
+    entry: Checkpoint,
+    final: Path,
+    source: str,
+    timeout: float,
+    progress: Progress,
+    should_cancel: Callable[[], bool] | None,
+) -> Path:
     partial = final.with_name(final.name + ".partial")
     offset = partial.stat().st_size if partial.is_file() else 0
     if entry.size is not None and offset > entry.size:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -274,6 +276,50 @@ def test_cancel_keeps_partial_and_next_download_resumes(entry, server, cache, sm
     assert kept == checkpoints.CHUNK
     assert download(NAME).read_bytes() == small_checkpoint
     assert server.requests[-1] == ("/file", f"bytes={kept}-")
+
+
+def _lock(cache: Path) -> Path:
+    return cache / f"{NAME}.pt.lock"
+
+
+def test_second_download_of_the_same_file_is_refused_while_the_first_runs(entry, cache, small_checkpoint):
+    """Slicer and the CLI share the cache: two writers on one partial file would corrupt it."""
+    started, release = threading.Event(), threading.Event()
+    results: list[Path] = []
+
+    def slow(done, total):
+        if done:
+            started.set()
+            release.wait(10)
+
+    first = threading.Thread(target=lambda: results.append(download(NAME, slow)))
+    first.start()
+    try:
+        assert started.wait(10)
+        with pytest.raises(ModelError, match="being downloaded by another MedSAM2HITL process") as refused:
+            download(NAME)
+        assert str(_lock(cache)) in str(refused.value)
+        assert _lock(cache).is_file()  # the running download's lock is left alone
+    finally:
+        release.set()
+        first.join(10)
+    assert results and results[0].read_bytes() == small_checkpoint
+    assert not _lock(cache).exists()
+
+
+def test_lock_left_by_a_stopped_process_is_taken_over_once_stale(entry, cache, small_checkpoint):
+    cache.mkdir(parents=True)
+    _lock(cache).write_text("pid 12345\n")
+    old = time.time() - checkpoints.LOCK_STALE_SECONDS - 1
+    os.utime(_lock(cache), (old, old))
+    assert download(NAME).read_bytes() == small_checkpoint
+    assert not _lock(cache).exists()
+
+
+def test_failed_download_releases_its_lock(entry, server, cache):
+    with pytest.raises(ModelError, match="HTTP 404"):
+        download(NAME, url=server.url("/missing"))
+    assert not _lock(cache).exists()
 
 
 def test_cache_dir_override_and_platform_defaults(tmp_path, monkeypatch):
