@@ -3,7 +3,8 @@
 The fixture (Testing/Data/phantom_sam2.pt, made by Testing/Training/train_phantom_model.py) is a small SAM2.1
 model; these tests check, on phantoms it never saw, that it meets issue 5's quality targets (with a small
 margin), that the mask follows the box (another object's box gives that object, in 2D and through propagation;
-an empty box gives an empty mask), and that slices along any array axis give the same masks in the right place.
+a box on empty background labels nothing in it), and that slices along any array axis give the same masks in
+the right place.
 """
 
 from __future__ import annotations
