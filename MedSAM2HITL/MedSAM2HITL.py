@@ -9,7 +9,6 @@ import enum
 import logging
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -113,36 +112,6 @@ class MedSAM2HITLParameterNode:
     checkpoint: str = "MedSAM2_latest"
     device: Device = Device.AUTO
     largestComponent: bool = False
-
-
-class DownloadJob:
-    """A checkpoint download on a plain thread; the panel polls it (Qt must not be touched off the main thread)."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.received, self.total = 0, None
-        self.path, self.error = None, None
-        self._cancel = False
-        self._thread = threading.Thread(target=self._run, name="MedSAM2HITL download", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        from MedSAM2HITLLib import checkpoints
-
-        def progress(done, total):
-            self.received, self.total = done, total
-
-        try:
-            self.path = checkpoints.download(self.name, progress, should_cancel=lambda: self._cancel)
-        except Exception as exc:  # reported to the user by the panel, with the library's message
-            self.error = exc
-
-    @property
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def cancel(self) -> None:
-        self._cancel = True
 
 
 class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -403,7 +372,10 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._download:
                 self._download.cancel()
                 return
-            self._download = DownloadJob(self._parameterNode.checkpoint)
+            from MedSAM2HITLLib.checkpoints import BackgroundDownload
+
+            self._download = BackgroundDownload(self._parameterNode.checkpoint)
+            self._download.start()
             self.ui.downloadProgressBar.setRange(0, 0)
             self.ui.downloadProgressBar.show()
             self._updateButtons()

@@ -10,6 +10,7 @@ import http.client
 import os
 import re
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -402,3 +403,39 @@ def _transfer(
     if total is not None and done < total:
         raise http.client.IncompleteRead(b"", total - done)
     return total
+
+
+class BackgroundDownload:
+    """`download` on a plain thread, for a GUI to poll (`received`, `total`, `done`, `path`, `error`): Qt
+    must not be touched off the main thread, so nothing calls back into the GUI from here."""
+
+    def __init__(self, name: str, *, url: str | None = None):
+        self.name, self.url = name, url
+        self.received, self.total = 0, None
+        self.path: Path | None = None
+        self.error: Exception | None = None
+        self._cancel = False
+        self._thread = threading.Thread(target=self._run, name="MedSAM2HITL download", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        def progress(done: int, total: int | None) -> None:
+            self.received, self.total = done, total
+
+        try:
+            self.path = download(self.name, progress, url=self.url, should_cancel=lambda: self._cancel)
+        except Exception as exc:  # handed to the GUI, which shows the library's message
+            self.error = exc
+
+    @property
+    def done(self) -> bool:
+        return self._thread.ident is not None and not self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def cancel(self) -> None:
+        """Stop at the next chunk, keeping the partial file for the next download to resume."""
+        self._cancel = True

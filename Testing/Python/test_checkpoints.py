@@ -19,6 +19,7 @@ from MedSAM2HITLLib import checkpoints
 from MedSAM2HITLLib.checkpoints import (
     CACHE_ENV,
     REGISTRY,
+    BackgroundDownload,
     Checkpoint,
     DownloadCancelled,
     cache_dir,
@@ -320,6 +321,30 @@ def test_failed_download_releases_its_lock(entry, server, cache):
     with pytest.raises(ModelError, match="HTTP 404"):
         download(NAME, url=server.url("/missing"))
     assert not _lock(cache).exists()
+
+
+def test_background_download_reports_progress_and_the_path(entry, cache, small_checkpoint):
+    job = BackgroundDownload(NAME)
+    assert not job.done
+    job.start()
+    job.join(10)
+    assert job.done and job.error is None
+    assert job.path.read_bytes() == small_checkpoint
+    assert job.received == job.total == len(small_checkpoint)
+
+
+def test_background_download_cancelled_or_failed_keeps_the_error_for_the_panel(entry, server, cache):
+    cancelled = BackgroundDownload(NAME)
+    cancelled.cancel()
+    cancelled.start()
+    cancelled.join(10)
+    assert cancelled.done and cancelled.path is None
+    assert isinstance(cancelled.error, DownloadCancelled) and cancelled.error.kind == "cancelled"
+    failed = BackgroundDownload(NAME, url=server.url("/missing"))
+    failed.start()
+    failed.join(10)
+    assert failed.done and isinstance(failed.error, ModelError) and "HTTP 404" in str(failed.error)
+    assert not (cache / f"{NAME}.pt").exists()
 
 
 def test_cache_dir_override_and_platform_defaults(tmp_path, monkeypatch):
