@@ -49,6 +49,10 @@ def ras_of(ijk) -> np.ndarray:
     return (AFFINE @ np.array([*ijk, 1.0]))[:3]
 
 
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
 def box_on_slice(k: int) -> list[str]:
     """RAS corners of a box around the block, flat on slice k."""
     return [f"{v:.3f}" for v in (*ras_of((18, 14, k)), *ras_of((46, 42, k)))]
@@ -94,10 +98,6 @@ def test_phantom_through_the_cli_lands_on_its_true_object(tmp_path):
     result = cli("segment", str(path), "--box-ras", *box, "--propagate", *common)
     assert result.returncode == 0, result.stderr
     assert dice(np.asarray(nib.load(labelmap).dataobj) > 0, truth) >= 0.85  # 0.96 measured
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
 def test_propagation_fills_the_requested_range_only(volume_file, random_checkpoint, tmp_path):
