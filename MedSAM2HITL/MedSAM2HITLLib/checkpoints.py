@@ -11,7 +11,6 @@ import os
 import re
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from .errors import BadInputError, MedSAM2Error, ModelError
 
 CACHE_ENV = "MEDSAM2HITL_CACHE"  # a directory that holds the checkpoint files themselves
 CHUNK = 1 << 20
-LOCK_STALE_SECONDS = 60.0  # a download lock not refreshed for this long was left by a stopped process
 MEDSAM2_URL = "https://huggingface.co/wanglab/MedSAM2/resolve/main/"
 MEDSAM2_SIZE = 156_000_000  # approximate: 38.96 M float32 parameters plus the zip container
 MEDSAM2_LICENCE = "weights CC-BY-SA-4.0, code Apache-2.0"
@@ -216,52 +214,48 @@ def _remember_version(partial: Path, headers) -> None:
 
 
 class _DownloadLock:
-    """`<file>.lock` beside a download: one writer per cache file, across processes (the Slicer panel and the
-    CLI share the cache). The holder touches it as bytes arrive, so a lock left by a crashed or killed process
-    is recognised by its age, portably, without asking the OS about process IDs."""
+    """An OS lock on `<file>.lock` beside a download: one writer per cache file, across processes (the Slicer
+    panel and the CLI share the cache). The OS drops it when its holder exits or is killed, so a crash never
+    leaves the cache locked; the empty file itself stays and is harmless."""
 
     def __init__(self, final: Path, file_name: str):
         self.path = final.with_name(final.name + ".lock")
         self.file_name = file_name
-        self.touched = 0.0
 
     def __enter__(self) -> "_DownloadLock":
         try:
-            self._create()
-        except FileExistsError:
-            try:
-                age = time.time() - self.path.stat().st_mtime
-            except FileNotFoundError:  # released meanwhile
-                age = LOCK_STALE_SECONDS
-            if age < LOCK_STALE_SECONDS:
-                raise ModelError(
-                    f"{self.file_name} is being downloaded by another MedSAM2HITL process (lock file {self.path}); "
-                    f"wait for it to finish. A lock without progress for {LOCK_STALE_SECONDS:.0f} s is ignored."
-                ) from None
-            self.path.unlink(missing_ok=True)
-            self._create()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "a+b")
+        except OSError as exc:
+            raise ModelError(
+                f"cannot write to the checkpoint folder {self.path.parent} ({exc.strerror}); make it writable, "
+                f"or choose another folder with the {CACHE_ENV} environment variable"
+            ) from exc
+        try:
+            _lock_file(self.handle)
+        except OSError:
+            self.handle.close()
+            raise ModelError(
+                f"{self.file_name} is being downloaded by another MedSAM2HITL process (Slicer or the "
+                f"medsam2hitl command); wait for it to finish, or stop it, then try again"
+            ) from None
         return self
 
-    def _create(self) -> None:
-        descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.write(descriptor, f"pid {os.getpid()}\n".encode())
-        os.close(descriptor)
-        self.touched = time.monotonic()
-
-    def refreshing(self, progress: Progress | None) -> Progress:
-        """`progress`, touching the lock on the way (at most every 5 s)."""
-
-        def report(done: int, total: int | None) -> None:
-            if time.monotonic() - self.touched > 5.0:
-                os.utime(self.path)
-                self.touched = time.monotonic()
-            if progress:
-                progress(done, total)
-
-        return report
-
     def __exit__(self, *exc_info) -> None:
-        self.path.unlink(missing_ok=True)
+        self.handle.close()  # closing releases the lock on every OS
+
+
+def _lock_file(handle) -> None:
+    """Lock an open file without waiting; OSError if another handle holds it."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _open(url: str, partial: Path, offset: int, timeout: float):
@@ -286,16 +280,15 @@ def download(
 
     `progress(done_bytes, total_bytes_or_None)` is called as bytes arrive; `should_cancel()` is checked
     between chunks and stops with DownloadCancelled, keeping the partial file. `url` replaces the
-    registry URL (mirrors, tests). Failures raise ModelError saying what to do next.
+    registry URL (mirrors, tests). Failures raise ModelError saying what to do next, as does a download of
+    the same file already running in another process.
     """
     entry = lookup(name)
     final = cached_path(entry)
     if not final.is_file():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with _DownloadLock(final, entry.file) as lock:
+        with _DownloadLock(final, entry.file):
             if not final.is_file():  # another process may have finished it before we took the lock
-                source = url or entry.url
-                return _download_locked(entry, final, source, timeout, lock.refreshing(progress), should_cancel)
+                return _download_locked(entry, final, url or entry.url, timeout, progress, should_cancel)
     size = final.stat().st_size
     if progress:
         progress(size, size)
@@ -307,7 +300,7 @@ def _download_locked(
     final: Path,
     source: str,
     timeout: float,
-    progress: Progress,
+    progress: Progress | None,
     should_cancel: Callable[[], bool] | None,
 ) -> Path:
     partial = final.with_name(final.name + ".partial")

@@ -7,14 +7,15 @@ import hashlib
 import os
 import re
 import socket
+import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from MedSAM2HITLLib import checkpoints
 from MedSAM2HITLLib.checkpoints import (
     CACHE_ENV,
@@ -156,7 +157,7 @@ def test_full_download_reports_monotonic_progress_ending_at_total(entry, server,
     done = [d for d, _ in calls]
     assert done == sorted(done) and done[0] == 0 and done[-1] == size
     assert server.requests == [("/file", None)]
-    assert [p.name for p in cache.iterdir()] == [entry.file]
+    assert sorted(p.name for p in cache.iterdir()) == [entry.file, f"{entry.file}.lock"]  # the lock is kept, empty
     assert download(NAME) == path and len(server.requests) == 1  # cached: no second transfer
 
 
@@ -297,30 +298,54 @@ def test_second_download_of_the_same_file_is_refused_while_the_first_runs(entry,
     first.start()
     try:
         assert started.wait(10)
-        with pytest.raises(ModelError, match="being downloaded by another MedSAM2HITL process") as refused:
+        with pytest.raises(ModelError, match="being downloaded by another MedSAM2HITL process"):
             download(NAME)
-        assert str(_lock(cache)) in str(refused.value)
-        assert _lock(cache).is_file()  # the running download's lock is left alone
     finally:
         release.set()
         first.join(10)
     assert results and results[0].read_bytes() == small_checkpoint
-    assert not _lock(cache).exists()
+    assert (cache / f"{NAME}.pt").read_bytes() == small_checkpoint
 
 
-def test_lock_left_by_a_stopped_process_is_taken_over_once_stale(entry, cache, small_checkpoint):
+HOLD_LOCK = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from MedSAM2HITLLib.checkpoints import _DownloadLock
+with _DownloadLock(Path(sys.argv[2]), "model.pt"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_lock_of_a_killed_process_does_not_block_the_next_download(entry, cache, small_checkpoint):
+    """The OS drops the lock with its process: a crashed or killed download leaves nothing to clean up."""
     cache.mkdir(parents=True)
-    _lock(cache).write_text("pid 12345\n")
-    old = time.time() - checkpoints.LOCK_STALE_SECONDS - 1
-    os.utime(_lock(cache), (old, old))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(REPO / "MedSAM2HITL"), str(cache / f"{NAME}.pt")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ModelError, match="being downloaded by another"):
+            download(NAME)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert _lock(cache).is_file()  # left behind by the killed process, and harmless
     assert download(NAME).read_bytes() == small_checkpoint
-    assert not _lock(cache).exists()
 
 
-def test_failed_download_releases_its_lock(entry, server, cache):
+def test_unwritable_cache_folder_says_what_to_do(entry, cache):
+    cache.write_text("a file where the folder should be")
+    with pytest.raises(ModelError, match=f"cannot write to the checkpoint folder .*{CACHE_ENV}"):
+        download(NAME)
+
+
+def test_failed_download_leaves_the_file_free_for_the_next_one(entry, server, cache, small_checkpoint):
     with pytest.raises(ModelError, match="HTTP 404"):
         download(NAME, url=server.url("/missing"))
-    assert not _lock(cache).exists()
+    assert download(NAME).read_bytes() == small_checkpoint
 
 
 def test_background_download_reports_progress_and_the_path(entry, cache, small_checkpoint):
