@@ -17,6 +17,9 @@ import pytest
 
 from conftest import DATA, REPO
 
+sys.path.insert(0, str(REPO / "Testing" / "Training"))
+from phantoms import make_phantom  # noqa: E402
+
 AFFINE = np.array([[-1.5, 0, 0, 60.0], [0, 1.2, 0, -40.0], [0, 0, 2.0, -20.0], [0, 0, 0, 1]])  # flipped x
 SHAPE_IJK = (64, 56, 30)
 
@@ -76,9 +79,6 @@ def test_segment_writes_a_segmentation_and_a_labelmap_on_the_input_grid(volume_f
 def test_phantom_through_the_cli_lands_on_its_true_object(tmp_path):
     """The trained fixture, a box given in RAS on this flipped, left-handed grid (Slicer reverses its k):
     the 2D mask on exactly the box's slice, and the propagated labelmap on the object in the file's voxels."""
-    sys.path.insert(0, str(REPO / "Testing" / "Training"))
-    from phantoms import make_phantom
-
     phantom = make_phantom(31, size=(40, 80, 96), modality="ct")
     path, labelmap = tmp_path / "phantom.nii.gz", tmp_path / "labels.nii.gz"
     nib.save(nib.Nifti1Image(phantom.volume.transpose(2, 1, 0), AFFINE), path)  # [k, j, i] → file (i, j, k)

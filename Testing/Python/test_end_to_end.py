@@ -149,12 +149,12 @@ def test_propagation_from_a_corrected_slice_beats_a_bad_box(logic, tmp_path):
     from MedSAM2HITLLib.segment_writer import create_segmentation, get_or_create_segment, write_slice
 
     case = Case(tmp_path, seed=8, grid="oblique", axis=0)
-    on_key = [o[case.key] for o in case.phantom.objects]  # phantom [j, i] slices; the file's are [i, j]
+    on_key = [o[case.key] for o in case.phantom.objects]  # phantom slices are [j, i]
     neighbour = next(o for o in on_key[1:] if o.any())
     # a hurried box that takes in the neighbouring object too
-    cols, rows = np.nonzero(on_key[0] | neighbour)
-    low = np.array([rows.min(), cols.min(), case.key], float)
-    high = np.array([rows.max(), cols.max(), case.key], float)
+    j, i = np.nonzero(on_key[0] | neighbour)
+    low = np.array([i.min(), j.min(), case.key], float)  # file voxels (i, j, k)
+    high = np.array([i.max(), j.max(), case.key], float)
     roi = case.roi((low, high), name="Bad")
     segmentation, segment_id = logic.segment_slice(case.volume, roi, None, axis=case.view(), window="abdomen").wait(120)
     logic.propagate(case.volume, segmentation, segment_id, axis=case.view(), roi_node=roi, window="abdomen").wait(300)
