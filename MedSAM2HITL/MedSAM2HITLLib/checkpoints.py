@@ -218,9 +218,9 @@ class _DownloadLock:
     panel and the CLI share the cache). The OS drops it when its holder exits or is killed, so a crash never
     leaves the cache locked; the empty file itself stays and is harmless."""
 
-    def __init__(self, final: Path, file_name: str):
+    def __init__(self, final: Path):
+        self.final = final
         self.path = final.with_name(final.name + ".lock")
-        self.file_name = file_name
 
     def __enter__(self) -> "_DownloadLock":
         try:
@@ -236,7 +236,7 @@ class _DownloadLock:
         except OSError:
             self.handle.close()
             raise ModelError(
-                f"{self.file_name} is being downloaded by another MedSAM2HITL process (Slicer or the "
+                f"{self.final.name} is being downloaded by another MedSAM2HITL process (Slicer or the "
                 f"medsam2hitl command); wait for it to finish, or stop it, then try again"
             ) from None
         return self
@@ -286,7 +286,7 @@ def download(
     entry = lookup(name)
     final = cached_path(entry)
     if not final.is_file():
-        with _DownloadLock(final, entry.file):
+        with _DownloadLock(final):
             if not final.is_file():  # another process may have finished it before we took the lock
                 return _download_locked(entry, final, url or entry.url, timeout, progress, should_cancel)
     size = final.stat().st_size

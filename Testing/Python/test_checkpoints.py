@@ -312,7 +312,7 @@ import sys, time
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from MedSAM2HITLLib.checkpoints import _DownloadLock
-with _DownloadLock(Path(sys.argv[2]), "model.pt"):
+with _DownloadLock(Path(sys.argv[2])):
     print("locked", flush=True)
     time.sleep(60)
 """
