@@ -18,6 +18,7 @@ import pytest
 from conftest import DATA, REPO
 
 sys.path.insert(0, str(REPO / "Testing" / "Training"))
+from evaluate_phantom_model import dice  # noqa: E402
 from phantoms import make_phantom  # noqa: E402
 
 AFFINE = np.array([[-1.5, 0, 0, 60.0], [0, 1.2, 0, -40.0], [0, 0, 2.0, -20.0], [0, 0, 0, 1]])  # flipped x
@@ -50,10 +51,6 @@ def volume_file(tmp_path_factory) -> Path:
 
 def ras_of(ijk) -> np.ndarray:
     return (AFFINE @ np.array([*ijk, 1.0]))[:3]
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
 def box_on_slice(k: int) -> list[str]:

@@ -18,6 +18,7 @@ import pytest
 from conftest import DATA, REPO
 
 sys.path.insert(0, str(REPO / "Testing" / "Training"))
+from evaluate_phantom_model import dice  # noqa: E402
 from phantoms import make_phantom  # noqa: E402
 
 PHANTOM_CHECKPOINT = DATA / "phantom_sam2.pt"
@@ -43,10 +44,6 @@ GRIDS = {
     "oblique": affine(rotation(0.3, -0.2, 0.5) @ np.diag([1.0, 1.2, 1.4]), [-20, 10, 5]),
 }
 PARENT = affine(rotation(0.0, 0.0, np.pi / 2), [5, -7, 3])  # a 90° turn: the views change axes
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
 @pytest.fixture(scope="module")
