@@ -724,7 +724,7 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         self.assertEqual(sorted(set(np.nonzero(mask2d)[0])), [key], "only the key slice may change")
         self.assertGreater(dice(mask2d[key], reference2d), 0.98, "the panel's mask differs from the engine's")
         if accurate:  # the phantom-trained model finds the object (a flipped or shifted mask would not)
-            self.assertGreater(dice(mask2d[key], truth[key]), 0.3)
+            self.assertGreater(dice(mask2d[key], truth[key]), 0.8)  # the engine: 0.96 on these inputs
 
         p.rangeMode = RangeMode.CUSTOM
         p.rangeStart, p.rangeEnd = first, last
@@ -735,7 +735,7 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         self.assertTrue(changed and changed[0] >= first and changed[-1] <= last, f"outside {first}..{last}: {changed}")
         self.assertGreater(dice(mask3d, reference3d), 0.95, "the panel's propagation differs from the engine's")
         if accurate:
-            self.assertGreater(dice(mask3d[first:last + 1], truth[first:last + 1]), 0.3)
+            self.assertGreater(dice(mask3d[first:last + 1], truth[first:last + 1]), 0.8)  # the engine: 0.95
 
         widget.ui.undoButton.click()
         np.testing.assert_array_equal(self._segmentArray(p), mask2d)
