@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "MedSAM2HITL"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from phantoms import Phantom, make_phantom  # noqa: E402
+from phantoms import Phantom, bounding_box, make_phantom  # noqa: E402
 
 DATA = REPO / "Testing" / "Data"
 IMAGE_SIZE = 128
@@ -177,9 +177,7 @@ def resized_mask(mask2d: np.ndarray) -> "torch.Tensor":
 
 def jittered_box(mask2d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The object's box with SAM-style noise (std 10 % of the side, at most 20 px), in model coordinates."""
-    rows = np.flatnonzero(mask2d.any(axis=1))
-    cols = np.flatnonzero(mask2d.any(axis=0))
-    x0, x1, y0, y1 = cols[0], cols[-1], rows[0], rows[-1]
+    x0, y0, x1, y1 = bounding_box(mask2d)
     w, h = x1 - x0 + 1, y1 - y0 + 1
     noise = rng.normal(0, 0.1, 4) * np.array([w, h, w, h])
     box = np.array([x0, y0, x1, y1], dtype=np.float64) + np.clip(noise, -20, 20)
