@@ -90,6 +90,7 @@ def run_segment(args) -> int:
     from .logic import SegmentationLogic
     from .mrml_scene import create_scene, load_roi, load_volume
     from .preprocessing import parse_window
+    from .roi_box import roi_from_corners
 
     output = _output_path(args.output, ".seg.nrrd")
     labelmap = _output_path(args.labelmap, ".nii.gz", ".nii") if args.labelmap else None
@@ -97,7 +98,7 @@ def run_segment(args) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     scene = create_scene()
     volume = load_volume(scene, args.volume)
-    roi = load_roi(scene, args.roi) if args.roi else _roi_from_corners(scene, volume, args.box_ras)
+    roi = load_roi(scene, args.roi) if args.roi else roi_from_corners(scene, volume, args.box_ras)
     logic = SegmentationLogic()
     try:
         started = time.monotonic()
@@ -220,29 +221,6 @@ def _axis_code(direction) -> str:
 
     axis = int(np.argmax(np.abs(direction)))
     return ("LR", "PA", "IS")[axis][int(direction[axis] > 0)]
-
-
-def _roi_from_corners(scene, volume, corners: list[float]):
-    """An axis-aligned ROI (in RAS) between two corners.
-
-    A box drawn on a slice is flat along one axis; it gets the volume's smallest voxel spacing as thickness so
-    that it holds the voxel centres of one slice even when its coordinate falls between them.
-    """
-    import numpy as np
-
-    from .roi_box import volume_ijk_to_world
-
-    if not np.all(np.isfinite(corners)):
-        raise BadInputError("--box-ras needs six finite numbers")
-    first, second = np.array(corners[:3]), np.array(corners[3:])
-    size = np.abs(second - first)
-    if np.count_nonzero(size < 1e-6) > 1:
-        raise BadInputError(f"--box-ras {corners} is a line or a point; give two opposite corners of a box")
-    spacing = np.linalg.norm(volume_ijk_to_world(volume)[:3, :3], axis=0).min()
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
-    roi.SetCenter(*((first + second) / 2))
-    roi.SetSize(*np.where(size < 1e-6, spacing, size))
-    return roi
 
 
 def _output_path(value: str, *suffixes: str) -> Path:

@@ -148,6 +148,26 @@ def roi_box(volume_node, roi_node, axis: int, index: int | None = None) -> tuple
     return int(columns[0]), int(rows[0]), int(columns[-1]), int(rows[-1])
 
 
+def roi_from_corners(scene, volume_node, corners) -> object:
+    """An axis-aligned ROI node (in RAS) between two opposite corners (x1, y1, z1, x2, y2, z2).
+
+    A box drawn on a slice is flat along one axis; it gets the volume's smallest voxel spacing as thickness so
+    that it holds the voxel centres of one slice even when its coordinate falls between them.
+    """
+    values = np.asarray(corners, dtype=float).ravel()
+    if values.size != 6 or not np.all(np.isfinite(values)):
+        raise BadInputError(f"a box in RAS needs six finite numbers (two opposite corners), got {list(corners)}")
+    first, second = values[:3], values[3:]
+    size = np.abs(second - first)
+    if np.count_nonzero(size < 1e-6) > 1:
+        raise BadInputError(f"box {values.tolist()} is a line or a point; give two opposite corners of a box")
+    spacing = np.linalg.norm(volume_ijk_to_world(volume_node)[:3, :3], axis=0).min()
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
+    roi.SetCenter(*((first + second) / 2))
+    roi.SetSize(*np.where(size < 1e-6, spacing, size))
+    return roi
+
+
 def _array_axis_directions(volume_node) -> np.ndarray:
     """Unit world directions of array axes 0, 1, 2 (K, J, I)."""
     linear = volume_ijk_to_world(volume_node)[:3, :3]
