@@ -8,6 +8,7 @@ release of per-slice tracking outputs the memory bank no longer reads, so memory
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,11 +77,11 @@ class Engine:
         self.image_predictor = SAM2ImagePredictor(model.predictor)
         self.image_predictor._bb_feat_sizes = model.feature_sizes
         self.embedding_cache_size = embedding_cache_size
-        self._embeddings: OrderedDict = OrderedDict()
-        self._windows: dict = {}
+        self._embeddings: OrderedDict = OrderedDict()  # (volume_id, axis, index, window) → features
+        self._windows: dict = {}  # (volume_id, spec) → IntensityWindow
+        self._sources: dict[str, weakref.ref] = {}  # volume_id → the caller's array its cache entries came from
         self.volume: np.ndarray | None = None
         self.volume_id: str | None = None
-        self._source: np.ndarray | None = None  # the caller's array behind self.volume
 
     @classmethod
     def load(
@@ -100,16 +101,30 @@ class Engine:
         return self.model.describe()
 
     def set_volume(self, volume: np.ndarray, volume_id: str) -> None:
-        """Use this volume for the following requests; it is referenced (read-only), never copied or changed."""
-        if volume_id != self.volume_id or volume is not self._source:  # new content under an old ID too
-            self._embeddings.clear()
-            self._windows.clear()
-        self.volume = check_volume(volume)
-        self._source, self.volume_id = volume, volume_id
+        """Use this volume for the following requests; it is referenced (read-only), never copied or changed.
+
+        Cached embeddings of other volumes stay (a server switches between jobs); new content under a known ID
+        drops that ID's entries.
+        """
+        checked = check_volume(volume)
+        source = self._sources.get(volume_id)
+        if source is None or source() is not volume:
+            self.forget_volume(volume_id)
+            self._sources[volume_id] = weakref.ref(volume)
+        self.volume, self.volume_id = checked, volume_id
+
+    def forget_volume(self, volume_id: str) -> None:
+        """Drop the cached embeddings and windows of one volume."""
+        for cache in (self._embeddings, self._windows):
+            for key in [key for key in cache if key[0] == volume_id]:
+                del cache[key]
+        self._sources.pop(volume_id, None)
+        if self.volume_id == volume_id:
+            self.volume = self.volume_id = None
 
     def window(self, spec) -> IntensityWindow:
         """The intensity window for the current volume, computed once per volume and spec."""
-        key = spec if isinstance(spec, (str, IntensityWindow)) else tuple(spec)
+        key = (self.volume_id, spec if isinstance(spec, (str, IntensityWindow)) else tuple(spec))
         if key not in self._windows:
             self._windows[key] = parse_window(spec, self._require_volume())
         return self._windows[key]
