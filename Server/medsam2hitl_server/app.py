@@ -1,0 +1,289 @@
+"""The FastAPI application: the jobs API under /api/v1, health probes, OpenAPI at /docs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Literal
+
+import redis
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from MedSAM2HITLLib.errors import BadInputError
+
+from . import __version__
+from .auth import Caller
+from .jobs import Dispatcher
+from .schemas import Propagate, Segment2D, check_against_volume
+from .session import job_dir
+from .settings import Settings, load
+from .store import JobStore, connect
+from .uploads import receive_volume
+
+log = logging.getLogger("medsam2hitl_server.api")
+ERROR_STATUS = {"bad_input": 400, "out_of_memory": 503, "cancelled": 409, "model": 500, "internal": 500}
+MAX_JSON_BYTES = 16 << 20
+SSE_BLOCK_MS = 4000
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load()
+    settings.check_bind()
+    store = JobStore(connect(settings.redis_url), settings.job_ttl_seconds, settings.worker_dead_after_seconds)
+    dispatcher = Dispatcher(store, settings)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        stop = threading.Event()
+        reaper = threading.Thread(target=_reap_forever, args=(dispatcher, stop), name="reaper", daemon=True)
+        reaper.start()
+        yield
+        stop.set()
+
+    app = FastAPI(title="MedSAM2HITL inference service", version=__version__, lifespan=lifespan,
+                  description="Box-prompted 3D segmentation with MedSAM2: upload a volume, segment a slice, "
+                              "propagate through the volume, download the mask.")
+    app.state.settings, app.state.store, app.state.dispatcher = settings, store, dispatcher
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type",
+                                                                                  "Last-Event-ID"])
+    app.add_middleware(BodyLimit, limit=MAX_JSON_BYTES, exempt=("/api/v1/jobs",))
+    _error_handlers(app)
+    app.include_router(_health(store))
+    app.include_router(_jobs_router(store, dispatcher, settings), prefix="/api/v1")
+    return app
+
+
+def _reap_forever(dispatcher: Dispatcher, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        try:
+            dispatcher.reap()
+        except redis.RedisError as error:
+            log.warning("housekeeping skipped: Redis unreachable (%s)", error.__class__.__name__)
+        except Exception:
+            log.exception("housekeeping failed")
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes while they arrive (Starlette has no limit of its own)."""
+
+    def __init__(self, app, limit: int, exempt: tuple[str, ...]):
+        self.app, self.limit, self.exempt = app, limit, exempt
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.exempt:
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared and declared.isdigit() and int(declared) > self.limit:
+            response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
+            return await response(scope, receive, send)
+        return await self.app(scope, limited, send)
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, error: RequestValidationError):
+        problems = []
+        for item in error.errors():
+            where = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
+            problems.append(f"{where}: {item.get('msg', 'invalid')}" if where else item.get("msg", "invalid"))
+        return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(redis.RedisError)
+    async def _store_down(_request, _error):
+        return JSONResponse({"detail": "the job store (Redis) is unreachable; retry in a few seconds"},
+                            status_code=503, headers={"Retry-After": "5"})
+
+
+def _health(store: JobStore) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz")
+    def healthz() -> dict:
+        """The API process answers."""
+        return {"status": "ok", "version": __version__}
+
+    @router.get("/readyz")
+    def readyz(response: Response) -> dict:
+        """Redis answers and at least one model worker is alive."""
+        try:
+            store.redis.ping()
+            workers = len(store.workers())
+        except redis.RedisError:
+            response.status_code = 503
+            return {"ready": False, "redis": False, "workers": 0}
+        response.status_code = 200 if workers else 503
+        return {"ready": bool(workers), "redis": True, "workers": workers}
+
+    return router
+
+
+def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) -> APIRouter:
+    router = APIRouter(tags=["jobs"])
+
+    def job(job_id: uuid.UUID, owner: str = Caller) -> dict:
+        """The caller's job, or 404 (also for another caller's job) / 410 (expired)."""
+        record = store.get(str(job_id))
+        if record is None or record["owner"] != owner:
+            if record is None and store.is_expired(str(job_id)):
+                raise HTTPException(410, "the job expired and its files were deleted; upload the volume again")
+            raise HTTPException(404, "no such job")
+        record["id"] = str(job_id)
+        return record
+
+    Job = Depends(job)
+
+    def checked(body, record: dict) -> dict:
+        try:
+            check_against_volume(body, json.loads(record["geometry"]) if record.get("geometry") else None)
+        except BadInputError as error:
+            raise HTTPException(400, str(error)) from None
+        return body.model_dump()
+
+    def raise_failure(reply: dict) -> dict:
+        if "error" in reply:
+            failure = reply["error"]
+            raise HTTPException(ERROR_STATUS.get(failure["kind"], 500), failure["message"])
+        return reply["ok"]
+
+    @router.get("/models")
+    def models(owner: str = Caller) -> dict:
+        """Server version, the models the live workers hold, and their load."""
+        workers = store.workers()
+        found: dict[str, dict] = {}
+        for worker in workers:
+            model = worker.info.get("model", {})
+            name = Path(model.get("checkpoint", "?")).stem
+            entry = found.setdefault(name, {"name": name, "device": model.get("device"),
+                                            "image_size": model.get("image_size"), "workers": 0})
+            entry["workers"] += 1
+        return {"version": __version__, "models": list(found.values()),
+                "workers": [{"name": w.name, "jobs": w.jobs, "busy": w.info.get("busy", False),
+                             "queued_tasks": store.redis.llen(w.queue)} for w in workers]}
+
+    @router.post("/jobs", status_code=201)
+    async def create_job(request: Request, owner: str = Caller) -> dict:
+        """Upload a volume (NIfTI, NRRD or MHA) as the raw request body; it is bound to a model worker."""
+        job_id = str(uuid.uuid4())
+        name, header = await receive_volume(request, job_dir(settings, job_id), settings.max_upload_bytes,
+                                            settings.max_volume_bytes)
+        summary = {"shape_ijk": list(header.shape_ijk), "dtype": header.dtype}
+        await run_in_threadpool(store.create, job_id, owner, name, summary)
+        worker = await run_in_threadpool(dispatcher.bind, job_id)
+        return {"id": job_id, "state": "queued", "worker": worker, **summary}
+
+    @router.get("/jobs/{job_id}/status")
+    def status(record: dict = Job) -> dict:
+        """State, progress, the worker holding the job and its place in that worker's queue."""
+        position = None
+        if record["state"] == "queued" or record["loaded"] != "1":
+            worker = next((w for w in store.workers() if w.name == record["worker"]), None)
+            position = store.queue_position(worker.queue, record.get("task", "")) if worker else None
+        geometry = record.get("geometry")
+        return {"id": record["id"], "state": record["state"],
+                "progress": {"done": int(record["done"]), "total": int(record["total"])},
+                "worker": record["worker"] or None, "loaded": record["loaded"] == "1",
+                "queue_position": position, "error": record["error"] or None,
+                "created": float(record["created"]), "expires": float(record["expires"]),
+                "volume": json.loads(geometry) if geometry else json.loads(record["header"])}
+
+    @router.post("/jobs/{job_id}/segment-2d")
+    def segment_2d(body: Segment2D, record: dict = Job) -> dict:
+        """Segment one slice from a box: the mask comes back run-length encoded (see the README)."""
+        if store.holder(record["id"]):
+            raise HTTPException(409, "a propagation is running on this job; wait for it or cancel it")
+        reply = dispatcher.call(record["id"], "medsam2hitl.segment_2d", checked(body, record))
+        return raise_failure(reply)
+
+    @router.post("/jobs/{job_id}/propagate", status_code=202)
+    def propagate(body: Propagate, record: dict = Job) -> dict:
+        """Start filling the range from the key slice; follow it on /events or /status. 409 if one runs."""
+        params = checked(body, record)
+        propagation_id = str(uuid.uuid4())
+        if not store.try_lock(record["id"], propagation_id):
+            raise HTTPException(409, "a propagation is already running on this job; wait for it or cancel it")
+        try:
+            after = store.last_event_id(record["id"])
+            worker = dispatcher.worker_of(record["id"])
+            task_id = dispatcher.send(worker, "medsam2hitl.propagate", record["id"], propagation_id,
+                                      params)
+        except BaseException:
+            store.unlock(record["id"], propagation_id)
+            raise
+        store.update(record["id"], task=task_id, state="running", done=0, total=0, error="")
+        return {"propagation": propagation_id, "events_after": after,
+                "events": f"/api/v1/jobs/{record['id']}/events?after={after}"}
+
+    @router.post("/jobs/{job_id}/cancel", status_code=202)
+    def cancel(record: dict = Job) -> dict:
+        """Stop the running propagation within one slice; the finished slices are kept."""
+        if not store.request_cancel(record["id"]):
+            raise HTTPException(409, "no propagation is running on this job")
+        return {"cancelling": True}
+
+    @router.get("/jobs/{job_id}/events")
+    def events(record: dict = Job, after: str | None = Query(None, pattern=r"^\d{1,20}-\d{1,20}$"),
+               last_event_id: str | None = Header(None, pattern=r"^\d{1,20}-\d{1,20}$")):
+        """Server-Sent Events: state changes and each slice as it is made; resumable with Last-Event-ID."""
+        job_id = record["id"]
+
+        def stream():
+            cursor = last_event_id or after or "0-0"
+            yield "retry: 2000\n\n"
+            while True:
+                found = store.events_after(job_id, cursor, SSE_BLOCK_MS)
+                if not found:
+                    if store.get(job_id) is None:
+                        return
+                    yield ": keep-alive\n\n"
+                for entry_id, kind, data in found:
+                    cursor = entry_id
+                    yield f"id: {entry_id}\nevent: {kind}\ndata: {data}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @router.get("/jobs/{job_id}/result", response_class=FileResponse)
+    def result(record: dict = Job, format: Literal["nii.gz", "seg.nrrd"] = "nii.gz"):
+        """The 3D mask: NIfTI with the input's affine and voxel order, or Slicer's .seg.nrrd."""
+        if store.holder(record["id"]):
+            raise HTTPException(409, "a propagation is running on this job; download when it has finished")
+        reply = dispatcher.call(record["id"], "medsam2hitl.export", format)
+        name = raise_failure(reply)["file"]
+        path = job_dir(settings, record["id"]) / name
+        if not path.is_file():
+            raise HTTPException(503, "the result file is not on this server's disk; see the README on "
+                                     "workers without a shared data folder")
+        media = "application/gzip" if format == "nii.gz" else "application/octet-stream"
+        return FileResponse(path, media_type=media, filename=f"{record['id']}.{format}")
+
+    @router.delete("/jobs/{job_id}", status_code=204)
+    def delete(record: dict = Job) -> Response:
+        """Delete the job now: its files, its keys and the worker's copy of the volume."""
+        holder = store.holder(record["id"])
+        if holder:
+            store.request_cancel(record["id"])
+        dispatcher.purge(record["id"], expired=False)
+        return Response(status_code=204)
+
+    return router

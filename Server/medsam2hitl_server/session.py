@@ -1,0 +1,109 @@
+"""What a worker process keeps warm: the model (Engine) and, per job, its volume, labels and geometry.
+
+Volumes are read with MedSAM2HITLLib's loader into a headless MRML scene, so voxel indices, RAS boxes and the
+exported NIfTI follow exactly the rules of the Slicer module and the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from MedSAM2HITLLib.errors import BadInputError
+
+from .settings import Settings
+
+LABELS_FILE = "labels.npy"
+SAVE_EVERY_SECONDS = 5.0
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    return settings.data_dir / "jobs" / job_id
+
+
+@dataclass
+class JobVolume:
+    """One job's volume node, its [k, j, i] array (read-only view) and the labels made so far."""
+
+    node: object
+    array: np.ndarray
+    labels: np.ndarray
+    folder: Path
+    saved_at: float = field(default_factory=time.monotonic)
+
+    def geometry(self) -> dict:
+        from MedSAM2HITLLib.roi_box import array_axis_for_view, volume_ijk_to_world
+
+        views = {}
+        for view in ("axial", "coronal", "sagittal"):
+            axis = array_axis_for_view(self.node, view)
+            views[view] = {"array_axis": axis, "slices": int(self.array.shape[axis])}
+        return {"shape_kji": list(self.array.shape), "dtype": str(self.array.dtype),
+                "ijk_to_ras": np.round(volume_ijk_to_world(self.node), 6).tolist(), "views": views}
+
+    def save_labels(self, force: bool = True) -> None:
+        """Keep the labels on disk (atomically), so a crash or a re-bound worker loses at most a few seconds."""
+        if not force and time.monotonic() - self.saved_at < SAVE_EVERY_SECONDS:
+            return
+        partial = self.folder / f".{LABELS_FILE}.partial"
+        with open(partial, "wb") as f:
+            np.save(f, self.labels, allow_pickle=False)
+        os.replace(partial, self.folder / LABELS_FILE)
+        self.saved_at = time.monotonic()
+
+
+class WorkerSession:
+    """The engine and the jobs this worker process holds."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine = None
+        self.scene = None
+        self.jobs: dict[str, JobVolume] = {}
+
+    def load_model(self) -> dict:
+        from MedSAM2HITLLib.checkpoints import resolve_checkpoint
+        from MedSAM2HITLLib.engine import Engine
+        from MedSAM2HITLLib.mrml_scene import create_scene
+
+        self.scene = create_scene()
+        checkpoint = resolve_checkpoint(self.settings.checkpoint)
+        self.engine = Engine.load(checkpoint, device=self.settings.device, threads=self.settings.threads or None)
+        return self.engine.info()
+
+    def open(self, job_id: str, volume_file: str) -> JobVolume:
+        """Load a job's volume (and labels saved by an earlier worker) unless this process has it already."""
+        import slicer.util
+
+        from MedSAM2HITLLib.mrml_scene import load_volume
+
+        if job_id in self.jobs:
+            return self.jobs[job_id]
+        folder = job_dir(self.settings, job_id)
+        path = folder / volume_file
+        if not path.is_file():
+            raise BadInputError("the job's volume is no longer on the server; upload it again")
+        node = load_volume(self.scene, path, name=job_id, max_bytes=self.settings.max_volume_bytes)
+        array = slicer.util.arrayFromVolume(node)
+        array.flags.writeable = False
+        labels = np.zeros(array.shape, np.uint8)
+        saved = folder / LABELS_FILE
+        if saved.is_file():
+            stored = np.load(saved, allow_pickle=False)
+            if stored.shape == labels.shape:
+                labels[...] = stored
+        self.jobs[job_id] = JobVolume(node, array, labels, folder)
+        return self.jobs[job_id]
+
+    def engine_for(self, job_id: str, volume: JobVolume):
+        self.engine.set_volume(volume.array, job_id)
+        return self.engine
+
+    def close(self, job_id: str) -> None:
+        volume = self.jobs.pop(job_id, None)
+        if volume is not None and self.scene is not None:
+            self.scene.RemoveNode(volume.node)

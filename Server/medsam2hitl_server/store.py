@@ -1,0 +1,227 @@
+"""Job records, the per-job event stream and the worker registry, under our own keys in Redis.
+
+Celery's task states cannot tell an unknown job from a waiting one, so the job's truth lives here: one hash per
+job, a stream of its events (ids double as SSE ids), a lock while a propagation runs, and one heartbeat key per
+worker that expires when the worker stops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import redis
+
+KEY = "m2h"
+STATES = ("queued", "ready", "running", "succeeded", "failed", "cancelled", "expired")
+EVENTS_KEPT = 20_000  # per job; a propagation sends one event per slice
+TOMBSTONE_SECONDS = 7 * 24 * 3600  # how long an expired job answers 410 instead of 404
+
+
+def job_key(job_id: str) -> str:
+    return f"{KEY}:job:{job_id}"
+
+
+def owner_of(token: str | None) -> str:
+    """What a job stores about its creator: a hash of the token, never the token."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
+
+
+@dataclass
+class Worker:
+    name: str
+    queue: str
+    jobs: int
+    info: dict
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=2,
+                                health_check_interval=10)
+
+
+class JobStore:
+    """Everything the API and the workers say to each other about jobs, besides the task messages themselves."""
+
+    def __init__(self, client: redis.Redis, ttl_seconds: int = 24 * 3600, dead_after_seconds: int = 8):
+        self.redis = client
+        self.ttl_seconds = ttl_seconds
+        self.dead_after_seconds = dead_after_seconds
+
+    # jobs -----------------------------------------------------------------------------------------------------
+
+    def create(self, job_id: str, owner: str, volume_file: str, header: dict) -> None:
+        now = time.time()
+        record = {
+            "state": "queued", "owner": owner, "created": now, "expires": now + self.ttl_seconds,
+            "volume_file": volume_file, "header": json.dumps(header), "worker": "", "loaded": 0,
+            "done": 0, "total": 0, "error": "", "propagation": "",
+        }
+        pipe = self.redis.pipeline()
+        pipe.hset(job_key(job_id), mapping=record)
+        pipe.zadd(f"{KEY}:jobs", {job_id: now + self.ttl_seconds})
+        pipe.execute()
+        self.event(job_id, "state", {"state": "queued"})
+
+    def get(self, job_id: str) -> dict | None:
+        record = self.redis.hgetall(job_key(job_id))
+        return record or None
+
+    def update(self, job_id: str, **fields) -> None:
+        """Change fields of an existing job (never re-creates a purged one)."""
+        values = {k: json.dumps(v) if isinstance(v, (dict, list)) else (int(v) if isinstance(v, bool) else v)
+                  for k, v in fields.items()}
+        script = "if redis.call('exists', KEYS[1]) == 1 then redis.call('hset', KEYS[1], unpack(ARGV)) end"
+        flat = [item for pair in values.items() for item in pair]
+        self.redis.eval(script, 1, job_key(job_id), *flat)
+
+    def set_state(self, job_id: str, state: str, **fields) -> None:
+        assert state in STATES, state
+        self.update(job_id, state=state, **fields)
+        self.event(job_id, "state", {"state": state, **{k: v for k, v in fields.items() if k == "error"}})
+
+    def is_expired(self, job_id: str) -> bool:
+        return bool(self.redis.exists(f"{KEY}:expired:{job_id}"))
+
+    def due_for_purge(self, now: float | None = None) -> list[str]:
+        return list(self.redis.zrangebyscore(f"{KEY}:jobs", "-inf", now or time.time()))
+
+    def forget(self, job_id: str, expired: bool) -> None:
+        """Remove every key of a job; an expired one leaves a tombstone so clients get 410, not 404."""
+        record = self.get(job_id) or {}
+        pipe = self.redis.pipeline()
+        pipe.delete(job_key(job_id), f"{job_key(job_id)}:events", f"{job_key(job_id)}:busy",
+                    f"{job_key(job_id)}:cancel")
+        pipe.zrem(f"{KEY}:jobs", job_id)
+        pipe.srem(f"{KEY}:unbound", job_id)
+        if record.get("worker"):
+            pipe.srem(f"{KEY}:worker-jobs:{record['worker']}", job_id)
+        if expired:
+            pipe.set(f"{KEY}:expired:{job_id}", 1, ex=TOMBSTONE_SECONDS)
+        pipe.execute()
+
+    # propagation lock and cancel flag ---------------------------------------------------------------------------
+
+    def try_lock(self, job_id: str, propagation_id: str) -> bool:
+        """Take the job's propagation lock; False when another propagation holds it (the API answers 409)."""
+        return bool(self.redis.set(f"{job_key(job_id)}:busy", propagation_id, nx=True, ex=self.ttl_seconds))
+
+    def holder(self, job_id: str) -> str | None:
+        return self.redis.get(f"{job_key(job_id)}:busy")
+
+    def unlock(self, job_id: str, propagation_id: str) -> None:
+        script = "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1], KEYS[2]) end"
+        self.redis.eval(script, 2, f"{job_key(job_id)}:busy", f"{job_key(job_id)}:cancel", propagation_id)
+
+    def request_cancel(self, job_id: str) -> bool:
+        holder = self.holder(job_id)
+        if holder:
+            self.redis.set(f"{job_key(job_id)}:cancel", holder, ex=3600)
+        return holder is not None
+
+    def cancel_requested(self, job_id: str, propagation_id: str) -> bool:
+        return self.redis.get(f"{job_key(job_id)}:cancel") == propagation_id
+
+    # events ------------------------------------------------------------------------------------------------------
+
+    def event(self, job_id: str, kind: str, data: dict) -> str:
+        key = f"{job_key(job_id)}:events"
+        pipe = self.redis.pipeline()
+        pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=EVENTS_KEPT, approximate=True)
+        pipe.expire(key, self.ttl_seconds + 3600)
+        return pipe.execute()[0]
+
+    def last_event_id(self, job_id: str) -> str:
+        entries = self.redis.xrevrange(f"{job_key(job_id)}:events", count=1)
+        return entries[0][0] if entries else "0-0"
+
+    def events_after(self, job_id: str, after: str, block_ms: int) -> list[tuple[str, str, str]]:
+        found = self.redis.xread({f"{job_key(job_id)}:events": after}, count=200, block=block_ms)
+        return [(entry_id, fields["type"], fields["data"]) for _, entries in found for entry_id, fields in entries]
+
+    # one-shot claims and replies ---------------------------------------------------------------------------------
+
+    def claim(self, request_id: str) -> bool:
+        """True the first time only: a task the broker delivers again must not run twice."""
+        return bool(self.redis.set(f"{KEY}:claimed:{request_id}", 1, nx=True, ex=self.ttl_seconds))
+
+    def reply(self, request_id: str, payload: dict) -> None:
+        key = f"{KEY}:reply:{request_id}"
+        pipe = self.redis.pipeline()
+        pipe.rpush(key, json.dumps(payload))
+        pipe.expire(key, 300)
+        pipe.execute()
+
+    def wait_reply(self, request_id: str, seconds: float) -> dict | None:
+        found = self.redis.blpop([f"{KEY}:reply:{request_id}"], timeout=seconds)
+        return json.loads(found[1]) if found else None
+
+    # workers -----------------------------------------------------------------------------------------------------
+
+    def heartbeat(self, name: str, queue: str, info: dict) -> None:
+        pipe = self.redis.pipeline()
+        pipe.set(f"{KEY}:worker:{name}", json.dumps({"queue": queue, **info}), ex=self.dead_after_seconds)
+        pipe.sadd(f"{KEY}:workers", name)
+        pipe.execute()
+
+    def worker_gone(self, name: str) -> None:
+        self.redis.delete(f"{KEY}:worker:{name}")
+
+    def alive(self, name: str) -> bool:
+        return bool(name) and bool(self.redis.exists(f"{KEY}:worker:{name}"))
+
+    def workers(self) -> list[Worker]:
+        names = sorted(self.redis.smembers(f"{KEY}:workers"))
+        if not names:
+            return []
+        pipe = self.redis.pipeline()
+        for name in names:
+            pipe.get(f"{KEY}:worker:{name}")
+            pipe.scard(f"{KEY}:worker-jobs:{name}")
+        values = pipe.execute()
+        found = []
+        for name, raw, jobs in zip(names, values[::2], values[1::2]):
+            if raw:
+                info = json.loads(raw)
+                found.append(Worker(name, info.pop("queue"), int(jobs), info))
+        return found
+
+    def dead_workers(self) -> list[str]:
+        alive = {w.name for w in self.workers()}
+        return [name for name in self.redis.smembers(f"{KEY}:workers") if name not in alive]
+
+    def bind(self, job_id: str, worker: Worker | None) -> None:
+        """Give a job to a worker (or park it until one is alive)."""
+        record = self.get(job_id) or {}
+        pipe = self.redis.pipeline()
+        if record.get("worker"):
+            pipe.srem(f"{KEY}:worker-jobs:{record['worker']}", job_id)
+        if worker is None:
+            pipe.sadd(f"{KEY}:unbound", job_id)
+        else:
+            pipe.srem(f"{KEY}:unbound", job_id)
+            pipe.sadd(f"{KEY}:worker-jobs:{worker.name}", job_id)
+        pipe.execute()
+        self.update(job_id, worker=worker.name if worker else "", loaded=False)
+
+    def jobs_of(self, worker_name: str) -> list[str]:
+        return list(self.redis.smembers(f"{KEY}:worker-jobs:{worker_name}"))
+
+    def unbound(self) -> list[str]:
+        return list(self.redis.smembers(f"{KEY}:unbound"))
+
+    def drop_worker(self, name: str) -> None:
+        self.redis.srem(f"{KEY}:workers", name)
+        self.redis.delete(f"{KEY}:worker-jobs:{name}")
+
+    def queue_position(self, queue: str, task_id: str) -> int | None:
+        """0-based place of a task among the messages waiting in a worker's queue (kombu keeps a Redis list)."""
+        for position, raw in enumerate(reversed(self.redis.lrange(queue, 0, -1))):
+            try:
+                if json.loads(raw).get("headers", {}).get("id") == task_id:
+                    return position
+            except ValueError:
+                continue
+        return None

@@ -1,0 +1,254 @@
+"""Celery tasks: the model work of a job, run in the worker process that holds the job's volume.
+
+Every task is claimed once by its request id (a broker redelivery never runs it twice) and answers through the
+job store: a reply for the API to hand back, events for the job's stream, the job's state and progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+from celery import signals
+
+from MedSAM2HITLLib.errors import BadInputError, MedSAM2Error, PropagationCancelled
+
+from . import mask_codec
+from .celery_app import app, worker_queue
+from .session import WorkerSession
+from .settings import load
+from .store import JobStore, connect
+
+log = logging.getLogger("medsam2hitl_server.worker")
+settings = load()
+store = JobStore(connect(settings.redis_url), settings.job_ttl_seconds, settings.worker_dead_after_seconds)
+session = WorkerSession(settings)
+NAME = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+_model_info: dict = {}
+_busy = threading.Event()
+
+
+@signals.worker_ready.connect
+def _start(**_) -> None:
+    """Load the model once, then announce this worker (and its queue) with a heartbeat of its own thread."""
+    _model_info.update(session.load_model())
+    log.info("worker %s ready on %s", NAME, _model_info.get("device"))
+    threading.Thread(target=_heartbeat, name="heartbeat", daemon=True).start()
+
+
+@signals.worker_shutdown.connect
+def _stop(**_) -> None:
+    store.worker_gone(NAME)
+
+
+def _heartbeat() -> None:
+    while True:
+        try:
+            store.heartbeat(NAME, worker_queue(NAME), {"pid": os.getpid(), "host": socket.gethostname(),
+                                                      "busy": _busy.is_set(), "model": _model_info})
+        except Exception as error:  # Redis restarting: keep trying, the key expires meanwhile
+            log.warning("heartbeat failed: %s", error.__class__.__name__)
+        time.sleep(settings.worker_heartbeat_seconds)
+
+
+def _failure(error: BaseException) -> dict:
+    if isinstance(error, MedSAM2Error):
+        return {"kind": error.kind, "message": str(error)}
+    log.exception("task failed")
+    return {"kind": "internal", "message": f"{error.__class__.__name__} in the worker; see the worker's log"}
+
+
+def _replying(function):
+    """Run a request/reply task once and always answer, with the result or a one-line error."""
+
+    def run(job_id: str, request_id: str, *args):
+        if not store.claim(request_id):
+            return
+        _busy.set()
+        try:
+            store.reply(request_id, {"ok": function(job_id, *args)})
+        except Exception as error:
+            store.reply(request_id, {"error": _failure(error)})
+        finally:
+            _busy.clear()
+
+    run.__name__ = function.__name__
+    return run
+
+
+def _opened(job_id: str):
+    record = store.get(job_id)
+    if record is None:
+        raise BadInputError("the job no longer exists")
+    volume = session.open(job_id, record["volume_file"])
+    if record.get("worker") == NAME and record.get("loaded") != "1":
+        store.update(job_id, loaded=True, geometry=volume.geometry())
+        if record["state"] == "queued":
+            store.set_state(job_id, "ready")
+    return volume
+
+
+@app.task(name="medsam2hitl.load_job")
+@_replying
+def load_job(job_id: str) -> dict:
+    return _opened(job_id).geometry()
+
+
+@app.task(name="medsam2hitl.segment_2d")
+@_replying
+def segment_2d(job_id: str, params: dict) -> dict:
+    volume = _opened(job_id)
+    engine = session.engine_for(job_id, volume)
+    prompt = _prompt(volume, params, need_box=True)
+    started = time.perf_counter()
+    mask = engine.segment_slice(prompt["axis"], prompt["index"], prompt["box"], params.get("window", "mr"))
+    seconds = time.perf_counter() - started
+    _write(volume.labels, prompt["axis"], prompt["index"], mask)
+    volume.save_labels()
+    return {"view": params["view"], "array_axis": prompt["axis"], "slice": prompt["index"],
+            "box": list(prompt["box"]), "seconds": round(seconds, 4), "mask": mask_codec.encode(mask)}
+
+
+@app.task(name="medsam2hitl.propagate")
+def propagate(job_id: str, propagation_id: str, params: dict) -> None:
+    """Fill the range slice by slice; each slice is an event, and the labels keep every finished slice."""
+    if not store.claim(propagation_id):
+        return
+    _busy.set()
+    completed: list[int] = []
+    try:
+        volume = _opened(job_id)
+        engine = session.engine_for(job_id, volume)
+        prompt = _prompt(volume, params, need_box=False)
+        axis, key = prompt["axis"], prompt["index"]
+        user_mask = prompt.get("mask")
+        if user_mask is not None:  # "from this slice": the user's slice stays exactly as drawn
+            _write(volume.labels, axis, key, user_mask)
+        start, end = prompt["start"], prompt["end"]
+        store.set_state(job_id, "running", done=0, total=end - start + 1, error="")
+        slices = engine.propagate(axis, key, user_mask if user_mask is not None else prompt["box"], start, end,
+                                  params.get("window", "mr"), bool(params.get("largest_component")),
+                                  lambda: store.cancel_requested(job_id, propagation_id))
+        for item in slices:
+            if not (user_mask is not None and item.index == key):
+                _write(volume.labels, axis, item.index, item.mask)
+            if item.index not in completed:
+                completed.append(item.index)
+            store.update(job_id, done=item.completed, total=item.total)
+            store.event(job_id, "slice", {"propagation": propagation_id, "slice": item.index,
+                                          "array_axis": axis, "done": item.completed, "total": item.total,
+                                          "mask": mask_codec.encode(item.mask)})
+            volume.save_labels(force=False)
+        volume.save_labels()
+        store.set_state(job_id, "succeeded")
+        store.event(job_id, "done", {"propagation": propagation_id, "slices": len(completed)})
+    except PropagationCancelled as cancelled:
+        _keep(job_id)
+        store.set_state(job_id, "cancelled", error="")
+        store.event(job_id, "cancelled", {"propagation": propagation_id, "slices": len(cancelled.completed)})
+    except Exception as error:
+        _keep(job_id)
+        failure = _failure(error)
+        store.set_state(job_id, "failed", error=failure["message"])
+        store.event(job_id, "error", {"propagation": propagation_id, **failure, "slices_kept": len(completed)})
+    finally:
+        store.unlock(job_id, propagation_id)
+        _busy.clear()
+
+
+@app.task(name="medsam2hitl.export")
+@_replying
+def export(job_id: str, fmt: str) -> dict:
+    """Write the job's labels as NIfTI (the input's affine and voxel order) or .seg.nrrd, beside the volume."""
+    from MedSAM2HITLLib.export import export_labelmap_nifti, export_seg_nrrd
+    from MedSAM2HITLLib.segment_writer import create_segmentation, get_or_create_segment, write_slices
+
+    volume = _opened(job_id)
+    segmentation = create_segmentation(session.scene, volume.node, "result")
+    try:
+        segment_id = get_or_create_segment(segmentation, "Segment_1")
+        write_slices(segmentation, segment_id, volume.node, 0,
+                     {k: volume.labels[k] > 0 for k in range(volume.labels.shape[0]) if volume.labels[k].any()})
+        name = f"result.{fmt}"
+        partial = volume.folder / f".partial.{name}"
+        if fmt == "seg.nrrd":
+            export_seg_nrrd(segmentation, partial)
+        else:
+            export_labelmap_nifti(segmentation, volume.node, partial)
+        os.replace(partial, volume.folder / name)
+    finally:
+        session.scene.RemoveNode(segmentation)
+    return {"file": name}
+
+
+@app.task(name="medsam2hitl.forget")
+def forget(job_id: str) -> None:
+    session.close(job_id)
+    if session.engine is not None:
+        session.engine.forget_volume(job_id)
+
+
+def _keep(job_id: str) -> None:
+    volume = session.jobs.get(job_id)
+    if volume is not None:
+        volume.save_labels()
+
+
+def _write(labels: np.ndarray, axis: int, index: int, mask: np.ndarray) -> None:
+    region = [slice(None)] * 3
+    region[axis] = index
+    labels[tuple(region)] = mask.astype(np.uint8)
+
+
+def _prompt(volume, params: dict, need_box: bool) -> dict:
+    """Axis, key slice, box (or mask) and range of a request, from RAS corners or voxel indices."""
+    from MedSAM2HITLLib.roi_box import (array_axis_for_view, key_slice_index, roi_box, roi_from_corners,
+                                        roi_slice_range)
+
+    axis = array_axis_for_view(volume.node, params["view"])
+    count = volume.array.shape[axis]
+    found: dict = {"axis": axis}
+    extent = None
+    if params.get("box_ras") is not None:
+        roi = roi_from_corners(session.scene, volume.node, params["box_ras"])
+        try:
+            found["index"] = key_slice_index(volume.node, roi, axis)
+            found["box"] = roi_box(volume.node, roi, axis, found["index"])
+            extent = roi_slice_range(volume.node, roi, axis)
+        finally:
+            session.scene.RemoveNode(roi)
+    else:
+        found["index"] = params.get("slice")
+        if found["index"] is None:
+            raise BadInputError("give 'slice' (the key slice) with 'box', or a 'box_ras'")
+        if not 0 <= found["index"] < count:
+            raise BadInputError(f"slice {found['index']} is outside the volume: the {params['view']} view has "
+                                f"slices 0..{count - 1}")
+        found["box"] = params.get("box")
+    if found["box"] is None:
+        if need_box:
+            raise BadInputError("give a 'box' (with 'slice') or a 'box_ras'")
+        shape = tuple(n for a, n in enumerate(volume.array.shape) if a != axis)
+        if params.get("mask") is not None:
+            found["mask"] = mask_codec.decode(params["mask"], shape)
+        else:
+            found["mask"] = np.take(volume.labels, found["index"], axis=axis) > 0
+            if not found["mask"].any():
+                raise BadInputError(f"slice {found['index']} has no mask yet: segment it first or send a box")
+    chosen = params.get("range") or "whole"
+    start, end = (0, count - 1) if chosen == "whole" else (extent if chosen == "box" and extent else (None, None))
+    if chosen == "box" and extent is None:
+        raise BadInputError("range 'box' needs a 'box_ras'")
+    if chosen == "custom":
+        start, end = params.get("start"), params.get("end")
+        if start is None or end is None:
+            raise BadInputError("range 'custom' needs 'start' and 'end'")
+    if not 0 <= start <= found["index"] <= end < count:
+        raise BadInputError(f"range {start}..{end} must lie within slices 0..{count - 1} and contain the key "
+                            f"slice {found['index']}")
+    found["start"], found["end"] = start, end
+    return found

@@ -1,0 +1,111 @@
+"""The inference service end to end: real redis-server, Celery worker with the fixture model, API on uvicorn.
+
+The seed's flow (upload → 2D on the key slice → propagate with progress events → download) on RAS, flipped and
+oblique grids; the downloaded NIfTI is scored against the phantom's truth in the file's own voxel order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+import time
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import REPO
+from service_fixtures import Service, wait_for
+
+sys.path.insert(0, str(REPO / "Testing" / "Training"))
+from evaluate_phantom_model import dice  # noqa: E402
+from phantoms import make_phantom  # noqa: E402
+from test_end_to_end import GRIDS  # noqa: E402
+
+SIZE = (40, 80, 96)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    running = Service(tmp_path_factory.mktemp("service")).start()
+    yield running
+    running.stop()
+
+
+class Upload:
+    """A phantom written as NIfTI on a grid, with the RAS corners of a box around its object's key slice."""
+
+    def __init__(self, seed: int, grid: str = "identity"):
+        self.phantom = make_phantom(seed, size=SIZE, modality="ct")
+        self.affine = GRIDS[grid]
+        image = nib.Nifti1Image(self.phantom.volume.transpose(2, 1, 0), self.affine)
+        self.data = image.to_bytes()
+        self.truth = self.phantom.mask.transpose(2, 1, 0)  # the file's (i, j, k)
+        x0, y0, x1, y1 = self.phantom.box()
+        k = self.phantom.key_index
+        corners = self.affine @ np.array([[x0 - 2, y0 - 2, k, 1], [x1 + 2, y1 + 2, k, 1]], float).T
+        self.box_ras = [*corners[:3, 0].tolist(), *corners[:3, 1].tolist()]
+
+
+def create_job(client: httpx.Client, data: bytes) -> str:
+    response = client.post("/api/v1/jobs", content=data, headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    wait_for(lambda: client.get(f"/api/v1/jobs/{job_id}/status").json()["loaded"], 60, "the volume loading")
+    return job_id
+
+
+def read_events(client: httpx.Client, job_id: str, after: str, until=("done", "cancelled", "error"),
+                seconds: float = 240) -> list[tuple[str, dict]]:
+    """SSE events after `after` until one of `until` arrives."""
+    events, kind, deadline = [], None, time.monotonic() + seconds
+    with client.stream("GET", f"/api/v1/jobs/{job_id}/events", params={"after": after}) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[6:])))
+                if kind in until:
+                    return events
+            assert time.monotonic() < deadline, "the propagation did not finish in time"
+    return events
+
+
+def download(client: httpx.Client, job_id: str) -> nib.Nifti1Image:
+    response = client.get(f"/api/v1/jobs/{job_id}/result")
+    assert response.status_code == 200, response.text
+    return nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
+
+
+@pytest.mark.parametrize("grid", ["identity", "flipped", "oblique"])
+def test_seed_flow_upload_segment_propagate_download(service, grid):
+    case = Upload(2026 + len(grid), grid)
+    with service.client() as client:
+        job_id = create_job(client, case.data)
+        status = client.get(f"/api/v1/jobs/{job_id}/status").json()
+        assert status["state"] == "ready" and status["volume"]["views"]["axial"]["slices"] == SIZE[0]
+
+        found = client.post(f"/api/v1/jobs/{job_id}/segment-2d", json={"box_ras": case.box_ras, "window": "abdomen"})
+        assert found.status_code == 200, found.text
+        reply = found.json()
+        assert reply["view"] == "axial"
+        counts, shape = reply["mask"]["counts"], reply["mask"]["shape"]
+        assert sum(counts) == shape[0] * shape[1] and sum(counts[1::2]) > 50  # a mask, not an empty slice
+
+        started = client.post(f"/api/v1/jobs/{job_id}/propagate", json={"box_ras": case.box_ras, "window": "abdomen"})
+        assert started.status_code == 202, started.text
+        events = read_events(client, job_id, started.json()["events_after"])
+        slices = [data for kind, data in events if kind == "slice"]
+        assert events[-1][0] == "done"
+        assert sorted({s["slice"] for s in slices}) == list(range(SIZE[0]))  # every slice, each reported
+        assert max(s["done"] for s in slices) == slices[-1]["total"] == SIZE[0]
+        status = client.get(f"/api/v1/jobs/{job_id}/status").json()
+        assert status["state"] == "succeeded" and status["progress"] == {"done": SIZE[0], "total": SIZE[0]}
+
+        result = download(client, job_id)
+        assert np.allclose(result.affine, case.affine, atol=1e-4)
+        labels = np.asarray(result.dataobj) > 0
+        assert labels.shape == case.truth.shape
+        assert dice(labels, case.truth) >= 0.8
