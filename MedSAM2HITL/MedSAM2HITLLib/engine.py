@@ -129,6 +129,10 @@ class Engine:
             self._windows[key] = parse_window(spec, self._require_volume())
         return self._windows[key]
 
+    def is_cached(self, axis: int, index: int, window="mr") -> bool:
+        """Whether a box on this slice costs only the mask decoder (its embedding is in the cache)."""
+        return (self.volume_id, axis, index, self.window(window)) in self._embeddings
+
     def segment_slice(self, axis: int, index: int, box, window="mr") -> np.ndarray:
         """Mask (bool, the slice's shape) for a box on slice `index` along array axis `axis`."""
         volume = self._require_volume()

@@ -182,15 +182,19 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
                              "queued_tasks": store.redis.llen(w.queue)} for w in workers]}
 
     @router.post("/jobs", status_code=201)
-    async def create_job(request: Request, owner: str = Caller) -> dict:
+    async def create_job(request: Request, owner: str = Caller,
+                         ttl: int | None = Query(None, ge=1, description="seconds to keep the job (at most the "
+                                                                          "server's MEDSAM2HITL_JOB_TTL_SECONDS)")
+                         ) -> dict:
         """Upload a volume (NIfTI, NRRD or MHA) as the raw request body; it is bound to a model worker."""
         job_id = str(uuid.uuid4())
         name, header = await receive_volume(request, job_dir(settings, job_id), settings.max_upload_bytes,
                                             settings.max_volume_bytes)
         summary = {"shape_ijk": list(header.shape_ijk), "dtype": header.dtype}
-        await run_in_threadpool(store.create, job_id, owner, name, summary)
+        keep = min(ttl or settings.job_ttl_seconds, settings.job_ttl_seconds)
+        await run_in_threadpool(store.create, job_id, owner, name, summary, keep)
         worker = await run_in_threadpool(dispatcher.bind, job_id)
-        return {"id": job_id, "state": "queued", "worker": worker, **summary}
+        return {"id": job_id, "state": "queued", "worker": worker, "expires_in": keep, **summary}
 
     @router.get("/jobs/{job_id}/status")
     def status(record: dict = Job) -> dict:

@@ -34,6 +34,7 @@ class JobVolume:
     labels: np.ndarray
     folder: Path
     saved_at: float = field(default_factory=time.monotonic)
+    last_event: str = "0-0"  # the last slice event of the job's stream that the labels include
 
     def geometry(self) -> dict:
         from MedSAM2HITLLib.roi_box import array_axis_for_view, volume_ijk_to_world
@@ -45,15 +46,16 @@ class JobVolume:
         return {"shape_kji": list(self.array.shape), "dtype": str(self.array.dtype),
                 "ijk_to_ras": np.round(volume_ijk_to_world(self.node), 6).tolist(), "views": views}
 
-    def save_labels(self, force: bool = True) -> None:
-        """Keep the labels on disk (atomically), so a crash or a re-bound worker loses at most a few seconds."""
+    def save_labels(self, force: bool = True) -> bool:
+        """Keep the labels on disk (atomically); without `force` at most every few seconds. True if saved."""
         if not force and time.monotonic() - self.saved_at < SAVE_EVERY_SECONDS:
-            return
+            return False
         partial = self.folder / f".{LABELS_FILE}.partial"
         with open(partial, "wb") as f:
             np.save(f, self.labels, allow_pickle=False)
         os.replace(partial, self.folder / LABELS_FILE)
         self.saved_at = time.monotonic()
+        return True
 
 
 class WorkerSession:

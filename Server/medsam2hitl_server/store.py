@@ -52,16 +52,16 @@ class JobStore:
 
     # jobs -----------------------------------------------------------------------------------------------------
 
-    def create(self, job_id: str, owner: str, volume_file: str, header: dict) -> None:
+    def create(self, job_id: str, owner: str, volume_file: str, header: dict, ttl_seconds: int) -> None:
         now = time.time()
         record = {
-            "state": "queued", "owner": owner, "created": now, "expires": now + self.ttl_seconds,
+            "state": "queued", "owner": owner, "created": now, "expires": now + ttl_seconds,
             "volume_file": volume_file, "header": json.dumps(header), "worker": "", "loaded": 0,
             "done": 0, "total": 0, "error": "", "propagation": "",
         }
         pipe = self.redis.pipeline()
         pipe.hset(job_key(job_id), mapping=record)
-        pipe.zadd(f"{KEY}:jobs", {job_id: now + self.ttl_seconds})
+        pipe.zadd(f"{KEY}:jobs", {job_id: now + ttl_seconds})
         pipe.execute()
         self.event(job_id, "state", {"state": "queued"})
 
@@ -136,6 +136,11 @@ class JobStore:
     def last_event_id(self, job_id: str) -> str:
         entries = self.redis.xrevrange(f"{job_key(job_id)}:events", count=1)
         return entries[0][0] if entries else "0-0"
+
+    def events_since(self, job_id: str, after: str) -> list[tuple[str, str, str]]:
+        """All events after `after`, oldest first (no waiting)."""
+        entries = self.redis.xrange(f"{job_key(job_id)}:events", min=f"({after}", max="+")
+        return [(entry_id, fields["type"], fields["data"]) for entry_id, fields in entries]
 
     def events_after(self, job_id: str, after: str, block_ms: int) -> list[tuple[str, str, str]]:
         found = self.redis.xread({f"{job_key(job_id)}:events": after}, count=200, block=block_ms)

@@ -6,6 +6,7 @@ job store: a reply for the API to hand back, events for the job's stream, the jo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -84,7 +85,10 @@ def _opened(job_id: str):
     record = store.get(job_id)
     if record is None:
         raise BadInputError("the job no longer exists")
+    fresh = job_id not in session.jobs
     volume = session.open(job_id, record["volume_file"])
+    if fresh and _replay(job_id, volume, record.get("labels_event") or "0-0"):
+        _save(job_id, volume)
     if record.get("worker") == NAME and record.get("loaded") != "1":
         store.update(job_id, loaded=True, geometry=volume.geometry())
         if record["state"] == "queued":
@@ -104,13 +108,14 @@ def segment_2d(job_id: str, params: dict) -> dict:
     volume = _opened(job_id)
     engine = session.engine_for(job_id, volume)
     prompt = _prompt(volume, params, need_box=True)
+    cached = engine.is_cached(prompt["axis"], prompt["index"], params.get("window", "mr"))
     started = time.perf_counter()
     mask = engine.segment_slice(prompt["axis"], prompt["index"], prompt["box"], params.get("window", "mr"))
     seconds = time.perf_counter() - started
     _write(volume.labels, prompt["axis"], prompt["index"], mask)
-    volume.save_labels()
+    _save(job_id, volume)
     return {"view": params["view"], "array_axis": prompt["axis"], "slice": prompt["index"],
-            "box": list(prompt["box"]), "seconds": round(seconds, 4), "mask": mask_codec.encode(mask)}
+            "box": list(prompt["box"]), "seconds": round(seconds, 4), "embedding_cached": cached, "mask": mask_codec.encode(mask)}
 
 
 @app.task(name="medsam2hitl.propagate")
@@ -139,11 +144,11 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
             if item.index not in completed:
                 completed.append(item.index)
             store.update(job_id, done=item.completed, total=item.total)
-            store.event(job_id, "slice", {"propagation": propagation_id, "slice": item.index,
+            volume.last_event = store.event(job_id, "slice", {"propagation": propagation_id, "slice": item.index,
                                           "array_axis": axis, "done": item.completed, "total": item.total,
                                           "mask": mask_codec.encode(item.mask)})
-            volume.save_labels(force=False)
-        volume.save_labels()
+            _save(job_id, volume, force=False)
+        _save(job_id, volume)
         store.set_state(job_id, "succeeded")
         store.event(job_id, "done", {"propagation": propagation_id, "slices": len(completed)})
     except PropagationCancelled as cancelled:
@@ -195,7 +200,26 @@ def forget(job_id: str) -> None:
 def _keep(job_id: str) -> None:
     volume = session.jobs.get(job_id)
     if volume is not None:
-        volume.save_labels()
+        _save(job_id, volume)
+
+
+def _save(job_id: str, volume, force: bool = True) -> None:
+    """Save the labels and note the last slice event they include: a worker taking over replays the rest."""
+    if volume.save_labels(force):
+        store.update(job_id, labels_event=volume.last_event)
+
+
+def _replay(job_id: str, volume, after: str) -> int:
+    """Apply the slices streamed after the labels were last saved (their worker stopped before saving them)."""
+    replayed = 0
+    for entry_id, kind, data in store.events_since(job_id, after):
+        if kind == "slice":
+            event = json.loads(data)
+            shape = tuple(n for a, n in enumerate(volume.labels.shape) if a != event["array_axis"])
+            _write(volume.labels, event["array_axis"], event["slice"], mask_codec.decode(event["mask"], shape))
+            replayed += 1
+        volume.last_event = entry_id
+    return replayed
 
 
 def _write(labels: np.ndarray, axis: int, index: int, mask: np.ndarray) -> None:

@@ -57,20 +57,24 @@ def create_job(client: httpx.Client, data: bytes) -> str:
     return job_id
 
 
-def read_events(client: httpx.Client, job_id: str, after: str, until=("done", "cancelled", "error"),
-                seconds: float = 240) -> list[tuple[str, dict]]:
-    """SSE events after `after` until one of `until` arrives."""
-    events, kind, deadline = [], None, time.monotonic() + seconds
+def iter_events(client: httpx.Client, job_id: str, after: str, until=("done", "cancelled", "error"),
+                seconds: float = 240):
+    """SSE events (kind, data) after `after`, as they arrive, until one of `until`."""
+    kind, deadline = None, time.monotonic() + seconds
     with client.stream("GET", f"/api/v1/jobs/{job_id}/events", params={"after": after}) as stream:
         for line in stream.iter_lines():
             if line.startswith("event: "):
                 kind = line[7:]
             elif line.startswith("data: "):
-                events.append((kind, json.loads(line[6:])))
+                yield kind, json.loads(line[6:])
                 if kind in until:
-                    return events
+                    return
             assert time.monotonic() < deadline, "the propagation did not finish in time"
-    return events
+
+
+def read_events(client: httpx.Client, job_id: str, after: str, until=("done", "cancelled", "error"),
+                seconds: float = 240) -> list[tuple[str, dict]]:
+    return list(iter_events(client, job_id, after, until, seconds))
 
 
 def download(client: httpx.Client, job_id: str) -> nib.Nifti1Image:
