@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     segment = commands.add_parser("segment", help="segment an object from a box, optionally through the volume")
     segment.add_argument("volume", help="NIfTI, NRRD, MHA/MHD file or a DICOM series folder")
+    segment.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several")
     prompt = segment.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--box-ras", nargs=6, type=float, metavar=("X1", "Y1", "Z1", "X2", "Y2", "Z2"),
                         help="two opposite corners of the box in RAS millimetres (as Slicer shows them)")
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="size, spacing, orientation and intensity range of a volume")
     info.add_argument("volume")
+    info.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several")
     return parser
 
 
@@ -97,7 +99,7 @@ def run_segment(args) -> int:
     parse_window(args.window, _no_volume()) if args.window != "mr" else None  # a bad preset fails before any work
     checkpoint = resolve_checkpoint(args.checkpoint)
     scene = create_scene()
-    volume = load_volume(scene, args.volume)
+    volume = load_volume(scene, args.volume, series_uid=args.series)
     roi = load_roi(scene, args.roi) if args.roi else roi_from_corners(scene, volume, args.box_ras)
     logic = SegmentationLogic()
     try:
@@ -191,7 +193,7 @@ def run_info(args) -> int:
     from .mrml_scene import create_scene, load_volume
     from .roi_box import array_axis_for_view, volume_ijk_to_world
 
-    volume = load_volume(create_scene(), args.volume)
+    volume = load_volume(create_scene(), args.volume, series_uid=args.series)
     array = slicer.util.arrayFromVolume(volume)
     ijk_to_ras = volume_ijk_to_world(volume)
     spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from .errors import BadInputError
+from .volume_file import VOLUME_SUFFIXES, check_dicom_series, check_volume_file
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 ROI_SUFFIX = ".mrk.json"
 
 _HEADLESS: dict[str, Any] = {}
@@ -109,22 +109,24 @@ def add_volume_from_array(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name
     return node
 
 
-def load_volume(scene, path: str | Path, name: str | None = None):
+def load_volume(scene, path: str | Path, name: str | None = None, max_bytes: int | None = None,
+                series_uid: str | None = None):
     """Read a NIfTI/NRRD/MetaImage file or a DICOM series folder into a new scalar volume node.
 
     Files go through Slicer's own reader (`vtkMRMLVolumeArchetypeStorageNode`), so the geometry is exactly what
-    Slicer shows; a DICOM folder is read with SimpleITK (its first series).
+    Slicer shows; a DICOM folder is read with SimpleITK, the series `series_uid` when it holds several. Both are
+    checked first (`volume_file`): a header that claims more than `max_bytes` (default `max_volume_bytes()`) or
+    than free memory, truncated data or unevenly spaced slices are refused before anything is allocated.
     """
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"volume '{path}' does not exist; check the path")
     if path.is_dir():
-        return _load_dicom_series(scene, path, name or path.name)
-    if not path.name.lower().endswith(VOLUME_SUFFIXES):
-        raise BadInputError(
-            f"'{path.name}' is not a supported volume file; use one of {', '.join(VOLUME_SUFFIXES)} "
-            "or a folder with one DICOM series"
-        )
+        return _load_dicom_series(scene, path, name or path.name, series_uid, max_bytes)
+    if series_uid is not None:
+        raise BadInputError(f"'{path.name}' is a file, not a DICOM folder: a series UID (--series) applies only to "
+                            "DICOM folders; leave it out")
+    check_volume_file(path, max_bytes)
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or _stem(path))
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(path))
@@ -133,7 +135,10 @@ def load_volume(scene, path: str | Path, name: str | None = None):
     if not storage.ReadData(node) or node.GetImageData() is None:
         scene.RemoveNode(node)
         scene.RemoveNode(storage)
-        raise BadInputError(f"could not read volume '{path.name}': {_why_unreadable(path)}")
+        raise BadInputError(
+            f"could not read volume '{path.name}': its header is valid but Slicer's reader failed on its data "
+            "(truncated or corrupt, or the data file of a .mhd/.nhdr is missing); copy or export the file again"
+        )
     _add_default_display(scene, node)
     return node
 
@@ -164,38 +169,14 @@ def load_roi(scene, path: str | Path):
     return node
 
 
-def _why_unreadable(path: Path) -> str:
-    """Slicer's scalar reader only says it failed; SimpleITK's header reader tells why."""
+def _load_dicom_series(scene, folder: Path, name: str, series_uid: str | None, max_bytes: int | None):
+    """Read one checked DICOM series (`check_dicom_series`) with SimpleITK and turn LPS geometry into Slicer's RAS."""
     import SimpleITK as sitk
 
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return "it is not a valid image file"
-    components = reader.GetNumberOfComponents()
-    if components != 1:
-        return f"it has {components} components per voxel; a single-channel (scalar) volume is needed"
-    dimension = reader.GetDimension()
-    if dimension != 3:
-        return f"it is {dimension}D; a 3D volume is needed"
-    return "Slicer's reader refused it; try re-saving it as NIfTI or NRRD"
-
-
-def _load_dicom_series(scene, folder: Path, name: str):
-    """Read the first DICOM series in `folder` with SimpleITK and turn LPS geometry into Slicer's RAS."""
-    import SimpleITK as sitk
-
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise BadInputError(f"folder '{folder}' contains no DICOM series; point to a folder of .dcm files")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    files, _ = check_dicom_series(folder, series_uid, max_bytes)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     image = reader.Execute()
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise BadInputError(f"DICOM series in '{folder}' is not a single-channel 3D volume")
     direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
     ijk_to_lps = np.eye(4)
     ijk_to_lps[:3, :3] = direction * np.array(image.GetSpacing(), dtype=float)

@@ -1,0 +1,293 @@
+"""Checks of a volume before any reader allocates its voxels: header, size, data integrity, DICOM series.
+
+Readers trust the header: a 78-byte .nii.gz that claims 2000³ int16 makes them allocate 16 GB, and ITK's NIfTI
+reader fills what a truncated .nii.gz lacks with zeros, silently. So the header is read alone (SimpleITK's
+`ReadImageInformation`), its size is held against a limit and against free memory, and compressed data are
+inflated once in CHUNK pieces, which verifies their checksum and length, before the real read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gzip
+import math
+import os
+import struct
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError
+
+DEFAULT_MAX_VOLUME_BYTES = 4 * 2**30  # eight 512 x 512 x 1000 int16 CTs; callers such as a server pass less
+MAX_VOLUME_BYTES_ENV = "MEDSAM2HITL_MAX_VOLUME_BYTES"
+CHUNK = 1 << 20
+SLICE_SPACING_TOLERANCE_MM = 0.01  # what Slicer's DICOM scalar volume plugin tolerates
+IMAGE_IOS = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
+             ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
+VOLUME_SUFFIXES = tuple(IMAGE_IOS)
+# sizeof_hdr → (dim type, dim offset, bitpix offset, vox_offset type, vox_offset offset)
+_NIFTI_LAYOUTS = {348: ("h", 40, 72, "f", 108), 540: ("q", 16, 14, "q", 168)}
+_NIFTI_HEADER_BYTES = max(_NIFTI_LAYOUTS)
+_REDO = "copy or export the file again"
+
+
+@dataclass(frozen=True)
+class VolumeHeader:
+    """What the header promises, as the reader will hold it in memory (ITK reads scaled NIfTI data as float32)."""
+
+    shape_ijk: tuple[int, int, int]
+    dtype: str
+    components: int
+    nbytes: int  # voxels * bytes per voxel * components
+
+
+def max_volume_bytes() -> int:
+    """The size limit for volumes: MEDSAM2HITL_MAX_VOLUME_BYTES when set, else DEFAULT_MAX_VOLUME_BYTES."""
+    value = os.environ.get(MAX_VOLUME_BYTES_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_VOLUME_BYTES
+    if not value.isdigit() or int(value) == 0:
+        raise BadInputError(f"{MAX_VOLUME_BYTES_ENV}={value!r} is not a positive whole number of bytes; fix or "
+                            "unset it")
+    return int(value)
+
+
+def check_volume_file(path: str | Path, max_bytes: int | None = None) -> VolumeHeader:
+    """The header of a NIfTI, NRRD or MetaImage file, once it is safe to hand the file to a reader.
+
+    Raises BadInputError for an unsupported suffix, a file that is not an image, one that is not a scalar 3D
+    volume, one larger than `max_bytes` (default `max_volume_bytes()`) or than free memory, and truncated or corrupt
+    data. NRRD needs no data pass: its reader already refuses truncated and corrupt data.
+    """
+    path = Path(path)
+    image_io = next((io for suffix, io in IMAGE_IOS.items() if path.name.lower().endswith(suffix)), None)
+    if image_io is None:
+        raise BadInputError(f"'{path.name}' is not a supported volume file; use one of {', '.join(VOLUME_SUFFIXES)} "
+                            "or a folder with one DICOM series")
+    if not path.is_file():
+        raise BadInputError(f"volume '{path}' is not a file; check the path")
+    what = f"volume '{path.name}'"
+    reader = _read_header(path, image_io, what)
+    header = _volume_header(reader.GetSize(), reader.GetPixelID(), reader.GetNumberOfComponents(), what)
+    _check_size(header, max_bytes, what)
+    if image_io == "NiftiImageIO":
+        _check_nifti_data(path, what)
+    elif image_io == "MetaImageIO":
+        _check_metaimage_data(path, header.nbytes, what)
+    return header
+
+
+def check_dicom_series(folder: str | Path, series_uid: str | None = None,
+                       max_bytes: int | None = None) -> tuple[list[str], VolumeHeader]:
+    """The files of one DICOM series in `folder`, in slice order, and its header, once it is safe to read.
+
+    A folder with several series needs `series_uid`: taking the first would segment another scan without a word.
+    The slices must be evenly spaced: ITK would spread them at their mean spacing, a wrong geometry.
+    """
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not uids:
+        raise BadInputError(f"folder '{folder}' contains no DICOM series; point to a folder of .dcm files")
+    if series_uid is None and len(uids) == 1:
+        series_uid = uids[0]
+    if series_uid not in uids:
+        problem = "holds several DICOM series" if series_uid is None else f"has no DICOM series {series_uid}"
+        listing = "; ".join(_describe_series(folder, uid) for uid in uids)
+        raise BadInputError(f"folder '{folder}' {problem}: {listing}; choose one by its UID (--series UID)")
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    what = f"DICOM series {series_uid}"
+    slices = [_read_header(Path(file), "GDCMImageIO", f"DICOM file '{Path(file).name}'") for file in files]
+    first = slices[0]
+    shape = (*first.GetSize()[:2], sum(math.prod(s.GetSize()[2:]) for s in slices))
+    header = _volume_header(shape, first.GetPixelID(), first.GetNumberOfComponents(), what)
+    _check_size(header, max_bytes, what)
+    normal = np.array(first.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    gaps = np.abs(np.diff([np.dot(s.GetOrigin(), normal) for s in slices]))
+    if gaps.size and (np.ptp(gaps) > SLICE_SPACING_TOLERANCE_MM or gaps.min() < SLICE_SPACING_TOLERANCE_MM):
+        odd = int(np.argmax(np.abs(gaps - np.median(gaps))))
+        raise BadInputError(
+            f"{what} has uneven slice spacing ({gaps.min():.4g} to {gaps.max():.4g} mm; {gaps[odd]:.4g} mm after "
+            f"slice {odd + 1} of {len(files)}): a slice is missing or the series mixes scans, so its geometry would be "
+            "wrong; load a complete series"
+        )
+    return files, header
+
+
+def available_memory_bytes() -> int | None:
+    """Memory free for a new volume now, or None where the system does not say.
+
+    psutil when installed; else Linux's MemAvailable, Windows' GlobalMemoryStatusEx, or the physical memory size
+    (macOS compresses and swaps idle pages rather than freeing them, so its free count says little).
+    """
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    if sys.platform == "win32":
+        return _windows_available_memory()
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _windows_available_memory() -> int | None:
+    class MemoryStatus(ctypes.Structure):
+        _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong)] + [
+            (name, ctypes.c_ulonglong) for name in ("total", "available", "page_total", "page_available",
+                                                    "virtual_total", "virtual_available", "extended_available")
+        ]
+
+    status = MemoryStatus(length=ctypes.sizeof(MemoryStatus))
+    return int(status.available) if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)) else None
+
+
+def _read_header(path: Path, image_io: str, what: str):
+    """A SimpleITK reader holding `path`'s header only; the IO is chosen by suffix, since ITK would otherwise read a
+    PNG renamed .nii.gz as a 2D image."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.SetImageIO(image_io)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise BadInputError(f"could not read {what}: it is not a valid image file") from None
+    return reader
+
+
+def _volume_header(size, pixel_id: int, components: int, what: str) -> VolumeHeader:
+    """The header of a scalar 3D volume; BadInputError for any other image."""
+    import SimpleITK as sitk
+
+    size = tuple(int(n) for n in size)
+    if len(size) != 3:
+        raise BadInputError(f"{what} is {len(size)}D ({' x '.join(map(str, size))}); a single 3D volume is needed")
+    if components != 1:
+        raise BadInputError(
+            f"{what} has {components} components per voxel; a single-channel (scalar) volume is needed"
+        )
+    dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_id, components)).dtype
+    return VolumeHeader(size, dtype.name, components, math.prod(size) * dtype.itemsize * components)
+
+
+def _check_size(header: VolumeHeader, max_bytes: int | None, what: str) -> None:
+    """Refuse a volume larger than the limit or than free memory, before anything allocates it."""
+    limit = max_volume_bytes() if max_bytes is None else max_bytes
+    described = f"{what} is {' x '.join(map(str, header.shape_ijk))} {header.dtype}, {_size(header.nbytes)}"
+    if header.nbytes > limit:
+        advice = (f"if the header is right, set {MAX_VOLUME_BYTES_ENV} to a larger number of bytes" if max_bytes is None
+                  else "the caller's max_bytes sets it")
+        raise BadInputError(f"{described}: over the {_size(limit)} limit; {advice}")
+    available = available_memory_bytes()
+    if available is not None and header.nbytes > available:
+        raise BadInputError(f"{described}: more than the {_size(available)} of memory available now; close other "
+                            "programs or use a machine with more memory")
+
+
+def _check_nifti_data(path: Path, what: str) -> None:
+    """ITK zero-fills what a NIfTI file lacks: inflate gzip data to their end (checksum and length), then compare
+    the size with what the header needs. gzip is told by its magic number, as ITK's reader does."""
+    with path.open("rb") as file:
+        head, size = file.read(_NIFTI_HEADER_BYTES), path.stat().st_size
+    if head.startswith(b"\x1f\x8b"):
+        size, head = _inflate(_gzip_chunks(path), what)
+    _check_length(size, _nifti_extent(head), what)
+
+
+def _nifti_extent(header: bytes) -> int:
+    """Bytes a NIfTI-1 or NIfTI-2 file holds (ITK has read this header): the data's offset plus voxels times bits per
+    voxel, in either byte order."""
+    order = "<" if struct.unpack_from("<i", header)[0] in _NIFTI_LAYOUTS else ">"
+    dim_type, dim_at, bitpix_at, offset_type, offset_at = _NIFTI_LAYOUTS[struct.unpack_from(order + "i", header)[0]]
+    dims = struct.unpack_from(f"{order}8{dim_type}", header, dim_at)
+    bitpix = struct.unpack_from(order + "h", header, bitpix_at)[0]
+    offset = struct.unpack_from(order + offset_type, header, offset_at)[0]
+    return int(offset) + math.prod(dims[1 : dims[0] + 1]) * bitpix // 8
+
+
+def _check_metaimage_data(path: Path, nbytes: int, what: str) -> None:
+    """ITK inflates a MetaImage's compressed data without checking them (a corrupt file loads as wrong voxels):
+    inflate them here, Adler-32 checksum included. Raw data need no pass: ITK refuses short ones itself."""
+    fields = {}
+    with path.open("rb") as file:
+        while "ElementDataFile" not in fields and (line := file.readline(4096)):  # the header's last field
+            key, _, value = line.decode("latin-1").partition("=")
+            fields[key.strip()] = value.strip()
+        offset = file.tell()
+    data_file = fields.get("ElementDataFile", "")
+    if fields.get("CompressedData", "").lower() != "true" or data_file.upper() == "LIST":
+        return
+    if data_file.upper() != "LOCAL":
+        path, offset = path.parent / data_file, 0
+        if not path.is_file():  # a file pattern, or a missing file that the reader reports
+            return
+    _check_length(_inflate(_zlib_chunks(path, offset), what)[0], nbytes, what)
+
+
+def _gzip_chunks(path: Path):
+    """A gzip file's data, inflated; the first chunk is a whole NIfTI header."""
+    with gzip.open(path) as stream:
+        yield stream.read(_NIFTI_HEADER_BYTES)
+        while chunk := stream.read(CHUNK):
+            yield chunk
+
+
+def _zlib_chunks(path: Path, offset: int):
+    """The zlib stream from `offset`, inflated at most CHUNK at a time; EOFError where it ends early."""
+    inflater = zlib.decompressobj()
+    with path.open("rb") as file:
+        file.seek(offset)
+        while not inflater.eof:
+            data = inflater.unconsumed_tail or file.read(CHUNK)
+            inflated = inflater.decompress(data, CHUNK)
+            if not data and not inflated:
+                raise EOFError
+            yield inflated
+
+
+def _inflate(chunks, what: str) -> tuple[int, bytes]:
+    """Size and first chunk of inflated data; reading them all verifies the stream's checksum and length."""
+    try:
+        first = next(chunks, b"")
+        return len(first) + sum(len(chunk) for chunk in chunks), first
+    except EOFError:
+        raise BadInputError(f"{what} is truncated: its compressed data end early; {_REDO}") from None
+    except (gzip.BadGzipFile, zlib.error) as error:
+        raise BadInputError(f"{what} has corrupt compressed data ({error}); {_REDO}") from None
+
+
+def _check_length(size: int, needed: int, what: str) -> None:
+    if size < needed:
+        raise BadInputError(f"{what} is truncated: it holds {size:,} of the {needed:,} bytes its header needs; {_REDO}")
+
+
+def _describe_series(folder: Path, uid: str) -> str:
+    """'UID (description, N slices)' for the list of series to choose from."""
+    import SimpleITK as sitk
+
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    reader = _read_header(Path(files[0]), "GDCMImageIO", f"DICOM file '{Path(files[0]).name}'")
+    description = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+    return f"{uid} ({description + ', ' if description else ''}{len(files)} slices)"
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} bytes"
