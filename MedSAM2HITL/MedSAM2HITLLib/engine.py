@@ -62,6 +62,11 @@ def check_volume(volume) -> np.ndarray:
         raise BadInputError(f"the volume must hold real numbers, got dtype {volume.dtype}")
     if min(volume.shape) < 1:
         raise BadInputError(f"the volume is empty (shape {volume.shape})")
+    if volume.dtype.kind == "f":
+        bad = volume.size - int(np.count_nonzero(np.isfinite(volume)))
+        if bad:
+            raise BadInputError(f"the volume has {bad} voxel(s) that are NaN or infinite; replace them (e.g. by "
+                                "the background value) and load it again")
     view = volume.view()
     view.flags.writeable = False
     return view
@@ -80,6 +85,7 @@ class Engine:
         self._embeddings: OrderedDict = OrderedDict()  # (volume_id, axis, index, window) → features
         self._windows: dict = {}  # (volume_id, spec) → IntensityWindow
         self._sources: dict[str, weakref.ref] = {}  # volume_id → the caller's array its cache entries came from
+        self._checked: dict[str, np.ndarray] = {}  # volume_id → read-only view of that array, checked once
         self.volume: np.ndarray | None = None
         self.volume_id: str | None = None
 
@@ -106,11 +112,14 @@ class Engine:
         Cached embeddings of other volumes stay (a server switches between jobs); new content under a known ID
         drops that ID's entries.
         """
-        checked = check_volume(volume)
         source = self._sources.get(volume_id)
-        if source is None or source() is not volume:
-            self.forget_volume(volume_id)
-            self._sources[volume_id] = weakref.ref(volume)
+        if source is not None and source() is volume:
+            self.volume, self.volume_id = self._checked[volume_id], volume_id
+            return
+        checked = check_volume(volume)
+        self.forget_volume(volume_id)
+        self._sources[volume_id] = weakref.ref(volume)
+        self._checked[volume_id] = checked
         self.volume, self.volume_id = checked, volume_id
 
     def forget_volume(self, volume_id: str) -> None:
@@ -119,6 +128,7 @@ class Engine:
             for key in [key for key in cache if key[0] == volume_id]:
                 del cache[key]
         self._sources.pop(volume_id, None)
+        self._checked.pop(volume_id, None)
         if self.volume_id == volume_id:
             self.volume = self.volume_id = None
 

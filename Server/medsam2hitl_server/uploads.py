@@ -40,6 +40,16 @@ def gzip_head(path: Path) -> bytes:
         return b""
 
 
+def _check_values(path: Path) -> None:
+    """Float volumes are read once here so that NaN or infinite voxels are refused at upload, not later."""
+    import SimpleITK as sitk
+
+    from MedSAM2HITLLib.engine import check_volume
+
+    image = sitk.ReadImage(str(path))  # kept referenced: the array view below reads its buffer
+    check_volume(sitk.GetArrayViewFromImage(image))
+
+
 async def receive_volume(request: Request, folder: Path, max_bytes: int, max_volume_bytes: int
                          ) -> tuple[str, VolumeHeader]:
     """Stream the request body into `folder` and check it; returns the stored file name and its header.
@@ -75,6 +85,8 @@ async def receive_volume(request: Request, folder: Path, max_bytes: int, max_vol
         upload.rename(folder / name)
         try:
             header = await run_in_threadpool(check_volume_file, folder / name, max_volume_bytes)
+            if header.dtype.startswith("float"):
+                await run_in_threadpool(_check_values, folder / name)
         except BadInputError as error:
             raise HTTPException(400, str(error)) from None
         return name, header
