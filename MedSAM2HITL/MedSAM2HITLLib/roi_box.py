@@ -159,6 +159,8 @@ def roi_from_corners(scene, volume_node, corners) -> object:
         raise BadInputError(f"a box in RAS needs six finite numbers (two opposite corners), got {list(corners)}")
     first, second = values[:3], values[3:]
     size = np.abs(second - first)
+    if not np.all(np.isfinite(size)) or np.abs(values).max() > 1e9:
+        raise BadInputError(f"box {values.tolist()} is not in millimetres of any scanner (beyond ±1e9 mm)")
     if np.count_nonzero(size < 1e-6) > 1:
         raise BadInputError(f"box {values.tolist()} is a line or a point; give two opposite corners of a box")
     spacing = np.linalg.norm(volume_ijk_to_world(volume_node)[:3, :3], axis=0).min()
