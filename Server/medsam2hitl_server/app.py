@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -24,7 +26,8 @@ from . import __version__
 from .auth import Caller
 from .jobs import Dispatcher
 from .schemas import Propagate, Segment2D, check_against_volume
-from .session import job_dir
+from .session import LABELS_FILE, job_dir
+from .shared_files import WORKER_FILES
 from .settings import Settings, load
 from .store import JobStore, connect
 from .uploads import receive_volume
@@ -57,10 +60,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type",
                                                                                   "Last-Event-ID"])
-    app.add_middleware(BodyLimit, limit=MAX_JSON_BYTES, exempt=("/api/v1/jobs",))
+    app.add_middleware(BodyLimit, limit=MAX_JSON_BYTES,
+                       exempt=lambda path: path == "/api/v1/jobs" or path.startswith("/api/v1/internal/"))
     _error_handlers(app)
     app.include_router(_health(store))
     app.include_router(_jobs_router(store, dispatcher, settings), prefix="/api/v1")
+    app.include_router(_worker_files_router(store, settings), prefix="/api/v1/internal")
     return app
 
 
@@ -77,11 +82,11 @@ def _reap_forever(dispatcher: Dispatcher, stop: threading.Event) -> None:
 class BodyLimit:
     """Refuse request bodies over `limit` bytes while they arrive (Starlette has no limit of its own)."""
 
-    def __init__(self, app, limit: int, exempt: tuple[str, ...]):
+    def __init__(self, app, limit: int, exempt):
         self.app, self.limit, self.exempt = app, limit, exempt
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in self.exempt:
+        if scope["type"] != "http" or self.exempt(scope["path"]):
             return await self.app(scope, receive, send)
         received = 0
 
@@ -288,6 +293,50 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         if holder:
             store.request_cancel(record["id"])
         dispatcher.purge(record["id"], expired=False)
+        return Response(status_code=204)
+
+    return router
+
+
+def _worker_files_router(store: JobStore, settings: Settings) -> APIRouter:
+    """Files of a job for model workers whose data folder is not the API's (see shared_files.py)."""
+    router = APIRouter(include_in_schema=False)
+
+    def worker(request: Request) -> None:
+        token = request.headers.get("authorization", "").partition(" ")[2]
+        if not settings.worker_token or not hmac.compare_digest(token.encode(), settings.worker_token.encode()):
+            raise HTTPException(404, "Not Found")
+
+    def known(job_id: uuid.UUID, name: str, allowed: tuple[str, ...]) -> Path:
+        record = store.get(str(job_id))
+        if record is None or name not in allowed + (record["volume_file"],):
+            raise HTTPException(404, "no such file")
+        return job_dir(settings, str(job_id)) / name
+
+    @router.get("/jobs/{job_id}/files/{name}", dependencies=[Depends(worker)])
+    def fetch(job_id: uuid.UUID, name: str):
+        path = known(job_id, name, (LABELS_FILE,))
+        if not path.is_file():
+            raise HTTPException(404, "no such file")
+        return FileResponse(path, media_type="application/octet-stream")
+
+    @router.put("/jobs/{job_id}/files/{name}", status_code=204, dependencies=[Depends(worker)])
+    async def receive(job_id: uuid.UUID, name: str, request: Request) -> Response:
+        path = known(job_id, name, WORKER_FILES)
+        if name not in WORKER_FILES:
+            raise HTTPException(403, "the uploaded volume cannot be replaced")
+        limit, received = settings.max_volume_bytes + (1 << 20), 0
+        partial = path.with_name(f".{name}.partial")
+        try:
+            with open(partial, "wb") as f:
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > limit:
+                        raise HTTPException(413, f"file over {limit} bytes")
+                    f.write(chunk)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         return Response(status_code=204)
 
     return router

@@ -15,6 +15,7 @@ import numpy as np
 
 from MedSAM2HITLLib.errors import BadInputError
 
+from . import shared_files
 from .settings import Settings
 
 LABELS_FILE = "labels.npy"
@@ -23,6 +24,12 @@ SAVE_EVERY_SECONDS = 5.0
 
 def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.data_dir / "jobs" / job_id
+
+
+def keep(settings: Settings, job_id: str, path: Path) -> None:
+    """A file the API serves or a later worker reads: sent to the API when this worker's folder is its own."""
+    if settings.api_url:
+        shared_files.send_file(settings, job_id, path)
 
 
 @dataclass
@@ -87,6 +94,10 @@ class WorkerSession:
             return self.jobs[job_id]
         folder = job_dir(self.settings, job_id)
         path = folder / volume_file
+        if self.settings.api_url:
+            for needed in (path, folder / LABELS_FILE):
+                if not needed.is_file():
+                    shared_files.fetch_file(self.settings, job_id, needed)
         if not path.is_file():
             raise BadInputError("the job's volume is no longer on the server; upload it again")
         node = load_volume(self.scene, path, name=job_id, max_bytes=self.settings.max_volume_bytes)

@@ -46,6 +46,7 @@ class Settings:
     threads: int = field(default_factory=lambda: _int("THREADS", 0))
     worker_name: str = field(default_factory=lambda: _env("WORKER_NAME", ""))
     api_url: str = field(default_factory=lambda: _env("API_URL", ""))
+    worker_token: str = field(default_factory=lambda: _env("WORKER_TOKEN", ""))
 
     def check_bind(self) -> None:
         """Refuse to listen beyond loopback without a token: a hospital network is not a trusted one."""

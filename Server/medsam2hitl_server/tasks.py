@@ -20,7 +20,7 @@ from MedSAM2HITLLib.errors import BadInputError, MedSAM2Error, PropagationCancel
 
 from . import mask_codec
 from .celery_app import app, worker_queue
-from .session import WorkerSession
+from .session import LABELS_FILE, WorkerSession, keep
 from .settings import load
 from .store import JobStore, connect
 
@@ -115,7 +115,8 @@ def segment_2d(job_id: str, params: dict) -> dict:
     _write(volume.labels, prompt["axis"], prompt["index"], mask)
     _save(job_id, volume)
     return {"view": params["view"], "array_axis": prompt["axis"], "slice": prompt["index"],
-            "box": list(prompt["box"]), "seconds": round(seconds, 4), "embedding_cached": cached, "mask": mask_codec.encode(mask)}
+            "box": list(prompt["box"]), "seconds": round(seconds, 4), "embedding_cached": cached,
+            "mask": mask_codec.encode(mask)}
 
 
 @app.task(name="medsam2hitl.propagate")
@@ -144,25 +145,26 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
             if item.index not in completed:
                 completed.append(item.index)
             store.update(job_id, done=item.completed, total=item.total)
-            volume.last_event = store.event(job_id, "slice", {"propagation": propagation_id, "slice": item.index,
-                                          "array_axis": axis, "done": item.completed, "total": item.total,
-                                          "mask": mask_codec.encode(item.mask)})
+            volume.last_event = store.event(job_id, "slice", {
+                "propagation": propagation_id, "slice": item.index, "array_axis": axis, "done": item.completed,
+                "total": item.total, "mask": mask_codec.encode(item.mask)})
             _save(job_id, volume, force=False)
         _save(job_id, volume)
-        store.set_state(job_id, "succeeded")
-        store.event(job_id, "done", {"propagation": propagation_id, "slices": len(completed)})
+        outcome = ("succeeded", "", "done", {"propagation": propagation_id, "slices": len(completed)})
     except PropagationCancelled as cancelled:
         _keep(job_id)
-        store.set_state(job_id, "cancelled", error="")
-        store.event(job_id, "cancelled", {"propagation": propagation_id, "slices": len(cancelled.completed)})
+        outcome = ("cancelled", "", "cancelled", {"propagation": propagation_id, "slices": len(cancelled.completed)})
     except Exception as error:
         _keep(job_id)
         failure = _failure(error)
-        store.set_state(job_id, "failed", error=failure["message"])
-        store.event(job_id, "error", {"propagation": propagation_id, **failure, "slices_kept": len(completed)})
+        outcome = ("failed", failure["message"], "error",
+                   {"propagation": propagation_id, **failure, "slices_kept": len(completed)})
     finally:
         store.unlock(job_id, propagation_id)
         _busy.clear()
+    state, message, kind, data = outcome  # told after the unlock: a client that reads them may act at once
+    store.set_state(job_id, state, error=message)
+    store.event(job_id, kind, data)
 
 
 @app.task(name="medsam2hitl.export")
@@ -185,6 +187,7 @@ def export(job_id: str, fmt: str) -> dict:
         else:
             export_labelmap_nifti(segmentation, volume.node, partial)
         os.replace(partial, volume.folder / name)
+        keep(settings, job_id, volume.folder / name)
     finally:
         session.scene.RemoveNode(segmentation)
     return {"file": name}
@@ -198,15 +201,24 @@ def forget(job_id: str) -> None:
 
 
 def _keep(job_id: str) -> None:
+    """Save what a stopped propagation finished; a failure here is logged, never hides the first one."""
     volume = session.jobs.get(job_id)
-    if volume is not None:
-        _save(job_id, volume)
+    try:
+        if volume is not None:
+            _save(job_id, volume)
+    except Exception:
+        log.exception("could not save the labels of a stopped propagation")
 
 
 def _save(job_id: str, volume, force: bool = True) -> None:
-    """Save the labels and note the last slice event they include: a worker taking over replays the rest."""
-    if volume.save_labels(force):
-        store.update(job_id, labels_event=volume.last_event)
+    """Save the labels and note the last slice event they include: a worker taking over replays the rest.
+
+    A worker with a data folder of its own sends them to the API only at the end of an action.
+    """
+    if not volume.save_labels(force) or (settings.api_url and not force):
+        return
+    keep(settings, job_id, volume.folder / LABELS_FILE)
+    store.update(job_id, labels_event=volume.last_event)
 
 
 def _replay(job_id: str, volume, after: str) -> int:

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 
 from service_fixtures import Service, wait_for
-from test_service import SIZE, Upload, create_job, download, iter_events, read_events
-
-from evaluate_phantom_model import dice
+from test_service import SIZE, Upload, create_job, dice, download, iter_events, read_events
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,8 @@ only) must find no 5xx, and 8 clients x 20 segment-2d requests get every answer,
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +12,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
 from service_fixtures import Service
-from test_service import Upload, create_job
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
-from evaluate_phantom_model import dice  # noqa: E402
+from test_service import Upload, create_job, dice
 
 TOKEN = "load-test-token"
 CLIENTS, REQUESTS = 8, 20
