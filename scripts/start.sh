@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 run=${MEDSAM2HITL_RUN_DIR:-run}
 mkdir -p "$run/logs" "$run/pids" "$run/redis"
+run=$(cd "$run" && pwd)
 export MEDSAM2HITL_DATA_DIR=${MEDSAM2HITL_DATA_DIR:-$run/data}
 redis_port=${MEDSAM2HITL_REDIS_PORT:-6379}
 export MEDSAM2HITL_REDIS_URL=${MEDSAM2HITL_REDIS_URL:-redis://127.0.0.1:$redis_port/0}
@@ -37,7 +38,7 @@ redis-server is not installed. Install it, then run this again:
 TXT
     exit 1
   fi
-  launch redis redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$PWD/$run/redis" --appendonly yes --save ""
+  launch redis redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$run/redis" --appendonly yes --save ""
 }
 
 wait_http() {  # url, seconds
