@@ -180,3 +180,27 @@ def test_two_clients_at_once_never_cross_and_the_second_box_is_warm(service):
         assert not mine["first"]["embedding_cached"] and mine["second"]["embedding_cached"]
         print(f"job {n}: first box {mine['first']['seconds'] * 1000:.1f} ms, "
               f"second box on the same slice {mine['second']['seconds'] * 1000:.1f} ms (warm embedding)")
+
+
+def test_a_redelivered_propagation_task_runs_once(service):
+    """The broker may deliver a task again (visibility timeout); the second delivery must do nothing."""
+    import redis
+
+    from medsam2hitl_server.celery_app import make_app, worker_queue
+
+    case = Upload(36)
+    with service.client() as client:
+        job_id = create_job(client, case.data)
+        worker = client.get(f"/api/v1/jobs/{job_id}/status").json()["worker"]
+        celery = make_app(service.env["MEDSAM2HITL_REDIS_URL"])
+        params = {"view": "axial", "box_ras": case.box_ras, "window": "abdomen", "slice": None, "box": None,
+                  "mask": None, "range": "whole", "start": None, "end": None, "largest_component": False}
+        for _ in range(2):
+            celery.send_task("medsam2hitl.propagate", args=[job_id, "redelivered-1", params],
+                             queue=worker_queue(worker))
+        assert read_events(client, job_id, "0-0", until=("done",))[-1][0] == "done"
+        wait_for(lambda: redis.Redis(port=service.redis_port).llen(worker_queue(worker)) == 0, 30, "queue empty")
+        time.sleep(2)  # a second run, if there were one, would have started and streamed by now
+    stream = redis.Redis(port=service.redis_port, decode_responses=True).xrange(f"m2h:job:{job_id}:events")
+    kinds = [fields["type"] for _, fields in stream]
+    assert kinds.count("slice") == SIZE[0] and kinds.count("done") == 1

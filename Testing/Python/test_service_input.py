@@ -179,3 +179,17 @@ def test_propagating_from_a_slice_without_mask_fails_with_the_reason(service, jo
         status = client.get(f"/api/v1/jobs/{job_id}/status").json()
     assert events[-1][0] == "error" and "has no mask yet" in events[-1][1]["message"]
     assert status["state"] == "failed" and "has no mask yet" in status["error"]
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"MEDSAM2HITL_HOST": "0.0.0.0", "MEDSAM2HITL_TOKENS": ""}, "without a token"),
+    ({"MEDSAM2HITL_TOKENS": "t", "MEDSAM2HITL_CORS_ORIGINS": "*"}, "'*' is not allowed"),
+])
+def test_the_api_refuses_unsafe_settings(env, words):
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "medsam2hitl_server", "api"], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and words in run.stderr
