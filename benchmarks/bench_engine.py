@@ -17,7 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, print_table, random_checkpoint, synthetic_volume  # noqa: E402
+from common import best_of, ok, print_table, random_checkpoint, synthetic_volume  # noqa: E402
 
 THREADS = 2
 BOX = (150, 160, 360, 330)
@@ -69,9 +69,9 @@ def bench_2d(checkpoint: Path, repeats: int) -> list[tuple]:
     return [
         ("bare sam2 set_image+predict (ms)", f"{bare_time * 1000:.0f}", "", ""),
         ("engine 2D first prompt (ms)", f"{engine_time * 1000:.0f}", "", ""),
-        ("engine 2D / bare", f"{engine_time / bare_time:.3f}", "<= 1.10", _ok(engine_time / bare_time <= 1.10)),
+        ("engine 2D / bare", f"{engine_time / bare_time:.3f}", "<= 1.10", ok(engine_time / bare_time <= 1.10)),
         ("engine 2D second prompt (ms)", f"{second * 1000:.1f}", "", ""),
-        ("second / first prompt", f"{second / engine_time:.3f}", "<= 0.10", _ok(second / engine_time <= 0.10)),
+        ("second / first prompt", f"{second / engine_time:.3f}", "<= 0.10", ok(second / engine_time <= 0.10)),
     ]
 
 
@@ -116,7 +116,7 @@ def propagation_speed(checkpoint: Path, slices: int, rounds: int) -> list[tuple]
     return [
         (f"bare propagation (ms/slice, N={slices})", f"{bare_time / slices * 1000:.0f}", "", ""),
         (f"engine propagation (ms/slice, N={slices})", f"{engine_time / slices * 1000:.0f}", "", ""),
-        ("engine / bare propagation time", f"{ratio:.3f}", "<= 1.05", _ok(ratio <= 1.05)),
+        ("engine / bare propagation time", f"{ratio:.3f}", "<= 1.05", ok(ratio <= 1.05)),
     ]
 
 
@@ -167,12 +167,8 @@ def memory_per_slice(checkpoint: Path, small: int, large: int) -> list[tuple]:
         per_slice = (high - low) / (large - small)
         rows.append((f"{kind} peak RSS N={small} / N={large} (MiB)", f"{low:.0f} / {high:.0f}", "", ""))
         target = "<= 1 MB" if kind == "engine" else ""
-        rows.append((f"{kind} MiB per extra slice", f"{per_slice:.2f}", target, _ok(per_slice <= 1.0) if target else ""))
+        rows.append((f"{kind} MiB per extra slice", f"{per_slice:.2f}", target, ok(per_slice <= 1.0) if target else ""))
     return rows
-
-
-def _ok(condition: bool) -> str:
-    return "yes" if condition else "NO"
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, print_table, random_checkpoint, synthetic_volume  # noqa: E402
+from common import REPO, ok, print_table, random_checkpoint, synthetic_volume  # noqa: E402
 
 sys.path.insert(0, str(REPO / "Testing" / "Python"))
 THREADS = 2
@@ -106,21 +106,17 @@ def bench(service, checkpoint: Path, repeats: int) -> list[tuple]:
     return [
         ("2D added latency: service, median / p95 (ms)",
          f"{np.median(ms['service']):.1f} / {np.percentile(ms['service'], 95):.1f}", "<= 30 median",
-         _ok(np.median(ms["service"]) <= 30)),
+         ok(np.median(ms["service"]) <= 30)),
         ("2D added latency: local worker, median / p95 (ms)",
          f"{np.median(ms['local']):.1f} / {np.percentile(ms['local'], 95):.1f}", "", ""),
         (f"propagation per slice, N={SLICES}: service / local (ms)",
          f"{statistics.median(per_slice['service']) * 1000:.0f} / {statistics.median(per_slice['local']) * 1000:.0f}",
          "", ""),
-        ("propagation per slice: service / local", f"{ratio:.3f}", "<= 1.05", _ok(ratio <= 1.05)),
+        ("propagation per slice: service / local", f"{ratio:.3f}", "<= 1.05", ok(ratio <= 1.05)),
         (f"upload 512x512x300 int16 NIfTI ({len(data) / 1e6:.0f} MB): 201 / loaded in a worker (s)",
          f"{upload_s:.2f} / {loaded_s:.2f}", "", ""),
         ("upload throughput (MB/s)", f"{len(data) / 1e6 / upload_s:.0f}", "", ""),
     ]
-
-
-def _ok(condition: bool) -> str:
-    return "yes" if condition else "NO"
 
 
 def main() -> None:

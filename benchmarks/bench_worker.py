@@ -16,7 +16,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, random_checkpoint, synthetic_volume  # noqa: E402
+from common import ok, print_table, random_checkpoint, synthetic_volume  # noqa: E402
 
 THREADS = 2
 BOX = (150, 160, 360, 330)
@@ -83,7 +83,7 @@ def bench_2d(checkpoint: Path, repeats: int) -> list[tuple]:
         rows.append((f"{label} Engine time inside the worker, median (ms)", f"{median['inside']:.1f}", "", ""))
         rows.append((f"{label} median difference (ms)", f"{median['worker'] - median['engine']:.1f}", "", ""))
         added = f"{median['overhead']:.1f} / {max(overhead) * 1000:.1f}"
-        rows.append((f"{label} added by the worker, median / max (ms)", added, "<= 20", _ok(median["overhead"] <= 20)))
+        rows.append((f"{label} added by the worker, median / max (ms)", added, "<= 20", ok(median["overhead"] <= 20)))
     return rows
 
 
@@ -107,14 +107,10 @@ def bench_set_volume(repeats: int) -> list[tuple]:
             "set_volume 512x512x500 int16: best / median (s)",
             f"{best:.3f} / {statistics.median(seconds):.3f}",
             "<= 1",
-            _ok(best <= 1.0),
+            ok(best <= 1.0),
         ),
         ("set_volume throughput, best (MB/s)", f"{megabytes / best:.0f}", "", ""),
     ]
-
-
-def _ok(condition: bool) -> str:
-    return "yes" if condition else "NO"
 
 
 def main() -> None:

@@ -51,3 +51,8 @@ def print_table(title: str, rows: list[tuple[str, str, str, str]]) -> None:
     print(f"\n{title}")
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+
+
+def ok(condition: bool) -> str:
+    """The 'ok' column of a table row."""
+    return "yes" if condition else "NO"

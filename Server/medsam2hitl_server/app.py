@@ -30,7 +30,7 @@ from .session import LABELS_FILE, job_dir
 from .shared_files import WORKER_FILES
 from .settings import Settings, load
 from .store import JobStore, connect
-from .uploads import receive_volume
+from .uploads import receive_volume, stream_to_file
 
 log = logging.getLogger("medsam2hitl_server.api")
 ERROR_STATUS = {"bad_input": 400, "out_of_memory": 503, "cancelled": 409, "model": 500, "internal": 500}
@@ -325,15 +325,9 @@ def _worker_files_router(store: JobStore, settings: Settings) -> APIRouter:
         path = known(job_id, name, WORKER_FILES)
         if name not in WORKER_FILES:
             raise HTTPException(403, "the uploaded volume cannot be replaced")
-        limit, received = settings.max_volume_bytes + (1 << 20), 0
         partial = path.with_name(f".{name}.partial")
         try:
-            with open(partial, "wb") as f:
-                async for chunk in request.stream():
-                    received += len(chunk)
-                    if received > limit:
-                        raise HTTPException(413, f"file over {limit} bytes")
-                    f.write(chunk)
+            await stream_to_file(request, partial, settings.max_volume_bytes + (1 << 20))
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)

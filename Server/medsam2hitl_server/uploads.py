@@ -50,6 +50,18 @@ def _check_values(path: Path) -> None:
     check_volume(sitk.GetArrayViewFromImage(image))
 
 
+async def stream_to_file(request: Request, path: Path, max_bytes: int) -> int:
+    """Write the request body to `path` as it arrives; 413 as soon as it passes `max_bytes`. Returns its size."""
+    received = 0
+    with open(path, "wb") as f:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:
+                raise HTTPException(413, f"the request body is over the limit of {max_bytes} bytes")
+            f.write(chunk)
+    return received
+
+
 async def receive_volume(request: Request, folder: Path, max_bytes: int, max_volume_bytes: int
                          ) -> tuple[str, VolumeHeader]:
     """Stream the request body into `folder` and check it; returns the stored file name and its header.
@@ -65,14 +77,7 @@ async def receive_volume(request: Request, folder: Path, max_bytes: int, max_vol
     folder.mkdir(parents=True)
     upload = folder / "upload"
     try:
-        received = 0
-        with open(upload, "wb") as f:
-            async for chunk in request.stream():
-                received += len(chunk)
-                if received > max_bytes:
-                    raise HTTPException(413, f"upload is over the limit of {max_bytes} bytes")
-                f.write(chunk)
-        if received == 0:
+        if await stream_to_file(request, upload, max_bytes) == 0:
             raise HTTPException(400, "the upload is empty: send a NIfTI, NRRD or MHA file as the request body")
         with open(upload, "rb") as f:
             head = f.read(SNIFF_BYTES)
