@@ -18,7 +18,7 @@ from celery import signals
 
 from MedSAM2HITLLib.errors import BadInputError, MedSAM2Error, PropagationCancelled
 
-from . import mask_codec
+from MedSAM2HITLLib import mask_codec
 from .celery_app import app, worker_queue
 from .session import LABELS_FILE, WorkerSession, keep
 from .settings import load

@@ -27,7 +27,7 @@ def service(tmp_path_factory):
 
 
 def decode(payload: dict) -> np.ndarray:
-    from medsam2hitl_server.mask_codec import decode as decode_mask
+    from MedSAM2HITLLib.mask_codec import decode as decode_mask
 
     return decode_mask(payload, tuple(payload["shape"]))
 
