@@ -46,14 +46,27 @@ GRIDS = {
 PARENT = affine(rotation(0.0, 0.0, np.pi / 2), [5, -7, 3])  # a 90° turn: the views change axes
 
 
-@pytest.fixture(scope="module")
-def logic():
+@pytest.fixture(scope="module", params=["local", "service"])
+def logic(request, tmp_path_factory):
+    """The same logic on the local worker and on the inference service (real Redis, Celery worker and API)."""
+    from MedSAM2HITLLib.client import WorkerClient
     from MedSAM2HITLLib.logic import SegmentationLogic
+    from MedSAM2HITLLib.service_transport import service_transport_factory
 
-    logic = SegmentationLogic()
-    logic.load_model(PHANTOM_CHECKPOINT, device="cpu", threads=2).wait(120)
+    service = None
+    if request.param == "service":
+        from service_fixtures import Service
+
+        service = Service(tmp_path_factory.mktemp("service_logic")).start()
+        logic = SegmentationLogic(WorkerClient(service_transport_factory(service.url)))
+    else:
+        logic = SegmentationLogic()
+    info = logic.load_model(PHANTOM_CHECKPOINT, device="cpu", threads=2).wait(120)
+    assert ("(service)" in info["device"]) == (service is not None)
     yield logic
     logic.stop_worker()
+    if service is not None:
+        service.stop()
 
 
 class Case:

@@ -1,0 +1,128 @@
+"""The logic on the inference service, seen from the client: faults and a job that expires mid-session."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from service_fixtures import Service, free_port
+from test_end_to_end import PHANTOM_CHECKPOINT, Case
+
+TOKEN = "client-test-token"
+
+
+@pytest.fixture
+def service(tmp_path_factory):
+    running = Service(tmp_path_factory.mktemp("service_client"), tokens=TOKEN).start()
+    yield running
+    running.stop()
+
+
+def service_logic(url: str, token: str | None):
+    from MedSAM2HITLLib.client import WorkerClient
+    from MedSAM2HITLLib.logic import SegmentationLogic
+    from MedSAM2HITLLib.service_transport import service_transport_factory
+
+    return SegmentationLogic(WorkerClient(service_transport_factory(url, token)))
+
+
+def any_voxel_written(case) -> bool:
+    from MedSAM2HITLLib.segment_writer import read_segment
+
+    nodes = case.scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    for n in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(n)
+        for segment_id in node.GetSegmentation().GetSegmentIDs():
+            if read_segment(node, segment_id, case.volume).any():
+                return True
+    return False
+
+
+def segment_count(segmentation) -> int:
+    return 0 if segmentation is None else segmentation.GetSegmentation().GetNumberOfSegments()
+
+
+def test_service_down_at_start_fails_with_a_clear_message(tmp_path):
+    from MedSAM2HITLLib.errors import MedSAM2Error
+
+    url = f"http://127.0.0.1:{free_port()}"
+    logic = service_logic(url, TOKEN)
+    case = Case(tmp_path, seed=3, grid="identity", axis=0)
+    try:
+        with pytest.raises(MedSAM2Error, match="unreachable"):
+            logic.load_model(PHANTOM_CHECKPOINT).wait(30)
+        with pytest.raises(MedSAM2Error, match="unreachable"):
+            logic.segment_slice(case.volume, case.roi(), None, axis="axial", window="abdomen").wait(30)
+        assert not any_voxel_written(case)
+    finally:
+        logic.stop_worker()
+
+
+def test_wrong_token_is_named(service, tmp_path):
+    from MedSAM2HITLLib.errors import BadInputError
+
+    logic = service_logic(service.url, "not-the-token")
+    try:
+        with pytest.raises(BadInputError, match="refused the token"):
+            logic.load_model(PHANTOM_CHECKPOINT).wait(30)
+    finally:
+        logic.stop_worker()
+
+
+def test_api_killed_mid_propagation_fails_within_10_s_keeps_slices_and_undo_works(service, tmp_path):
+    from MedSAM2HITLLib.errors import MedSAM2Error
+
+    logic = service_logic(service.url, TOKEN)
+    case = Case(tmp_path, seed=3, grid="identity", axis=0)
+    roi = case.roi()
+    try:
+        logic.load_model(PHANTOM_CHECKPOINT).wait(60)
+        segmentation, segment_id = logic.segment_slice(case.volume, roi, None, axis="axial",
+                                                       window="abdomen").wait(60)
+        killed = {}
+
+        def on_progress(done, total):
+            if done == 5 and not killed:
+                service.kill("api", signal.SIGKILL)
+                killed["at"] = time.monotonic()
+
+        request = logic.propagate(case.volume, segmentation, segment_id, axis="axial", roi_node=roi,
+                                  window="abdomen", on_progress=on_progress)
+        with pytest.raises(MedSAM2Error) as failed:
+            request.wait(120)
+        assert time.monotonic() - killed["at"] < 10
+        assert "service" in str(failed.value)
+        labels = case.exported(segmentation, tmp_path)
+        kept = set(np.flatnonzero(labels.any(axis=(0, 1))).tolist())
+        assert len(kept) >= 5  # the key slice and the slices that arrived before the kill
+        assert logic.undo(segmentation)  # one undo removes the whole (partial) propagation
+        labels = case.exported(segmentation, tmp_path)
+        assert set(np.flatnonzero(labels.any(axis=(0, 1))).tolist()) == {case.key}
+    finally:
+        logic.stop_worker()
+
+
+def test_a_job_expired_mid_session_is_uploaded_again(service, tmp_path):
+    import redis
+
+    logic = service_logic(service.url, TOKEN)
+    case = Case(tmp_path, seed=4, grid="identity", axis=0)
+    roi = case.roi()
+    try:
+        logic.load_model(PHANTOM_CHECKPOINT).wait(60)
+        logic.segment_slice(case.volume, roi, None, axis="axial", window="abdomen").wait(60)
+        store = redis.Redis(port=service.redis_port, decode_responses=True)
+        (job_id,) = store.zrange("m2h:jobs", 0, -1)
+        store.zadd("m2h:jobs", {job_id: 0})  # due now: the service purges it within a second
+        deadline = time.monotonic() + 15
+        while store.exists(f"m2h:job:{job_id}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not store.exists(f"m2h:job:{job_id}")
+        segmentation, _ = logic.segment_slice(case.volume, roi, None, axis="axial", window="abdomen").wait(60)
+        assert segment_count(segmentation) == 1
+        assert store.zcard("m2h:jobs") == 1 and store.zrange("m2h:jobs", 0, -1) != [job_id]
+    finally:
+        logic.stop_worker()
