@@ -1,8 +1,9 @@
 """What the inference service adds over the local worker, with the same warm model on this machine: 2D latency
 (round trip minus the model's own time), propagation per slice, and the upload of a 512x512x300 int16 volume.
 
-Starts its own redis-server, one Celery worker and the API on loopback (the tests' fixture), then interleaves
-service and local-worker calls so that machine load hits both alike.
+Starts its own redis-server, one Celery worker and the API on loopback (the tests' fixture), then makes the
+same WorkerClient calls on a local worker and on the service (through ServiceTransport, as the Slicer panel and
+the CLI do), interleaved so that machine load hits both alike.
 
     .venv/bin/python benchmarks/bench_service.py [--quick]
 """
@@ -47,60 +48,47 @@ def upload(client, data: bytes) -> tuple[str, float, float]:
 
 
 def bench(service, checkpoint: Path, repeats: int) -> list[tuple]:
+    """The same WorkerClient calls on a local worker and, through ServiceTransport, on the service."""
+    import httpx
     import numpy as np
 
     from MedSAM2HITLLib.client import WorkerClient
-    from test_service import read_events
+    from MedSAM2HITLLib.service_transport import service_transport_factory
 
     volume = synthetic_volume(SLICES)
-    local = WorkerClient()
-    local.load_model(checkpoint, device="cpu", threads=THREADS).wait(300)
-    local.set_volume("bench", volume).wait(60)
-    added = {"service": [], "local": []}
-    per_slice = {"service": [], "local": []}
-    with service.client(timeout=600) as client:
-        job_id, _, _ = upload(client, nifti_bytes(volume))
+    clients = {"local": WorkerClient(), "service": WorkerClient(service_transport_factory(service.url))}
+    added = {where: [] for where in clients}
+    per_slice = {where: [] for where in clients}
+    for client in clients.values():
+        client.load_model(checkpoint, device="cpu", threads=THREADS).wait(300)
+        client.set_volume("bench", volume)
 
-        def through_service(index: int) -> None:
-            body = {"slice": index, "box": list(BOX), "window": "abdomen"}
-            started = time.perf_counter()
-            reply = client.post(f"/api/v1/jobs/{job_id}/segment-2d", json=body).json()
-            added["service"].append(time.perf_counter() - started - reply["seconds"])
+    def segment(where: str, index: int) -> None:
+        started = time.perf_counter()
+        request = clients[where].segment_slice("bench", 0, index, BOX, window="abdomen")
+        request.wait(300)
+        added[where].append(time.perf_counter() - started - request.reply["seconds"])
 
-        def through_worker(index: int) -> None:
-            started = time.perf_counter()
-            request = local.segment_slice("bench", 0, index, BOX, window="abdomen")
-            request.wait(300)
-            added["local"].append(time.perf_counter() - started - request.reply["seconds"])
+    def propagate(where: str) -> None:
+        started = time.perf_counter()
+        clients[where].propagate("bench", 0, SLICES // 2, BOX, window="abdomen").wait(900)
+        per_slice[where].append((time.perf_counter() - started) / SLICES)
 
-        def propagate_service() -> None:
-            started = time.perf_counter()
-            response = client.post(f"/api/v1/jobs/{job_id}/propagate",
-                                   json={"slice": SLICES // 2, "box": list(BOX), "window": "abdomen"})
-            assert read_events(client, job_id, response.json()["events_after"], seconds=900)[-1][0] == "done"
-            per_slice["service"].append((time.perf_counter() - started) / SLICES)
-
-        def propagate_local() -> None:
-            started = time.perf_counter()
-            local.propagate("bench", 0, SLICES // 2, BOX, window="abdomen").wait(900)
-            per_slice["local"].append((time.perf_counter() - started) / SLICES)
-
-        try:
-            for round_ in range(repeats):
-                for index in range(SLICES):  # misses then hits on each slice, alternating who goes first
-                    pair = (through_service, through_worker) if (index + round_) % 2 else (through_worker,
-                                                                                          through_service)
-                    for call in pair:
-                        call(index)
-            for round_ in range(max(1, repeats // 2)):
-                for call in ((propagate_service, propagate_local) if round_ % 2 == 0 else
-                             (propagate_local, propagate_service)):
-                    call()
-        finally:
-            local.shutdown()
-        big = synthetic_volume(300)
-        data = nifti_bytes(big)
-        _, upload_s, loaded_s = upload(client, data)
+    try:
+        segment("local", 0), segment("service", 0)  # the volume reaches both before timing
+        for round_ in range(repeats):
+            for index in range(SLICES):  # misses then hits on each slice, alternating who goes first
+                for where in (("service", "local") if (index + round_) % 2 else ("local", "service")):
+                    segment(where, index)
+        for round_ in range(max(1, repeats)):
+            for where in (("service", "local") if round_ % 2 == 0 else ("local", "service")):
+                propagate(where)
+    finally:
+        for client in clients.values():
+            client.shutdown()
+    with httpx.Client(base_url=service.url, timeout=600) as http:
+        data = nifti_bytes(synthetic_volume(300))
+        _, upload_s, loaded_s = upload(http, data)
     ms = {where: np.array(values) * 1000 for where, values in added.items()}
     ratio = statistics.median(per_slice["service"]) / statistics.median(per_slice["local"])
     return [
