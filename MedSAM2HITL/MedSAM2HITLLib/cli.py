@@ -1,6 +1,7 @@
 """`medsam2hitl`: the Slicer module's logic and worker from the command line, on a headless MRML scene.
 
-Exit codes: 0 done; 2 bad input (files, box, preset, unknown or missing checkpoint); 3 inference failed (out of
+Exit codes: 0 done; 2 bad input (files, box, preset, unknown or missing checkpoint or a bad config beside it, an
+output that is an input, an output that could not be written, e.g. a full disk); 3 inference failed (out of
 memory, worker stopped); 130 interrupted by Ctrl+C (nothing written unless --keep-partial); 1 unexpected error.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,12 +21,21 @@ VIEWS = ("axial", "coronal", "sagittal")
 REQUEST_TIMEOUT_SECONDS = 3600.0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reads '-1e1', '-inf' and '-nan' as numbers (argparse alone knows only '-1' and '-1.5' and calls the others
+    unknown options, e.g. in --box-ras); its subcommand parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoints import DEFAULT_MODEL
     from .preprocessing import window_names
 
-    parser = argparse.ArgumentParser(prog="medsam2hitl", description="MedSAM2 box-prompted 3D segmentation.",
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser = _Parser(prog="medsam2hitl", description="MedSAM2 box-prompted 3D segmentation.",
+                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="show tracebacks and the worker's log")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -89,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_segment(args) -> int:
     from .checkpoints import resolve_checkpoint
+    from .export import check_distinct
     from .logic import SegmentationLogic
     from .mrml_scene import create_scene, load_roi, load_volume
     from .preprocessing import parse_window
@@ -96,11 +108,17 @@ def run_segment(args) -> int:
 
     output = _output_path(args.output, ".seg.nrrd")
     labelmap = _output_path(args.labelmap, ".nii.gz", ".nii") if args.labelmap else None
+    inputs = {"the input volume": Path(args.volume), **({"the ROI file": Path(args.roi)} if args.roi else {})}
+    check_distinct({"-o": output, **({"--labelmap": labelmap} if labelmap else {})}, inputs)  # would replace an input
     parse_window(args.window, _no_volume()) if args.window != "mr" else None  # a bad preset fails before any work
     checkpoint = resolve_checkpoint(args.checkpoint)
     scene = create_scene()
     volume = load_volume(scene, args.volume, series_uid=args.series)
     roi = load_roi(scene, args.roi) if args.roi else roi_from_corners(scene, volume, args.box_ras)
+    if args.propagate:  # a wrong --start/--end fails before the model loads
+        axis = SegmentationLogic.array_axis(volume, args.axis)
+        key = SegmentationLogic.key_slice(volume, roi, axis)
+        SegmentationLogic.check_range(volume, axis, key, args.start, args.end)
     logic = SegmentationLogic()
     try:
         started = time.monotonic()
@@ -152,18 +170,14 @@ def _propagate(logic, volume, segmentation, segment_id, roi, args) -> bool:
 
 
 def _write_outputs(segmentation, volume, output: Path, labelmap: Path | None) -> None:
-    """Each file is written beside its final name and renamed into place, so none is ever left half-written."""
+    """Each file replaces an older one only once it reads back whole (export.replace_verified)."""
     from .export import export_labelmap_nifti, export_seg_nrrd
 
-    writes = [(output, ".seg.nrrd", lambda p: export_seg_nrrd(segmentation, p))]
+    export_seg_nrrd(segmentation, output)
+    _say(f"wrote {output}")
     if labelmap is not None:
-        suffix = ".nii.gz" if labelmap.name.lower().endswith(".nii.gz") else ".nii"
-        writes.append((labelmap, suffix, lambda p: export_labelmap_nifti(segmentation, volume, p)))
-    for final, suffix, write in writes:
-        partial = final.with_name(f".{final.name[: -len(suffix)]}.partial{suffix}")
-        write(partial)
-        partial.replace(final)
-        _say(f"wrote {final}")
+        export_labelmap_nifti(segmentation, volume, labelmap)
+        _say(f"wrote {labelmap}")
 
 
 def run_models(args) -> int:
@@ -226,9 +240,9 @@ def _axis_code(direction) -> str:
 
 
 def _output_path(value: str, *suffixes: str) -> Path:
-    path = Path(value)
-    if not path.name.lower().endswith(suffixes):
-        raise BadInputError(f"output '{path.name}' must end with {' or '.join(suffixes)}")
+    from .export import check_output
+
+    path = check_output(value, *suffixes)
     if not path.parent.resolve().is_dir():
         raise BadInputError(f"output folder '{path.parent}' does not exist; create it first")
     return path

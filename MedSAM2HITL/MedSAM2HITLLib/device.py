@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import sys
 
 from .errors import BadInputError, OutOfMemoryError
@@ -41,11 +42,14 @@ def autocast(device):
 
 
 def set_cpu_threads(threads: int | None) -> None:
-    """Limit torch's intra-op CPU threads (None keeps torch's default)."""
+    """Limit torch's intra-op CPU threads (None keeps torch's default); torch itself fails obscurely below 1."""
     import torch
 
-    if threads:
-        torch.set_num_threads(int(threads))
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+        raise BadInputError(f"threads must be a whole number of at least 1, got {threads!r}")
+    torch.set_num_threads(int(threads))
 
 
 def free_cached_memory(device) -> None:

@@ -1,12 +1,18 @@
 """Save segments to files: Slicer's `.seg.nrrd`, and a NIfTI labelmap aligned with the source volume.
 
 The .seg.nrrd goes through Slicer's own storage node; the NIfTI labelmap through nibabel, so that it can
-reproduce the source file's affine and voxel order exactly. Nothing is added to the scene.
+reproduce the source file's affine and voxel order exactly. Nothing is added to the scene. Every file is written
+beside its final name, read back, and only then renamed into place (`replace_verified`): an older result is never
+replaced by a broken file, and nothing half-written is left behind.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -15,24 +21,96 @@ from .roi_box import matrix_to_numpy
 from .segment_writer import ensure_geometry, read_segment
 
 
+DISK_FULL_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
+
+
 def _slicer():
     import slicer
 
     return slicer
 
 
+def check_output(path: str | Path, *suffixes: str) -> Path:
+    """`path` as an output file name: it must end with one of `suffixes` and must not be a folder."""
+    path = Path(path)
+    if not path.name.lower().endswith(suffixes):
+        raise BadInputError(f"output '{path.name}' must end with {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise BadInputError(f"output '{path}' is a folder; give a file name ending with {' or '.join(suffixes)}")
+    return path
+
+
+def check_distinct(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
+    """Refuse an output that is an input or another output, also through a symlink or a hard link.
+
+    Keys name the paths in the message (e.g. "-o", "the input volume"). Writing such an output would replace the
+    input (a CT) with a segmentation, or one output with the other.
+    """
+    seen = list(inputs.items())
+    for label, output in outputs.items():
+        for other_label, other in seen:
+            if _same_file(Path(output), Path(other)):
+                raise BadInputError(f"{label} '{output}' is the same file as {other_label} '{other}'; "
+                                    "write the result to another path")
+        seen.append((label, output))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def replace_verified(path: Path, write: Callable[[Path], object], read_back: Callable[[Path], object]) -> Path:
+    """`write` a file beside `path`, `read_back` all of it, and only then rename it over `path`.
+
+    Writers can report success on a full disk (Slicer's storage node does), so what was written is checked
+    before it replaces an older result. Whatever fails, `path` is left as it was, no partial file remains, and
+    the BadInputError says why (a full disk in so many words).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".partial-{os.getpid()}.{path.name}")  # same suffix: writers pick formats by it
+    try:
+        write(partial)
+        try:
+            if not partial.is_file() or partial.stat().st_size == 0:
+                raise OSError("nothing was written")
+            read_back(partial)
+        except Exception as error:  # any failure to read it back means the file is not whole
+            full = shutil.disk_usage(path.parent).free < DISK_FULL_BYTES
+            last_line = (str(error).strip().splitlines() or [type(error).__name__])[-1]  # readers' errors are long
+            raise _cannot_write(path, full, f"it does not read back: {last_line}") from error
+        with open(partial, "r+b") as f:  # space the file system allocates late fails here, not in write()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as error:
+        full = error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        raise _cannot_write(path, full, error.strerror or str(error)) from error
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _cannot_write(path: Path, full: bool, reason: str) -> BadInputError:
+    if full:
+        return BadInputError(f"could not write '{path}': the disk is full; free some space or write elsewhere "
+                             "(the file was left as it was)")
+    return BadInputError(f"could not write '{path}' ({reason}); the file was left as it was: check that the "
+                         "folder is writable and has free space")
+
+
 def export_seg_nrrd(segmentation_node, path: str | Path) -> Path:
     """Write the whole segmentation (all segments, names, colours, geometry) to a `.seg.nrrd` file."""
-    path = Path(path)
-    if not path.name.lower().endswith(".seg.nrrd"):
-        raise BadInputError(f"'{path.name}' must end with .seg.nrrd")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    storage = _slicer().vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(path))
-    storage.SetCropToMinimumExtent(False)  # keep the reference grid so the file lines up with the volume
-    if not storage.WriteData(segmentation_node):
-        raise BadInputError(f"could not write '{path}'; check that the folder is writable")
-    return path
+    import SimpleITK as sitk
+
+    def write(partial: Path) -> None:  # success is judged by reading the file back, not by WriteData
+        storage = _slicer().vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(partial))
+        storage.SetCropToMinimumExtent(False)  # keep the reference grid so the file lines up with the volume
+        storage.WriteData(segmentation_node)
+
+    # SimpleITK, not Slicer's reader: that one aborts the process on a truncated file.
+    return replace_verified(check_output(path, ".seg.nrrd"), write, lambda partial: sitk.ReadImage(str(partial)))
 
 
 def export_labelmap_nifti(
@@ -50,9 +128,7 @@ def export_labelmap_nifti(
     """
     import nibabel as nib
 
-    path = Path(path)
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
-        raise BadInputError(f"'{path.name}' must end with .nii or .nii.gz")
+    path = check_output(path, ".nii", ".nii.gz")
     ensure_geometry(segmentation_node, volume_node)
     segmentation = segmentation_node.GetSegmentation()
     ids = list(segmentation.GetSegmentIDs()) if segment_ids is None else list(segment_ids)
@@ -80,11 +156,8 @@ def export_labelmap_nifti(
     image.set_qform(affine, code=codes[0])
     image.set_sform(affine, code=codes[1])
     image.set_data_dtype(dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        nib.save(image, str(path))
-    except OSError as error:
-        raise BadInputError(f"could not write '{path}' ({error}); check that the folder is writable") from error
+    replace_verified(path, lambda partial: nib.save(image, str(partial)),
+                     lambda partial: np.asanyarray(nib.load(str(partial)).dataobj))
     return names
 
 

@@ -55,8 +55,9 @@ class SegmentationLogic:
         Only that slice of the segment is replaced. Without a segmentation node one is created; without a
         segment ID the segment named after the ROI is used (created if missing).
         """
+        check_volume_node(volume_node)
         axis_index = self.array_axis(volume_node, axis)
-        index = roi_box.key_slice_index(volume_node, roi_node, axis_index)
+        index = self.key_slice(volume_node, roi_node, axis_index)
         box = roi_box.roi_box(volume_node, roi_node, axis_index, index)
         segmentation_node, segment_id = self._target(volume_node, segmentation_node, segment_id, roi_node)
         result = Request(self.client, "segment_slice", on_done=on_done, on_error=on_error)
@@ -81,6 +82,7 @@ class SegmentationLogic:
         on `key_index`, which is kept exactly as drawn. Slices are written as they arrive; a cancelled or failed
         propagation keeps the slices already written, and one `undo()` removes them all.
         """
+        check_volume_node(volume_node)
         axis_index = self.array_axis(volume_node, axis)
         if from_segment:
             if key_index is None:
@@ -92,12 +94,13 @@ class SegmentationLogic:
             raise BadInputError("propagation needs an ROI (box prompt) or from_segment=True")
         else:
             if key_index is None:
-                key_index = roi_box.key_slice_index(volume_node, roi_node, axis_index)
+                key_index = self.key_slice(volume_node, roi_node, axis_index)
             prompt = roi_box.roi_box(volume_node, roi_node, axis_index, key_index)
         if range_from_roi:
             if roi_node is None:
                 raise BadInputError("a range from the ROI's extent needs an ROI")
             start, end = roi_box.roi_slice_range(volume_node, roi_node, axis_index)
+        self.check_range(volume_node, axis_index, key_index, start, end)
         segmentation_node, segment_id = self._target(volume_node, segmentation_node, segment_id, roi_node)
         writer = _StreamWriter(self.history(segmentation_node), segmentation_node, segment_id, volume_node,
                                axis_index, skip=key_index if from_segment else None)
@@ -149,6 +152,23 @@ class SegmentationLogic:
         if isinstance(axis, str):
             return roi_box.array_axis_for_view(volume_node, axis)
         return int(axis)
+
+    @staticmethod
+    def key_slice(volume_node, roi_node, axis: int) -> int:
+        """The slice through the ROI's centre; a NaN or infinite centre (a hand-edited file) is refused."""
+        if roi_node is not None and not np.all(np.isfinite(roi_node.GetCenterWorld())):
+            centre = list(roi_node.GetCenterWorld())
+            raise BadInputError(f"ROI '{roi_node.GetName()}' has no finite centre ({centre}); place the ROI again")
+        return roi_box.key_slice_index(volume_node, roi_node, axis)
+
+    @staticmethod
+    def check_range(volume_node, axis: int, key_index: int, start: int | None, end: int | None) -> None:
+        """Refuse a range outside the volume, or without the key slice, before any work is sent to the worker."""
+        count = roi_box.volume_shape(volume_node)[axis]
+        first, last = 0 if start is None else start, count - 1 if end is None else end
+        if not 0 <= first <= key_index <= last < count:
+            raise BadInputError(f"slice range {first}..{last} must lie within slices 0..{count - 1} and contain the "
+                                f"key slice {key_index}")
 
     @staticmethod
     def window(volume_node, window):
@@ -207,6 +227,20 @@ class _StreamWriter:
         self.written.extend(i for i in self.pending if i not in self.written)
         self.pending = {}
         self.last_write = time.monotonic()
+
+
+def check_volume_node(volume_node) -> None:
+    """Refuse what is not a volume node in a scene with a clear message, instead of an AttributeError later."""
+    if isinstance(volume_node, np.ndarray):
+        raise BadInputError(
+            f"expected a volume node, got a numpy array ({volume_node.dtype}); add it to the scene as a volume first "
+            "(as an integer or float32 array: VTK has no bool or float16 voxels)"
+        )
+    if not hasattr(volume_node, "GetImageData"):
+        raise BadInputError(f"expected a volume node, got {type(volume_node).__name__}; select a loaded volume")
+    if volume_node.GetScene() is None:
+        raise BadInputError(f"volume '{volume_node.GetName()}' is no longer in the scene; select a loaded volume")
+    roi_box.volume_shape(volume_node)  # refuses a node without voxels
 
 
 def _guarded(callback, result: Request):

@@ -43,7 +43,7 @@ def config_for(checkpoint: Path) -> Path:
 
 
 def read_state_dict(checkpoint: Path) -> dict:
-    """The `{"model": state_dict}` of a checkpoint, or a ModelError naming the file and the problem."""
+    """The finite `{"model": state_dict}` of a checkpoint, or a ModelError naming the file and the problem."""
     import torch
 
     checkpoint = Path(checkpoint)
@@ -65,27 +65,100 @@ def read_state_dict(checkpoint: Path) -> dict:
             f"checkpoint {checkpoint} has no 'model' state dict; "
             "MedSAM2/SAM2 checkpoints are saved as {'model': state_dict}"
         )
+    for name, tensor in content["model"].items():  # NaN weights give empty masks without an error
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ModelError(
+                f"checkpoint {checkpoint} has non-finite weights in {name}; it is damaged: download or train it again"
+            )
     return content["model"]
 
 
-def build_predictor(config: Path, image_size: int | None = None):
-    """Instantiate the (untrained) SAM2VideoPredictor described by a config file."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+# The only classes a config may build, by field. A config beside a checkpoint is picked up silently, so it is
+# treated as data: Hydra's instantiate would import and call whatever a `_target_` anywhere in it names.
+MODEL_CLASS = "sam2.sam2_video_predictor.SAM2VideoPredictor"
+SAM2_BASE_CLASS = "sam2.modeling.sam2_base.SAM2Base"  # what sam2's own configs name; built as the video predictor
+SLOT_CLASSES = {
+    "model": MODEL_CLASS,
+    "model.image_encoder": "sam2.modeling.backbones.image_encoder.ImageEncoder",
+    "model.image_encoder.trunk": "sam2.modeling.backbones.hieradet.Hiera",
+    "model.image_encoder.neck": "sam2.modeling.backbones.image_encoder.FpnNeck",
+    "model.image_encoder.neck.position_encoding": "sam2.modeling.position_encoding.PositionEmbeddingSine",
+    "model.memory_attention": "sam2.modeling.memory_attention.MemoryAttention",
+    "model.memory_attention.layer": "sam2.modeling.memory_attention.MemoryAttentionLayer",
+    "model.memory_attention.layer.self_attention": "sam2.modeling.sam.transformer.RoPEAttention",
+    "model.memory_attention.layer.cross_attention": "sam2.modeling.sam.transformer.RoPEAttention",
+    "model.memory_encoder": "sam2.modeling.memory_encoder.MemoryEncoder",
+    "model.memory_encoder.position_encoding": "sam2.modeling.position_encoding.PositionEmbeddingSine",
+    "model.memory_encoder.mask_downsampler": "sam2.modeling.memory_encoder.MaskDownSampler",
+    "model.memory_encoder.fuser": "sam2.modeling.memory_encoder.Fuser",
+    "model.memory_encoder.fuser.layer": "sam2.modeling.memory_encoder.CXBlock",
+}
 
-    cfg = OmegaConf.load(config)
-    model_cfg = cfg.model
+
+def read_config(config: Path) -> dict:
+    """The config file as plain data (interpolations left unresolved), or a ModelError saying why not."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        content = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as exc:
+        problem = " ".join(str(exc).split())
+        raise ModelError(f"model config {config} is not valid YAML ({problem}); fix or delete it") from exc
+    if not isinstance(content, dict) or not isinstance(content.get("model"), dict):
+        raise ModelError(f"model config {config} has no 'model' section; fix or delete it")
+    return content
+
+
+def build_predictor(config: Path, image_size: int | None = None):
+    """Build the (untrained) SAM2VideoPredictor a config describes, from SLOT_CLASSES and plain values only."""
+    model_cfg = read_config(config)["model"]
+    if model_cfg.get("_target_", SAM2_BASE_CLASS) == SAM2_BASE_CLASS:
+        model_cfg["_target_"] = MODEL_CLASS
     if image_size is not None:
-        model_cfg.image_size = int(image_size)
-    size = int(model_cfg.image_size)
-    if size % 32:
-        raise BadInputError(f"image_size must be a multiple of 32, got {size}")
-    rope = [size // BACKBONE_STRIDES[-1]] * 2
-    layer = model_cfg.memory_attention.layer
-    layer.self_attention.feat_sizes = rope
-    layer.cross_attention.feat_sizes = rope
-    model_cfg._target_ = "sam2.sam2_video_predictor.SAM2VideoPredictor"
-    return instantiate(model_cfg, _recursive_=True)
+        model_cfg["image_size"] = int(image_size)
+    size = model_cfg.get("image_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 32:
+        raise BadInputError(f"image_size must be a positive multiple of 32, got {size!r}")
+    rope = size // BACKBONE_STRIDES[-1]
+    try:
+        layer = model_cfg["memory_attention"]["layer"]
+        for attention in ("self_attention", "cross_attention"):
+            layer[attention]["feat_sizes"] = [rope, rope]
+    except (KeyError, TypeError) as exc:
+        raise ModelError(
+            f"model config {config} lacks model.memory_attention.layer.self_attention/cross_attention; "
+            "it does not describe a SAM2 model"
+        ) from exc
+    return _build(model_cfg, "model", config)
+
+
+def _build(node, path: str, config: Path):
+    """Config field `path` as a value: an object of its SLOT_CLASSES class, or plain data elsewhere."""
+    import importlib
+
+    if isinstance(node, dict):
+        for key in node:
+            if isinstance(key, str) and key.startswith("_") and key != "_target_":
+                raise ModelError(f"model config {config}: field {path}.{key} is not allowed; remove it")
+    if path not in SLOT_CLASSES and not (isinstance(node, dict) and "_target_" in node):
+        if isinstance(node, dict):
+            return {key: _build(value, f"{path}.{key}", config) for key, value in node.items()}
+        if isinstance(node, list):
+            return [_build(value, f"{path}[{i}]", config) for i, value in enumerate(node)]
+        return node
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if target != SLOT_CLASSES.get(path):
+        wanted = f"_target_: {SLOT_CLASSES[path]}" if path in SLOT_CLASSES else "a plain value"
+        found = f"_target_: {target}" if target else repr(node)
+        raise ModelError(f"model config {config}: field {path} must be {wanted}, not {found}; fix or delete the config")
+    kwargs = {key: _build(value, f"{path}.{key}", config) for key, value in node.items() if key != "_target_"}
+    module, _, name = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)(**kwargs)
+    except Exception as exc:  # whatever sam2 rejects (a missing field, a wrong size) is the config's fault
+        raise ModelError(f"model config {config}: field {path} does not build a {name}: {exc}") from exc
 
 
 def load_model(

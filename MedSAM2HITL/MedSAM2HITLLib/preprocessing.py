@@ -44,6 +44,9 @@ class IntensityWindow:
 
 
 def ct_window(width: float, level: float) -> IntensityWindow:
+    """Width and level in HU; NaN or infinite ones would map every voxel to one grey value."""
+    if not (np.isfinite(width) and np.isfinite(level)):
+        raise BadInputError(f"window width and level must be finite numbers, got {width},{level}")
     if not width > 0:
         raise BadInputError(f"window width must be positive, got {width}")
     return IntensityWindow(level - width / 2.0, level + width / 2.0)
