@@ -180,13 +180,11 @@ def export(job_id: str, fmt: str) -> dict:
         segment_id = get_or_create_segment(segmentation, "Segment_1")
         write_slices(segmentation, segment_id, volume.node, 0,
                      {k: volume.labels[k] > 0 for k in range(volume.labels.shape[0]) if volume.labels[k].any()})
-        name = f"result.{fmt}"
-        partial = volume.folder / f".partial.{name}"
+        name = f"result.{fmt}"  # written, read back and only then put in place by the exporters
         if fmt == "seg.nrrd":
-            export_seg_nrrd(segmentation, partial)
+            export_seg_nrrd(segmentation, volume.folder / name)
         else:
-            export_labelmap_nifti(segmentation, volume.node, partial)
-        os.replace(partial, volume.folder / name)
+            export_labelmap_nifti(segmentation, volume.node, volume.folder / name)
         keep(settings, job_id, volume.folder / name)
     finally:
         session.scene.RemoveNode(segmentation)
