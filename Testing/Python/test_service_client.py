@@ -126,3 +126,43 @@ def test_a_job_expired_mid_session_is_uploaded_again(service, tmp_path):
         assert store.zcard("m2h:jobs") == 1 and store.zrange("m2h:jobs", 0, -1) != [job_id]
     finally:
         logic.stop_worker()
+
+
+def test_cli_on_the_service_gives_what_it_gives_locally(service, tmp_path):
+    """The flipped, left-handed grid of test_cli: --server gives the local result (Dice >= 0.99 between them)."""
+    import nibabel as nib
+
+    from test_cli import AFFINE, DATA, cli, ras_of
+    from test_service import dice
+    from phantoms import make_phantom
+
+    phantom = make_phantom(31, size=(40, 80, 96), modality="ct")
+    path = tmp_path / "phantom.nii.gz"
+    nib.save(nib.Nifti1Image(phantom.volume.transpose(2, 1, 0), AFFINE), path)
+    x0, y0, x1, y1 = phantom.box()
+    k = phantom.key_index
+    box = [f"{v:.3f}" for v in (*ras_of((x0 - 1, y0 - 1, k)), *ras_of((x1 + 1, y1 + 1, k)))]
+    labels = {}
+    for where, extra in (("local", ["--checkpoint", str(DATA / "phantom_sam2.pt"), "--device", "cpu"]),
+                         ("service", ["--server", service.url])):
+        out = tmp_path / f"{where}.nii.gz"
+        result = cli("segment", str(path), "--box-ras", *box, "--propagate", "--window", "abdomen", "--threads", "2",
+                     "-o", str(tmp_path / f"{where}.seg.nrrd"), "--labelmap", str(out), *extra,
+                     env={"MEDSAM2HITL_TOKEN": TOKEN})
+        assert result.returncode == 0, result.stderr
+        assert TOKEN not in result.stderr + result.stdout
+        labels[where] = np.asarray(nib.load(out).dataobj) > 0
+    assert dice(labels["service"], labels["local"]) >= 0.99
+    assert dice(labels["service"], phantom.mask.transpose(2, 1, 0)) >= 0.85
+
+
+def test_cli_lists_the_services_models_and_names_a_wrong_token(service):
+    from test_cli import cli
+
+    listed = cli("models", "list", "--server", service.url, "--token", TOKEN)
+    assert listed.returncode == 0, listed.stderr
+    assert "model phantom_sam2" in listed.stdout and "worker w0: idle" in listed.stdout
+    refused = cli("models", "list", "--server", service.url, "--token", "wrong")
+    assert refused.returncode == 2 and "refused the token" in refused.stderr
+    down = cli("models", "list", "--server", f"http://127.0.0.1:{free_port()}")
+    assert down.returncode == 3 and "unreachable" in down.stderr
