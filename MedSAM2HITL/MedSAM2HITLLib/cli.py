@@ -58,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("-o", "--output", required=True, help="segmentation to write (.seg.nrrd)")
     segment.add_argument("--labelmap", help="also write a NIfTI labelmap with the volume's affine (.nii.gz)")
     segment.add_argument("--keep-partial", action="store_true", help="on Ctrl+C, write the slices done so far")
+    _server_arguments(segment)
 
     models = commands.add_parser("models", help="list, download or locate checkpoints")
     models_commands = models.add_subparsers(dest="models_command", required=True)
-    models_commands.add_parser("list", help="known checkpoints and whether they are downloaded")
+    _server_arguments(models_commands.add_parser(
+        "list", help="known checkpoints and whether they are downloaded (with --server: the service's models)"))
     download = models_commands.add_parser("download", help="download a checkpoint into the cache (resumes)")
     download.add_argument("name")
     download.add_argument("--url", help="download from this address instead (a mirror)")
@@ -74,11 +76,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _server_arguments(parser) -> None:
+    parser.add_argument("--server", metavar="URL", help="use the inference service at URL instead of this computer")
+    parser.add_argument("--token", help="the service's bearer token (default: $MEDSAM2HITL_TOKEN)")
+
+
+def _service_client(args):
+    """A WorkerClient on the service named by --server, or None to run on this computer."""
+    if not args.server:
+        return None
+    from .client import WorkerClient
+    from .service_transport import service_transport_factory
+
+    return WorkerClient(service_transport_factory(args.server, args.token or os.environ.get("MEDSAM2HITL_TOKEN")))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
     if not args.verbose:
         _quiet_vtk()
+    import signal
+
+    from .process_tree import descendants, kill_tree
+
+    def terminated(signum, frame):
+        """SIGTERM/SIGHUP: kill the worker first (a stopped one would never notice that we are gone), then exit."""
+        for child in descendants(os.getpid()):
+            kill_tree(child)
+        raise SystemExit(128 + signum)
+
+    for name in ("SIGTERM", "SIGHUP"):  # Windows has no SIGHUP, and no SIGTERM from outside the process
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), terminated)
     try:
         return {"segment": run_segment, "models": run_models, "info": run_info}[args.command](args)
     except KeyboardInterrupt:
@@ -111,7 +141,7 @@ def run_segment(args) -> int:
     inputs = {"the input volume": Path(args.volume), **({"the ROI file": Path(args.roi)} if args.roi else {})}
     check_distinct({"-o": output, **({"--labelmap": labelmap} if labelmap else {})}, inputs)  # would replace an input
     parse_window(args.window, _no_volume()) if args.window != "mr" else None  # a bad preset fails before any work
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    checkpoint = Path(args.checkpoint) if args.server else resolve_checkpoint(args.checkpoint)  # the service has its own
     scene = create_scene()
     volume = load_volume(scene, args.volume, series_uid=args.series)
     roi = load_roi(scene, args.roi) if args.roi else roi_from_corners(scene, volume, args.box_ras)
@@ -119,11 +149,11 @@ def run_segment(args) -> int:
         axis = SegmentationLogic.array_axis(volume, args.axis)
         key = SegmentationLogic.key_slice(volume, roi, axis)
         SegmentationLogic.check_range(volume, axis, key, args.start, args.end)
-    logic = SegmentationLogic()
+    logic = SegmentationLogic(_service_client(args))
     try:
         started = time.monotonic()
-        _say(f"loading {checkpoint.name} ...")
-        loading = logic.load_model(checkpoint, device=args.device, threads=args.threads)
+        _say(f"loading {checkpoint.name} ..." if not args.server else f"connecting to {args.server} ...")
+        loading = logic.client.load_model(checkpoint, device=args.device, threads=args.threads)
         segmenting = logic.segment_slice(volume, roi, None, axis=args.axis, window=args.window)  # checks the box now
         info = loading.wait(REQUEST_TIMEOUT_SECONDS)
         _say(f"model ready on {info.get('device')} ({time.monotonic() - started:.1f} s)")
@@ -183,7 +213,9 @@ def _write_outputs(segmentation, volume, output: Path, labelmap: Path | None) ->
 def run_models(args) -> int:
     from .checkpoints import cache_dir, cached_path, download, list_models, lookup
 
-    if args.models_command == "list":
+    if args.models_command == "list" and args.server:
+        _print_service(args)
+    elif args.models_command == "list":
         rows = list_models()
         print(f"{'name':<26} {'size':>8}  {'cached':<6}  licence")
         for row in rows:
@@ -198,6 +230,25 @@ def run_models(args) -> int:
     else:
         print(cached_path(lookup(args.name)) if args.name else cache_dir())
     return EXIT_OK
+
+
+def _print_service(args) -> None:
+    """The service's version, models and workers with their load (what Slicer's 'Test connection' shows)."""
+    from .service_transport import ServiceApi, Unreachable
+
+    try:
+        server = ServiceApi(args.server, args.token or os.environ.get("MEDSAM2HITL_TOKEN")).call("GET", "/api/v1/models")
+    except Unreachable as error:
+        raise MedSAM2Error(str(error)) from None
+    print(f"service {args.server}: version {server['version']}")
+    for model in server["models"]:
+        print(f"  model {model['name']} on {model['device']} (image size {model['image_size']}), "
+              f"{model['workers']} worker(s)")
+    for worker in server["workers"]:
+        print(f"  worker {worker['name']}: {'busy' if worker['busy'] else 'idle'}, {worker['jobs']} job(s), "
+              f"{worker['queued_tasks']} task(s) queued")
+    if not server["workers"]:
+        print("  no model worker is running")
 
 
 def run_info(args) -> int:

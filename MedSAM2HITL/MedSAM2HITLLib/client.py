@@ -22,11 +22,12 @@ import numpy as np
 
 from .errors import BadInputError, MedSAM2Error, ModelError, OutOfMemoryError, PropagationCancelled
 from .process_tree import kill_tree, own_group_options
-from .protocol import PROTOCOL_VERSION, Frame, FrameReader, ProtocolError, encode
+from .protocol import HEARTBEAT_SECONDS, PROTOCOL_VERSION, Frame, FrameReader, ProtocolError, encode
 
 log = logging.getLogger(__name__)
 
 CANCEL_GRACE_SECONDS = 5.0
+HEARTBEAT_TIMEOUT_SECONDS = 30.0
 STDERR_TAIL_LINES = 20
 MAX_LINE_BYTES = 2000
 ERRORS_BY_KIND = {cls.kind: cls for cls in (BadInputError, ModelError, OutOfMemoryError)}
@@ -119,11 +120,13 @@ class Transport:
         self._frames = FrameReader()
         self._partial_line = b""
         self._ended = False
+        self.last_heard = time.monotonic()  # when the worker's stdout last brought anything
 
     def received(self, data: bytes) -> None:
-        """Bytes from the worker's stdout: decode and dispatch every complete frame."""
+        """Bytes from the worker's stdout: decode and dispatch every complete frame except heartbeats."""
         if self._ended:
             return
+        self.last_heard = time.monotonic()
         self._frames.feed(data)
         while True:
             try:
@@ -134,7 +137,8 @@ class Transport:
                 return
             if frame is None:
                 return
-            self.handler.on_frame(frame)
+            if frame.type != "heartbeat":
+                self.handler.on_frame(frame)
 
     def received_stderr(self, data: bytes) -> None:
         """Bytes from the worker's stderr: log them and keep the last lines for error messages."""
@@ -345,11 +349,13 @@ class WorkerClient:
         self.on_state_changed: Callable[[str], None] | None = None
         self.worker_info: dict | None = None
         self.cancel_grace = CANCEL_GRACE_SECONDS  # seconds a cancelled request may take before the worker is killed
+        self.heartbeat_timeout = HEARTBEAT_TIMEOUT_SECONDS  # seconds of silence after which the worker is killed
         self._transport: Transport | None = None
         self._pending: dict[int, Request] = {}
         self._next_id = 1
         self._volumes: dict[str, np.ndarray] = {}
         self._model_args: dict | None = None
+        self._previous_model: tuple[dict | None, bool] = (None, False)  # what a failed load_model returns to
         self._worker_volumes: set[str] = set()
         self._worker_has_model = False
         self._hello_done = False
@@ -359,9 +365,13 @@ class WorkerClient:
     def load_model(
         self, checkpoint, config=None, device: str = "auto", threads: int | None = None, **callbacks
     ) -> Request:
-        """Load (or replace) the worker's model; `result` is its info dict. Re-sent to restarted workers."""
+        """Load (or replace) the worker's model; `result` is its info dict. Re-sent to restarted workers.
+
+        If the checkpoint cannot load, the model loaded before stays in use.
+        """
         config = str(config) if config else None
         args = {"checkpoint": str(checkpoint), "config": config, "device": device, "threads": threads}
+        self._previous_model = (self._model_args, self._worker_has_model)
         self._model_args = args
         request = self._request("load_model", callbacks)
         self._start_worker(request)
@@ -562,6 +572,7 @@ class WorkerClient:
             return
         hello = self._internal("hello", parent)
         self._send(hello, {"version": PROTOCOL_VERSION})
+        self._check_heartbeat(self._transport, time.monotonic())
 
     def _submit(self, request: Request, volume_id: str, fields: Callable[[], tuple[dict, dict]]) -> Request:
         """Check the arguments (failing the request on bad ones), then send it after what the worker lacks."""
@@ -615,9 +626,10 @@ class WorkerClient:
     def _failed(self, request: Request, error: MedSAM2Error) -> None:
         """Fail a request and forget what the worker did not take from it."""
         if request.type == "load_model" and self._model_args is request.fields:
-            self._worker_has_model = False
-            if not isinstance(error, OutOfMemoryError):
-                self._model_args = None  # a checkpoint that cannot load is not re-sent to the next worker
+            if isinstance(error, OutOfMemoryError):
+                self._worker_has_model = False  # tried again before the next request
+            else:  # a checkpoint that cannot load is not re-sent; the worker kept the model it had
+                self._model_args, self._worker_has_model = self._previous_model
         elif request.type == "set_volume":
             self._worker_volumes.discard(request.fields.get("volume_id"))
             if isinstance(error, BadInputError):
@@ -632,6 +644,24 @@ class WorkerClient:
                 request.cancelling = True
             log.warning("the worker did not stop within %.1f s of cancel: killing it", self.cancel_grace)
             transport.kill()
+
+    def _check_heartbeat(self, transport: Transport, due: float) -> None:
+        """Every second: a worker silent for heartbeat_timeout s is stopped or hung, so kill it and fail its requests.
+
+        Its heartbeat comes from a thread of its own, so a long computation does not silence it.
+        """
+        if self._transport is not transport:
+            return
+        now = time.monotonic()
+        if now - due > HEARTBEAT_SECONDS:  # this check ran late: we were not reading, so the silence may be ours
+            transport.last_heard = now
+        silence = now - transport.last_heard
+        if silence < self.heartbeat_timeout:
+            transport.call_later(HEARTBEAT_SECONDS, lambda: self._check_heartbeat(transport, now + HEARTBEAT_SECONDS))
+            return
+        log.warning("the worker sent nothing for %.0f s: killing it", silence)
+        transport.kill()
+        transport.ended(f"the worker stopped answering (no heartbeat for {silence:.0f} s) and was killed")
 
     def _update_state(self) -> None:
         if self._transport is None:

@@ -1,4 +1,4 @@
-"""Kill a process together with everything it started, on Windows, Linux and macOS.
+"""Kill a process together with everything it started, and notice a parent that is gone, on Windows, Linux and macOS.
 
 Needed because the worker may sit behind a launcher (PythonSlicer starts the real Python as its child):
 killing only the process we started would leave the model-holding child running.
@@ -65,3 +65,23 @@ def kill_tree(pid: int) -> None:
             os.kill(member, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def parent_watch():
+    """A function telling whether this process's parent still runs; lets a worker outlive no client.
+
+    POSIX hands an orphan to another parent, so its parent pid changes. Windows does not, and reuses pids, so
+    there a handle to the parent, opened now, is asked whether it has exited.
+    """
+    parent = os.getppid()
+    if os.name != "nt":
+        return lambda: os.getppid() == parent
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32")
+    kernel32.OpenProcess.restype = ctypes.c_void_p
+    kernel32.WaitForSingleObject.argtypes = (ctypes.c_void_p, ctypes.c_uint32)
+    handle = kernel32.OpenProcess(0x00100000, False, parent)  # SYNCHRONIZE: enough to wait on it
+    if not handle:
+        return lambda: True  # not ours to watch: the end of input still tells
+    return lambda: kernel32.WaitForSingleObject(handle, 0) != 0  # 0 (WAIT_OBJECT_0): it has exited

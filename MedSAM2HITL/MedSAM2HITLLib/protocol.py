@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 PROTOCOL_VERSION = 1
+HEARTBEAT_SECONDS = 1.0  # the worker sends a "heartbeat" frame (no id) this often, from a thread of its own
 MAGIC = b"MS2H"
 PREFIX = struct.Struct("<4sIQ")  # magic, header bytes, body bytes
 MAX_HEADER_BYTES = 1 << 20

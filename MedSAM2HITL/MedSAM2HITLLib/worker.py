@@ -5,7 +5,8 @@ carry protocol frames only: at start-up the real stdout is kept for frames and f
 prints from Python, torch, sam2 or C code end up in the log instead of corrupting the stream.
 
 Requests run one at a time on the main thread. A reader thread decodes stdin, so `cancel` (and `status`) are seen
-while a propagation runs; cancelling is checked before each slice.
+while a propagation runs; cancelling is checked before each slice. A third thread sends a heartbeat every second,
+so the client can tell a busy worker from a stopped one, and ends the process once its parent is gone.
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ if __package__ in (None, ""):  # run as a script path: import the package from i
 from MedSAM2HITLLib import __version__
 from MedSAM2HITLLib.device import free_cached_memory, is_out_of_memory
 from MedSAM2HITLLib.errors import BadInputError, MedSAM2Error, ModelError, OutOfMemoryError, PropagationCancelled
-from MedSAM2HITLLib.protocol import PROTOCOL_VERSION, Frame, FrameReader, FrameTooLarge, ProtocolError, encode
+from MedSAM2HITLLib.process_tree import parent_watch
+from MedSAM2HITLLib.protocol import (
+    HEARTBEAT_SECONDS,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameReader,
+    FrameTooLarge,
+    ProtocolError,
+    encode,
+)
 
 READ_CHUNK = 1 << 20
 FINAL_REPLIES = ("done", "error", "cancelled")
@@ -150,6 +160,21 @@ class Worker:
         self.closing.set()
         self.inbox.put(Stop(reason))
 
+    def keep_alive(self, parent_alive) -> None:
+        """Beat until the process ends, even while the main thread computes; exit at once when the client is gone.
+
+        The end of input is not enough: another process may hold the pipes open, and the main thread may be busy.
+        """
+        while True:
+            if not parent_alive():
+                log.info("the client is gone: exiting")
+                os._exit(1)
+            try:
+                self.channel.send("heartbeat")
+            except OSError:  # nobody reads the frames any more
+                os._exit(1)
+            time.sleep(HEARTBEAT_SECONDS)
+
     def status(self) -> dict:
         engine, current = self.engine, self.current
         return {
@@ -234,7 +259,7 @@ class Worker:
         f = frame.fields
         if not f.get("checkpoint"):
             raise BadInputError("load_model needs a 'checkpoint' path")
-        self.engine = None  # free the old model before building the new one
+        # The old model stays until the new one has loaded: a checkpoint that fails to load must not unload it.
         self.engine = Engine.load(f["checkpoint"], f.get("config"), f.get("device") or "auto", f.get("threads"))
         log.info("model loaded: %s", self.engine.info())
         self.channel.send("done", frame.id, self.engine.info())
@@ -320,6 +345,7 @@ def main() -> int:
     log.info("started (protocol %s, Python %s)", PROTOCOL_VERSION, sys.version.split()[0])
     worker = Worker(Channel(frames_fd))
     threading.Thread(target=worker.read_requests, args=(sys.stdin.fileno(),), name="requests", daemon=True).start()
+    threading.Thread(target=worker.keep_alive, args=(parent_watch(),), name="heartbeat", daemon=True).start()
     try:
         return worker.serve()
     except BrokenPipeError:
