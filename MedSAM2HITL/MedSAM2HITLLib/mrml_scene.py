@@ -97,6 +97,9 @@ def add_volume_from_array(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name
     array = np.ascontiguousarray(array)
     if array.ndim != 3:
         raise BadInputError(f"volume '{name}' has {array.ndim} dimensions; a single 3D scalar volume is needed")
+    if array.dtype.kind not in "iuf" or array.dtype == np.float16:  # VTK has no bool, float16 or complex scalars
+        raise BadInputError(f"volume '{name}' holds {array.dtype} values, which VTK cannot store; convert it "
+                            "first (e.g. array.astype(numpy.uint8) for masks, numpy.float32 for float16)")
     image = vtk.vtkImageData()
     image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
     scalars = numpy_support.numpy_to_vtk(array.ravel(), deep=True)

@@ -173,3 +173,12 @@ def _write_dicom_series(image, folder) -> None:
             piece.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(piece)
+
+
+@pytest.mark.parametrize("dtype", [bool, np.float16, np.complex64])
+def test_arrays_vtk_cannot_hold_are_refused_with_advice(dtype):
+    from MedSAM2HITLLib.errors import BadInputError
+    from MedSAM2HITLLib.mrml_scene import create_scene
+
+    with pytest.raises(BadInputError, match="convert it first"):
+        add_volume_from_array(create_scene(), np.zeros((3, 4, 5), dtype), np.eye(4), "odd")
