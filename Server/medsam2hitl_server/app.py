@@ -6,8 +6,8 @@ import hmac
 import json
 import logging
 import os
+import shutil
 import threading
-import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -197,7 +197,11 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
                                             settings.max_volume_bytes)
         summary = {"shape_ijk": list(header.shape_ijk), "dtype": header.dtype}
         keep = min(ttl or settings.job_ttl_seconds, settings.job_ttl_seconds)
-        await run_in_threadpool(store.create, job_id, owner, name, summary, keep)
+        try:
+            await run_in_threadpool(store.create, job_id, owner, name, summary, keep)
+        except BaseException:  # e.g. Redis down: no record, so no file either
+            shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)
+            raise
         worker = await run_in_threadpool(dispatcher.bind, job_id)
         return {"id": job_id, "state": "queued", "worker": worker, "expires_in": keep, **summary}
 

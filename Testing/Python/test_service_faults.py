@@ -7,7 +7,6 @@ import signal
 import threading
 import time
 
-import httpx
 import numpy as np
 import pytest
 
