@@ -2,7 +2,7 @@
 
 Exit codes: 0 done; 2 bad input (files, box, preset, unknown or missing checkpoint or a bad config beside it, an
 output that is an input, an output that could not be written, e.g. a full disk); 3 inference failed (out of
-memory, worker stopped); 130 interrupted by Ctrl+C (nothing written unless --keep-partial); 1 unexpected error.
+memory, worker stopped); 130 interrupted by Ctrl+C (nothing written unless --keep-partial); 143/129 stopped by SIGTERM/SIGHUP (its worker too); 1 unexpected error.
 """
 
 from __future__ import annotations
