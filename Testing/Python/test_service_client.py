@@ -29,6 +29,23 @@ def service_logic(url: str, token: str | None):
     return SegmentationLogic(WorkerClient(service_transport_factory(url, token)))
 
 
+@pytest.fixture
+def logic(service):
+    """The logic on the live service with the right token; its client is closed after the test."""
+    logic = service_logic(service.url, TOKEN)
+    yield logic
+    logic.stop_worker()
+
+
+def segmented(logic, tmp_path, seed: int):
+    """A phantom case, its ROI and the segmentation after the key slice was segmented through the service."""
+    case = Case(tmp_path, seed=seed, grid="identity", axis=0)
+    roi = case.roi()
+    logic.load_model(PHANTOM_CHECKPOINT).wait(60)
+    segmentation, segment_id = logic.segment_slice(case.volume, roi, None, axis="axial", window="abdomen").wait(60)
+    return case, roi, segmentation, segment_id
+
+
 def any_voxel_written(case) -> bool:
     from MedSAM2HITLLib.segment_writer import read_segment
 
@@ -72,60 +89,45 @@ def test_wrong_token_is_named(service, tmp_path):
         logic.stop_worker()
 
 
-def test_api_killed_mid_propagation_fails_within_10_s_keeps_slices_and_undo_works(service, tmp_path):
+def test_api_killed_mid_propagation_fails_within_10_s_keeps_slices_and_undo_works(service, logic, tmp_path):
     from MedSAM2HITLLib.errors import MedSAM2Error
 
-    logic = service_logic(service.url, TOKEN)
-    case = Case(tmp_path, seed=3, grid="identity", axis=0)
-    roi = case.roi()
-    try:
-        logic.load_model(PHANTOM_CHECKPOINT).wait(60)
-        segmentation, segment_id = logic.segment_slice(case.volume, roi, None, axis="axial",
-                                                       window="abdomen").wait(60)
-        killed = {}
+    case, roi, segmentation, segment_id = segmented(logic, tmp_path, seed=3)
+    killed = {}
 
-        def on_progress(done, total):
-            if done == 5 and not killed:
-                service.kill("api", signal.SIGKILL)
-                killed["at"] = time.monotonic()
+    def on_progress(done, total):
+        if done == 5 and not killed:
+            service.kill("api", signal.SIGKILL)
+            killed["at"] = time.monotonic()
 
-        request = logic.propagate(case.volume, segmentation, segment_id, axis="axial", roi_node=roi,
-                                  window="abdomen", on_progress=on_progress)
-        with pytest.raises(MedSAM2Error) as failed:
-            request.wait(120)
-        assert time.monotonic() - killed["at"] < 10
-        assert "service" in str(failed.value)
-        labels = case.exported(segmentation, tmp_path)
-        kept = set(np.flatnonzero(labels.any(axis=(0, 1))).tolist())
-        assert len(kept) >= 5  # the key slice and the slices that arrived before the kill
-        assert logic.undo(segmentation)  # one undo removes the whole (partial) propagation
-        labels = case.exported(segmentation, tmp_path)
-        assert set(np.flatnonzero(labels.any(axis=(0, 1))).tolist()) == {case.key}
-    finally:
-        logic.stop_worker()
+    request = logic.propagate(case.volume, segmentation, segment_id, axis="axial", roi_node=roi,
+                              window="abdomen", on_progress=on_progress)
+    with pytest.raises(MedSAM2Error) as failed:
+        request.wait(120)
+    assert time.monotonic() - killed["at"] < 10
+    assert "service" in str(failed.value)
+    labels = case.exported(segmentation, tmp_path)
+    kept = set(np.flatnonzero(labels.any(axis=(0, 1))).tolist())
+    assert len(kept) >= 5  # the key slice and the slices that arrived before the kill
+    assert logic.undo(segmentation)  # one undo removes the whole (partial) propagation
+    labels = case.exported(segmentation, tmp_path)
+    assert set(np.flatnonzero(labels.any(axis=(0, 1))).tolist()) == {case.key}
 
 
-def test_a_job_expired_mid_session_is_uploaded_again(service, tmp_path):
+def test_a_job_expired_mid_session_is_uploaded_again(service, logic, tmp_path):
     import redis
 
-    logic = service_logic(service.url, TOKEN)
-    case = Case(tmp_path, seed=4, grid="identity", axis=0)
-    roi = case.roi()
-    try:
-        logic.load_model(PHANTOM_CHECKPOINT).wait(60)
-        logic.segment_slice(case.volume, roi, None, axis="axial", window="abdomen").wait(60)
-        store = redis.Redis(port=service.redis_port, decode_responses=True)
-        (job_id,) = store.zrange("m2h:jobs", 0, -1)
-        store.zadd("m2h:jobs", {job_id: 0})  # due now: the service purges it within a second
-        deadline = time.monotonic() + 15
-        while store.exists(f"m2h:job:{job_id}") and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not store.exists(f"m2h:job:{job_id}")
-        segmentation, _ = logic.segment_slice(case.volume, roi, None, axis="axial", window="abdomen").wait(60)
-        assert segment_count(segmentation) == 1
-        assert store.zcard("m2h:jobs") == 1 and store.zrange("m2h:jobs", 0, -1) != [job_id]
-    finally:
-        logic.stop_worker()
+    case, roi, _, _ = segmented(logic, tmp_path, seed=4)
+    store = redis.Redis(port=service.redis_port, decode_responses=True)
+    (job_id,) = store.zrange("m2h:jobs", 0, -1)
+    store.zadd("m2h:jobs", {job_id: 0})  # due now: the service purges it within a second
+    deadline = time.monotonic() + 15
+    while store.exists(f"m2h:job:{job_id}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not store.exists(f"m2h:job:{job_id}")
+    segmentation, _ = logic.segment_slice(case.volume, roi, None, axis="axial", window="abdomen").wait(60)
+    assert segment_count(segmentation) == 1
+    assert store.zcard("m2h:jobs") == 1 and store.zrange("m2h:jobs", 0, -1) != [job_id]
 
 
 def test_cli_on_the_service_gives_what_it_gives_locally(service, tmp_path):
