@@ -131,6 +131,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._running = None  # (token, start time, request) while a request is in flight
         self._download = None
         self._timer = None
+        self._pumpTimer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -140,9 +141,13 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSAM2HITLLogic()
 
+        from MedSAM2HITLLib import compute_backend
         from MedSAM2HITLLib.checkpoints import REGISTRY
 
         self.ui.checkpointComboBox.addItems(list(REGISTRY))
+        self.ui.computeComboBox.addItem(_("This computer"), compute_backend.LOCAL)
+        self.ui.computeComboBox.addItem(_("Server (inference service)"), compute_backend.SERVER)
+        self._loadComputeSettings()
         self.ui.progressBar.hide()
         self.ui.downloadProgressBar.hide()
 
@@ -164,7 +169,15 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.stopWorkerButton.clicked.connect(self.onStopWorker)
         self.ui.checkpointComboBox.currentTextChanged.connect(self.onCheckpointEdited)
         self.ui.segmentSelector.currentSegmentChanged.connect(self.onSegmentSelected)
+        self.ui.computeComboBox.currentIndexChanged.connect(self.onComputeEdited)
+        self.ui.serverUrlLineEdit.editingFinished.connect(self.onComputeEdited)
+        self.ui.serverTokenLineEdit.editingFinished.connect(self.onComputeEdited)
+        self.ui.testConnectionButton.clicked.connect(self.onTestConnection)
 
+        self._pumpTimer = qt.QTimer()  # the service's replies wait in a queue until the main thread takes them
+        self._pumpTimer.setInterval(50)
+        self._pumpTimer.timeout.connect(self.logic.pump)
+        self._pumpTimer.start()
         self._timer = qt.QTimer()
         self._timer.setInterval(250)
         self._timer.timeout.connect(self.onTick)
@@ -176,6 +189,8 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._removeShortcuts()
         if self._timer:
             self._timer.stop()
+        if self._pumpTimer:
+            self._pumpTimer.stop()
         if self._download:
             self._download.cancel()
         if self.logic:
@@ -250,6 +265,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.propagateButton.enabled = idle and hasRoi
         self.ui.propagateFromSliceButton.enabled = idle and hasSegment
         self.ui.cancelButton.enabled = not idle
+        self.ui.computeCollapsibleButton.enabled = idle  # switching where the model runs waits for the result
         segmentation = p.segmentationNode if p else None
         self.ui.undoButton.enabled = idle and self.logic.canUndo(segmentation)
         self.ui.redoButton.enabled = idle and self.logic.canRedo(segmentation)
@@ -262,6 +278,53 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCheckpointEdited(self, text) -> None:
         if self._parameterNode and text and self._parameterNode.checkpoint != text:
             self._parameterNode.checkpoint = text
+
+    # --- compute: this computer or the service ---------------------------------------------------------------
+
+    def _loadComputeSettings(self) -> None:
+        """Compute choice, URL and token come from Slicer's settings (per user and computer), never the scene."""
+        from MedSAM2HITLLib.compute_backend import LOCAL, SETTINGS_KEYS
+
+        settings = qt.QSettings()
+        index = self.ui.computeComboBox.findData(settings.value(SETTINGS_KEYS["compute"], LOCAL))
+        self.ui.computeComboBox.setCurrentIndex(max(index, 0))
+        self.ui.serverUrlLineEdit.text = settings.value(SETTINGS_KEYS["url"], "")
+        self.ui.serverTokenLineEdit.text = settings.value(SETTINGS_KEYS["token"], "")
+        self._applyCompute()
+
+    def onComputeEdited(self, *unused) -> None:
+        from MedSAM2HITLLib.compute_backend import SETTINGS_KEYS
+
+        settings = qt.QSettings()
+        settings.setValue(SETTINGS_KEYS["compute"], self.ui.computeComboBox.currentData)
+        settings.setValue(SETTINGS_KEYS["url"], self.ui.serverUrlLineEdit.text.strip())
+        settings.setValue(SETTINGS_KEYS["token"], self.ui.serverTokenLineEdit.text.strip())
+        self._applyCompute()
+
+    def _applyCompute(self) -> None:
+        """Switch where the next request runs; settings that only apply locally grey out."""
+        from MedSAM2HITLLib.compute_backend import SERVER
+
+        server = self.ui.computeComboBox.currentData == SERVER
+        for widget in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit, self.ui.testConnectionButton):
+            widget.enabled = server
+        for widget in (self.ui.checkpointRow, self.ui.deviceComboBox):
+            widget.enabled = not server
+        self.ui.serverInfoLabel.text = ""
+        self.logic.setCompute(self.ui.computeComboBox.currentData, self.ui.serverUrlLineEdit.text.strip(),
+                              self.ui.serverTokenLineEdit.text.strip())
+
+    def onTestConnection(self) -> None:
+        from MedSAM2HITLLib.compute_backend import clear_text_warning, describe_service
+
+        with slicer.util.tryWithErrorDisplay(_("Failed to reach the inference service."), waitCursor=True):
+            self.ui.serverInfoLabel.text = ""
+            url, token = self.ui.serverUrlLineEdit.text.strip(), self.ui.serverTokenLineEdit.text.strip()
+            lines = describe_service(url, token)
+            warning = clear_text_warning(url)
+            self.ui.serverInfoLabel.text = "\n".join(lines + ([_("Warning: {text}").format(text=warning)]
+                                                              if warning else []))
+            self._setStatus(_("Connected: {line}").format(line=lines[0]))
 
     # --- slice views ----------------------------------------------------------------------------------------
 
@@ -452,8 +515,9 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         logging.info("MedSAM2HITL: %s", text)
 
     def onTick(self) -> None:
-        """Poll what has no callback: the worker state and a running download."""
-        self.ui.workerStateLabel.text = self.logic.workerState()
+        """Poll what has no callback: the worker state (and the service's queue) and a running download."""
+        notice = self.logic.workerNotice()
+        self.ui.workerStateLabel.text = self.logic.workerState() + (f" - {notice}" if notice else "")
         job = self._download
         if not job:
             return
@@ -482,22 +546,51 @@ class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self._core = None
         self._model = None  # (checkpoint, device) last sent to the worker client
+        self._compute = ("local", "", "")  # (where, server URL, token): see setCompute
 
     def getParameterNode(self):
         return MedSAM2HITLParameterNode(super().getParameterNode())
 
     @property
     def core(self):
-        """The library logic; the first call installs missing packages (after asking) and sets up the worker."""
+        """The library logic, created on first use with a client for the chosen compute."""
         if self._core is None:
-            from MedSAM2HITLLib import dependencies
-            from MedSAM2HITLLib.client import WorkerClient
             from MedSAM2HITLLib.logic import SegmentationLogic
-            from MedSAM2HITLLib.slicer_transport import slicer_transport_factory
 
-            dependencies.ensure()
-            self._core = SegmentationLogic(client=WorkerClient(transport_factory=slicer_transport_factory()))
+            self._core = SegmentationLogic(client=self._newClient())
         return self._core
+
+    def _newClient(self):
+        """A client of the service, or of a local worker (first installing missing packages, after asking)."""
+        from MedSAM2HITLLib import compute_backend
+
+        where, url, token = self._compute
+        if where == compute_backend.SERVER:
+            return compute_backend.service_client(url, token)
+        from MedSAM2HITLLib import dependencies
+        from MedSAM2HITLLib.client import WorkerClient
+        from MedSAM2HITLLib.slicer_transport import slicer_transport_factory
+
+        dependencies.ensure()
+        return WorkerClient(transport_factory=slicer_transport_factory())
+
+    def setCompute(self, where: str, url: str = "", token: str = "") -> None:
+        """Run the next requests on this computer ("local") or the service at `url` ("server").
+
+        A change closes the current worker or connection (a running request fails); undo histories are kept.
+        """
+        compute = (where, url, token) if where == "server" else ("local", "", "")
+        if compute == self._compute:
+            return
+        self._compute = compute
+        self._model = None
+        if self._core:
+            self._core.use_client(self._newClient())
+
+    def pump(self) -> None:
+        """Hand the service's replies to their callbacks on the main thread (a local worker needs no pumping)."""
+        if self._core and self._compute[0] == "server":
+            self._core.client.pump(0)
 
     def _prepare(self, p, needRoi: bool, onError) -> None:
         """Check the inputs, (re)load the model when its choice changed, and make sure the target segment exists.
@@ -511,9 +604,13 @@ class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Select a volume first."))
         if needRoi and not p.roiNode:
             raise ValueError(_("Select or place an ROI around the object first."))
-        model = (p.checkpoint, p.device.value)
+        model = (p.checkpoint, p.device.value) if self._compute[0] == "local" else self._compute
         if self._model != model:
-            self.core.load_model(p.checkpoint, device=p.device.value, on_error=lambda error: self._modelFailed(error, onError))
+            failed = lambda error: self._modelFailed(error, onError)  # noqa: E731
+            if self._compute[0] == "local":
+                self.core.load_model(p.checkpoint, device=p.device.value, on_error=failed)
+            else:  # the service runs its own model; the answer names it
+                self.core.client.load_model(Path(p.checkpoint), on_error=failed)
             self._model = model
         if not p.segmentationNode:
             p.segmentationNode = segment_writer.create_segmentation(p.inputVolume.GetScene(), p.inputVolume)
@@ -602,6 +699,10 @@ class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):
     def workerState(self) -> str:
         """stopped, starting, loading, ready or busy."""
         return self._core.client.state if self._core else "stopped"
+
+    def workerNotice(self) -> str:
+        """What the worker last said of its state, e.g. the service's queue position ("" if nothing)."""
+        return self._core.client.notice if self._core else ""
 
 
 class MedSAM2HITLTest(ScriptedLoadableModuleTest):

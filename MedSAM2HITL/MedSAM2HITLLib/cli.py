@@ -85,10 +85,13 @@ def _service_client(args):
     """A WorkerClient on the service named by --server, or None to run on this computer."""
     if not args.server:
         return None
-    from .client import WorkerClient
-    from .service_transport import service_transport_factory
+    from .compute_backend import service_client
 
-    return WorkerClient(service_transport_factory(args.server, args.token or os.environ.get("MEDSAM2HITL_TOKEN")))
+    return service_client(args.server, _token(args))
+
+
+def _token(args) -> str | None:
+    return args.token or os.environ.get("MEDSAM2HITL_TOKEN")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,21 +237,12 @@ def run_models(args) -> int:
 
 def _print_service(args) -> None:
     """The service's version, models and workers with their load (what Slicer's 'Test connection' shows)."""
-    from .service_transport import ServiceApi, Unreachable
+    from .compute_backend import describe_service
 
-    try:
-        server = ServiceApi(args.server, args.token or os.environ.get("MEDSAM2HITL_TOKEN")).call("GET", "/api/v1/models")
-    except Unreachable as error:
-        raise MedSAM2Error(str(error)) from None
-    print(f"service {args.server}: version {server['version']}")
-    for model in server["models"]:
-        print(f"  model {model['name']} on {model['device']} (image size {model['image_size']}), "
-              f"{model['workers']} worker(s)")
-    for worker in server["workers"]:
-        print(f"  worker {worker['name']}: {'busy' if worker['busy'] else 'idle'}, {worker['jobs']} job(s), "
-              f"{worker['queued_tasks']} task(s) queued")
-    if not server["workers"]:
-        print("  no model worker is running")
+    lines = describe_service(args.server, _token(args))
+    print(lines[0])
+    for line in lines[1:]:
+        print(f"  {line}")
 
 
 def run_info(args) -> int:

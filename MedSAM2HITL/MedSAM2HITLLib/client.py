@@ -348,6 +348,7 @@ class WorkerClient:
         self.state = "stopped"
         self.on_state_changed: Callable[[str], None] | None = None
         self.worker_info: dict | None = None
+        self.notice = ""  # what the worker last said of its state (the service: its queue), for the status line
         self.cancel_grace = CANCEL_GRACE_SECONDS  # seconds a cancelled request may take before the worker is killed
         self.heartbeat_timeout = HEARTBEAT_TIMEOUT_SECONDS  # seconds of silence after which the worker is killed
         self._transport: Transport | None = None
@@ -497,6 +498,9 @@ class WorkerClient:
     # ---- events from the transport ----
 
     def on_frame(self, frame: Frame) -> None:
+        if frame.type == "notice":  # a word on the state, e.g. the service's queue; "" when it no longer holds
+            self.notice = frame.fields.get("message", "")
+            return
         request = self._pending.get(frame.id)
         if request is None:
             if frame.type == "error":

@@ -139,6 +139,12 @@ class SegmentationLogic:
     def stop_worker(self) -> None:
         self.client.shutdown()
 
+    def use_client(self, client: WorkerClient) -> None:
+        """Run from now on through `client` (this computer ↔ the service); undo histories are kept."""
+        self.client.shutdown()
+        self.client = client
+        self._volume_ids.clear()
+
     def history(self, segmentation_node) -> segment_writer.SegmentationHistory:
         key = segmentation_node.GetID()
         history = self._histories.get(key)

@@ -325,7 +325,11 @@ class ServiceTransport(SubprocessTransport):
             status = self.api.call("GET", f"/api/v1/jobs/{job_id}/status")
             if status["loaded"]:
                 break
+            if status.get("queue_position") is not None:  # 0-based, behind the task the worker is running
+                self._reply("notice", None, {"message": "the service is busy: this volume is number "
+                                                        f"{status['queue_position'] + 1} in its worker's queue"})
             self._stopped.wait(LOAD_POLL_SECONDS)
+        self._reply("notice", None, {"message": ""})
         self.jobs[volume_id] = job_id
         return job_id
 

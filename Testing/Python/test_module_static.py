@@ -123,6 +123,18 @@ def test_every_slicer_parameter_name_is_a_field_with_a_widget_that_can_bind_it()
             pytest.fail(f"{widget_name}: no parameter-node connector known for {widget_class}")
 
 
+def test_the_server_token_lives_in_slicer_settings_not_in_the_scene():
+    """The parameter node is saved with the scene: a token there would travel with every shared .mrb."""
+    assert not [name for name in _parameter_fields() if "token" in name.lower() or "server" in name.lower()]
+    token_field = _ui_widgets()["serverTokenLineEdit"]
+    properties = {prop.get("name"): prop for prop in token_field.findall("property")}
+    assert "SlicerParameterName" not in properties
+    assert properties["echoMode"].find("enum").text == "QLineEdit::Password"
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert 'SETTINGS_KEYS["token"]' in source and "qt.QSettings()" in source
+    assert not re.search(r"(logging\.\w+|_setStatus)\([^)]*[Tt]oken", source), "the token must not be logged"
+
+
 def test_every_mrml_widget_receives_the_scene():
     root = ET.parse(UI_FILE).getroot()
     receivers = {

@@ -168,3 +168,77 @@ def test_cli_lists_the_services_models_and_names_a_wrong_token(service):
     assert refused.returncode == 2 and "refused the token" in refused.stderr
     down = cli("models", "list", "--server", f"http://127.0.0.1:{free_port()}")
     assert down.returncode == 3 and "unreachable" in down.stderr
+
+
+def test_test_connection_shows_version_models_and_queues(service):
+    from MedSAM2HITLLib import __version__
+    from MedSAM2HITLLib.compute_backend import describe_service
+    from MedSAM2HITLLib.errors import MedSAM2Error
+
+    lines = describe_service(service.url + "/", TOKEN)
+    assert lines[0] == f"service {service.url}: version {__version__}"
+    assert any(line.startswith("model phantom_sam2 on cpu") for line in lines)
+    assert "worker w0: idle, 0 job(s), 0 task(s) queued" in lines
+    with pytest.raises(MedSAM2Error, match="refused the token"):
+        describe_service(service.url, "wrong")
+    with pytest.raises(MedSAM2Error, match="unreachable"):
+        describe_service(f"http://127.0.0.1:{free_port()}", TOKEN)
+
+
+def test_a_busy_service_tells_the_queue_position_until_the_volume_is_loaded(service, logic, tmp_path):
+    """One worker propagating for client A: client B's upload waits in that worker's queue, and B is told so."""
+    case, roi, segmentation, segment_id = segmented(logic, tmp_path, seed=5)
+    other = service_logic(service.url, TOKEN)
+    try:
+        other.load_model(PHANTOM_CHECKPOINT).wait(30)
+        (tmp_path / "b").mkdir()
+        second = Case(tmp_path / "b", seed=6, grid="identity", axis=0)
+        waiting = {}
+
+        def on_progress(done, total):
+            if done == 2 and not waiting:
+                waiting["request"] = other.segment_slice(second.volume, second.roi(), None, axis="axial",
+                                                         window="abdomen")
+
+        propagation = logic.propagate(case.volume, segmentation, segment_id, axis="axial", roi_node=roi,
+                                      window="abdomen", on_progress=on_progress)
+        notices = set()
+        while "request" not in waiting or not waiting["request"].done:
+            logic.client.pump(0.02)
+            other.client.pump(0.02)
+            notices.add(other.client.notice)
+        waiting["request"].wait(0)
+        propagation.wait(120)
+    finally:
+        other.stop_worker()
+    assert "the service is busy: this volume is number 1 in its worker's queue" in notices
+    assert other.client.notice == ""  # cleared once the volume was loaded
+
+
+def test_switching_between_this_computer_and_the_service_keeps_one_undo_history(service, tmp_path):
+    """The panel's Compute choice swaps the client under the same logic: results of both undo in order."""
+    from MedSAM2HITLLib.client import WorkerClient
+    from MedSAM2HITLLib.compute_backend import service_client
+    from MedSAM2HITLLib.logic import SegmentationLogic
+
+    logic = SegmentationLogic(WorkerClient())
+    try:
+        logic.load_model(PHANTOM_CHECKPOINT, device="cpu").wait(60)
+        case = Case(tmp_path, seed=7, grid="identity", axis=0)
+        segmentation, segment_id = logic.segment_slice(case.volume, case.roi(), None, axis="axial",
+                                                       window="abdomen").wait(60)
+        local_key = case.exported(segmentation, tmp_path).copy()
+        logic.use_client(service_client(service.url, TOKEN))
+        logic.client.load_model(PHANTOM_CHECKPOINT).wait(30)
+        logic.propagate(case.volume, segmentation, segment_id, axis="axial", roi_node=case.roi(),
+                        window="abdomen").wait(120)
+        propagated = case.exported(segmentation, tmp_path)
+        assert np.count_nonzero(propagated.any(axis=(0, 1))) > 1
+        assert logic.undo(segmentation)
+        assert np.array_equal(case.exported(segmentation, tmp_path), local_key)
+        assert logic.undo(segmentation)
+        assert not case.exported(segmentation, tmp_path).any()
+        assert logic.redo(segmentation) and logic.redo(segmentation)
+        assert np.array_equal(case.exported(segmentation, tmp_path), propagated)
+    finally:
+        logic.stop_worker()
