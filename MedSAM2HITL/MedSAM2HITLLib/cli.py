@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--checkpoint", default=DEFAULT_MODEL, help=f"registry name or file (default {DEFAULT_MODEL})")
     segment.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     segment.add_argument("--threads", type=int, help="CPU threads for inference")
+    _precision_argument(segment)
     segment.add_argument("-o", "--output", required=True, help="segmentation to write (.seg.nrrd)")
     segment.add_argument("--labelmap", help="also write a NIfTI labelmap with the volume's affine (.nii.gz)")
     segment.add_argument("--keep-partial", action="store_true", help="on Ctrl+C, write the slices done so far")
@@ -73,7 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="size, spacing, orientation and intensity range of a volume")
     info.add_argument("volume")
     info.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several")
+    info.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                      help="the device whose precision to show (default auto)")
+    _precision_argument(info)
     return parser
+
+
+def _precision_argument(parser) -> None:
+    from .device import PRECISIONS
+
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="arithmetic of the model: auto (bf16 where it was shown accurate and faster: CUDA, "
+                             "CPUs with AVX512-BF16/AMX; fp32 elsewhere), fp32, bf16, int8 (CPU)")
 
 
 def _server_arguments(parser) -> None:
@@ -156,10 +168,12 @@ def run_segment(args) -> int:
     try:
         started = time.monotonic()
         _say(f"loading {checkpoint.name} ..." if not args.server else f"connecting to {args.server} ...")
-        loading = logic.client.load_model(checkpoint, device=args.device, threads=args.threads)
+        loading = logic.client.load_model(checkpoint, device=args.device, threads=args.threads,
+                                          precision=args.precision)
         segmenting = logic.segment_slice(volume, roi, None, axis=args.axis, window=args.window)  # checks the box now
         info = loading.wait(REQUEST_TIMEOUT_SECONDS)
-        _say(f"model ready on {info.get('device')} ({time.monotonic() - started:.1f} s)")
+        _say(f"model ready on {info.get('device')}, precision {info.get('precision')} "
+             f"({time.monotonic() - started:.1f} s)")
         started = time.monotonic()
         segmentation, segment_id = segmenting.wait(REQUEST_TIMEOUT_SECONDS)
         _say(f"key slice segmented ({time.monotonic() - started:.2f} s)")
@@ -252,6 +266,7 @@ def run_info(args) -> int:
     from .mrml_scene import create_scene, load_volume
     from .roi_box import array_axis_for_view, volume_ijk_to_world
 
+    compute = _compute_choice(args.device, args.precision)  # a bad --precision fails before the volume loads
     volume = load_volume(create_scene(), args.volume, series_uid=args.series)
     array = slicer.util.arrayFromVolume(volume)
     ijk_to_ras = volume_ijk_to_world(volume)
@@ -266,7 +281,17 @@ def run_info(args) -> int:
     for view in VIEWS:
         axis = array_axis_for_view(volume, view)
         print(f"{view + ':':<12} {array.shape[axis]} slices (0..{array.shape[axis] - 1})")
+    print(f"compute:     {compute}")
     return EXIT_OK
+
+
+def _compute_choice(device: str, precision: str) -> str:
+    """What `segment` with these --device/--precision runs on this computer, e.g. 'cpu, precision bf16 (auto)'."""
+    from .device import resolve_device, resolve_precision
+
+    torch_device = resolve_device(device)
+    chosen = resolve_precision(precision, torch_device)
+    return f"{torch_device.type}, precision {chosen}" + (" (auto)" if precision == "auto" else "")
 
 
 def _quiet_vtk() -> None:

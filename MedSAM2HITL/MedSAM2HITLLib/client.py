@@ -364,14 +364,16 @@ class WorkerClient:
     # ---- requests ----
 
     def load_model(
-        self, checkpoint, config=None, device: str = "auto", threads: int | None = None, **callbacks
+        self, checkpoint, config=None, device: str = "auto", threads: int | None = None, precision: str = "auto",
+        **callbacks,
     ) -> Request:
         """Load (or replace) the worker's model; `result` is its info dict. Re-sent to restarted workers.
 
         If the checkpoint cannot load, the model loaded before stays in use.
         """
         config = str(config) if config else None
-        args = {"checkpoint": str(checkpoint), "config": config, "device": device, "threads": threads}
+        args = {"checkpoint": str(checkpoint), "config": config, "device": device, "threads": threads,
+                "precision": precision}
         self._previous_model = (self._model_args, self._worker_has_model)
         self._model_args = args
         request = self._request("load_model", callbacks)

@@ -32,12 +32,39 @@ def resolve_device(name: str = "auto"):
     return torch.device(name)
 
 
-def autocast(device):
-    """bfloat16 autocast on CUDA only; CPU and MPS run float32."""
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
+def resolve_precision(name: str, device) -> str:
+    """The arithmetic a model runs in on this device: fp32, bf16 (autocast) or int8 (CPU image-encoder linears).
+
+    `auto` picks only what benchmarks/bench_precision.py showed accurate and faster: bf16 on CUDA (as MedSAM2
+    itself runs) and on CPUs with bfloat16 instructions (AVX512-BF16 or AMX); fp32 elsewhere (MPS, older CPUs).
+    """
+    name = (name or "auto").lower()
+    if name not in PRECISIONS:
+        raise BadInputError(f"unknown precision '{name}': use {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
+    if name == "int8" and device.type != "cpu":
+        raise BadInputError(f"precision int8 runs on the CPU only, not on {device.type}: use --device cpu or bf16")
+    return name
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively; without it bf16 is emulated and slower than fp32."""
     import torch
 
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def autocast(device, precision: str):
+    """bfloat16 autocast for the bf16 precision; fp32 and int8 run as the weights are."""
+    import torch
+
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

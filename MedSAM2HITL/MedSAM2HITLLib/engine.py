@@ -97,11 +97,12 @@ class Engine:
         device: str = "auto",
         threads: int | None = None,
         image_size: int | None = None,
+        precision: str = "auto",
     ) -> "Engine":
         from .device import set_cpu_threads
 
         set_cpu_threads(threads)
-        return cls(load_model(checkpoint, config, device, image_size))
+        return cls(load_model(checkpoint, config, device, image_size, precision))
 
     def info(self) -> dict:
         return self.model.describe()
@@ -257,13 +258,13 @@ class Engine:
 
     @contextlib.contextmanager
     def _inference(self, what: str):
-        """inference_mode + device autocast; out-of-memory becomes an OutOfMemoryError with advice."""
+        """inference_mode + the model's precision (bf16 autocast); out-of-memory becomes an OutOfMemoryError with advice."""
         import torch
 
         from .device import autocast, free_cached_memory, is_out_of_memory
 
         try:
-            with torch.inference_mode(), autocast(self.model.device):
+            with torch.inference_mode(), autocast(self.model.device, self.model.precision):
                 yield
         except Exception as exc:
             if not is_out_of_memory(exc) or isinstance(exc, OutOfMemoryError):

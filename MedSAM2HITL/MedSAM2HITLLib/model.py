@@ -20,6 +20,7 @@ class LoadedModel:
     image_size: int
     checkpoint: Path
     config: Path
+    precision: str = "fp32"  # fp32, bf16 or int8: see device.resolve_precision
 
     @property
     def feature_sizes(self) -> list[tuple[int, int]]:
@@ -32,6 +33,7 @@ class LoadedModel:
             "config": str(self.config),
             "device": str(self.device),
             "image_size": self.image_size,
+            "precision": self.precision,
             "parameters": sum(p.numel() for p in self.predictor.parameters()),
         }
 
@@ -166,13 +168,15 @@ def load_model(
     config: str | Path | None = None,
     device: str = "auto",
     image_size: int | None = None,
+    precision: str = "auto",
 ) -> LoadedModel:
-    """Build the model, load the checkpoint strictly and move it to the device in eval mode."""
-    from .device import resolve_device
+    """Build the model, load the checkpoint strictly and move it to the device in eval mode, in a precision."""
+    from .device import resolve_device, resolve_precision
 
     checkpoint = Path(checkpoint)
     config = Path(config) if config else config_for(checkpoint)
     torch_device = resolve_device(device)
+    chosen = resolve_precision(precision, torch_device)
     state_dict = read_state_dict(checkpoint)
     predictor = build_predictor(config, image_size)
     try:
@@ -189,7 +193,17 @@ def load_model(
             f"checkpoint {checkpoint} does not match the model of {config.name}: " + "; ".join(problems)
         )
     predictor.to(torch_device).eval()
-    return LoadedModel(predictor, torch_device, int(predictor.image_size), checkpoint, config)
+    if chosen == "int8":
+        quantize_image_encoder(predictor)
+    return LoadedModel(predictor, torch_device, int(predictor.image_size), checkpoint, config, chosen)
+
+
+def quantize_image_encoder(predictor) -> None:
+    """int8 dynamic quantisation of the image encoder's linear layers (the bulk of its work), in place."""
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    predictor.image_encoder = quantize_dynamic(predictor.image_encoder, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def save_checkpoint(predictor, path: str | Path) -> Path:

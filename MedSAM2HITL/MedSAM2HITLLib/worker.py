@@ -260,7 +260,8 @@ class Worker:
         if not f.get("checkpoint"):
             raise BadInputError("load_model needs a 'checkpoint' path")
         # The old model stays until the new one has loaded: a checkpoint that fails to load must not unload it.
-        self.engine = Engine.load(f["checkpoint"], f.get("config"), f.get("device") or "auto", f.get("threads"))
+        self.engine = Engine.load(f["checkpoint"], f.get("config"), f.get("device") or "auto", f.get("threads"),
+                                  precision=f.get("precision") or "auto")
         log.info("model loaded: %s", self.engine.info())
         self.channel.send("done", frame.id, self.engine.info())
 

@@ -81,7 +81,8 @@ class WorkerSession:
 
         self.scene = create_scene()
         checkpoint = resolve_checkpoint(self.settings.checkpoint)
-        self.engine = Engine.load(checkpoint, device=self.settings.device, threads=self.settings.threads or None)
+        self.engine = Engine.load(checkpoint, device=self.settings.device, threads=self.settings.threads or None,
+                                  precision=self.settings.precision)
         return self.engine.info()
 
     def open(self, job_id: str, volume_file: str) -> JobVolume:

@@ -44,6 +44,7 @@ class Settings:
     checkpoint: str = field(default_factory=lambda: _env("CHECKPOINT", str(DEFAULT_CHECKPOINT)))
     device: str = field(default_factory=lambda: _env("DEVICE", "auto"))
     threads: int = field(default_factory=lambda: _int("THREADS", 0))
+    precision: str = field(default_factory=lambda: _env("PRECISION", "auto"))
     worker_name: str = field(default_factory=lambda: _env("WORKER_NAME", ""))
     api_url: str = field(default_factory=lambda: _env("API_URL", ""))
     worker_token: str = field(default_factory=lambda: _env("WORKER_TOKEN", ""))
