@@ -195,6 +195,10 @@ def load_model(
     predictor.to(torch_device).eval()
     if chosen == "int8":
         quantize_image_encoder(predictor)
+    if chosen == "bf16":
+        from .cpu_attention import use_in_sam2
+
+        use_in_sam2()
     return LoadedModel(predictor, torch_device, int(predictor.image_size), checkpoint, config, chosen)
 
 
