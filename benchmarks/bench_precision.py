@@ -99,13 +99,14 @@ def modes_vs_bare(checkpoint: Path, slices: int, rounds: int) -> tuple[list[tupl
         ("bare sam2 fp32 first prompt (ms)", f"{prompt['bare'] * 1000:.0f}", "", ""),
         (f"bare sam2 fp32 propagation (ms/slice, N={slices})", f"{propagation['bare'] / slices * 1000:.0f}", "", ""),
     ]
-    for mode in MODES:
+    for mode in MODES:  # the targets are for the fast modes; fp32 shows what the engine alone adds
         first, per_slice = prompt["bare"] / prompt[mode], propagation["bare"] / propagation[mode]
+        fast = mode != "fp32"
         rows += [
-            (f"{mode} first prompt: ms, speed-up vs bare", f"{prompt[mode] * 1000:.0f}, {first:.2f}x", ">= 1.3x",
-             ok(first >= 1.3)),
+            (f"{mode} first prompt: ms, speed-up vs bare", f"{prompt[mode] * 1000:.0f}, {first:.2f}x",
+             ">= 1.3x" if fast else "", ok(first >= 1.3) if fast else ""),
             (f"{mode} propagation: ms/slice, speed-up", f"{propagation[mode] / slices * 1000:.0f}, {per_slice:.2f}x",
-             ">= 1.5x", ok(per_slice >= 1.5)),
+             ">= 1.5x" if fast else "", ok(per_slice >= 1.5) if fast else ""),
         ]
     return rows, propagation["bare"] / slices
 

@@ -258,7 +258,7 @@ class Engine:
 
     @contextlib.contextmanager
     def _inference(self, what: str):
-        """inference_mode + the model's precision (bf16 autocast); out-of-memory becomes an OutOfMemoryError with advice."""
+        """inference_mode + the model's precision (autocast); out-of-memory becomes an OutOfMemoryError with advice."""
         import torch
 
         from .device import autocast, free_cached_memory, is_out_of_memory

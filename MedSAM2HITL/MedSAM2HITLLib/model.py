@@ -20,7 +20,7 @@ class LoadedModel:
     image_size: int
     checkpoint: Path
     config: Path
-    precision: str = "fp32"  # fp32, bf16 or int8: see device.resolve_precision
+    precision: str  # fp32, bf16 or int8: see device.resolve_precision
 
     @property
     def feature_sizes(self) -> list[tuple[int, int]]:

@@ -68,9 +68,9 @@ def test_fast_modes_really_run_reduced_precision(engines):
     from MedSAM2HITLLib import cpu_attention
 
     assert transformer.F.scaled_dot_product_attention is cpu_attention.scaled_dot_product_attention
-    quantized = [m for m in engines["int8"].model.predictor.image_encoder.modules() if "quantized" in type(m).__module__]
-    assert quantized, "int8 left the image encoder's linear layers in float"
-    assert {mode: e.info()["precision"] for mode, e in engines.items()} == {"fp32": "fp32", "bf16": "bf16", "int8": "int8"}
+    encoder = engines["int8"].model.predictor.image_encoder
+    assert any("quantized" in type(m).__module__ for m in encoder.modules()), "int8 left the linear layers in float"
+    assert {mode: engine.info()["precision"] for mode, engine in engines.items()} == {mode: mode for mode in engines}
 
 
 def test_cpu_bf16_attention_matches_torchs_and_leaves_other_calls_to_torch():
