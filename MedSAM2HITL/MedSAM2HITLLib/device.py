@@ -41,13 +41,13 @@ def resolve_precision(name: str, device) -> str:
     `auto` picks only what benchmarks/bench_precision.py showed accurate and faster: bf16 on CUDA (as MedSAM2
     itself runs) and on CPUs with bfloat16 instructions (AVX512-BF16 or AMX); fp32 elsewhere (MPS, older CPUs).
     """
-    name = (name or "auto").lower()
+    name = str(name or "auto").lower()
     if name not in PRECISIONS:
         raise BadInputError(f"unknown precision '{name}': use {', '.join(PRECISIONS)}")
     if name == "auto":
         return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
     if name == "int8" and device.type != "cpu":
-        raise BadInputError(f"precision int8 runs on the CPU only, not on {device.type}: use --device cpu or bf16")
+        raise BadInputError(f"precision int8 runs on the CPU only, not on {device.type}: choose the cpu device or bf16")
     return name
 
 
