@@ -1,5 +1,6 @@
-"""Engine vs bare sam2 1.1.0 on the same model, CPU, 2 threads: 2D latency, cached prompts, propagation speed
-and memory per extra slice. Prints ratios measured in this run.
+"""Engine vs bare sam2 1.1.0 on the same model, both fp32 (bench_precision.py measures the faster modes), CPU,
+2 threads: 2D latency, cached prompts, propagation speed and memory per extra slice. Prints ratios measured in
+this run.
 
     .venv/bin/python benchmarks/bench_engine.py [--quick]
 """
@@ -17,7 +18,9 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, ok, print_table, random_checkpoint, synthetic_volume  # noqa: E402
+from common import (  # noqa: E402
+    bare_propagation, bare_video_state, best_of, ok, print_table, random_checkpoint, synthetic_volume,
+)
 
 THREADS = 2
 BOX = (150, 160, 360, 330)
@@ -31,7 +34,7 @@ def engine_and_bare(checkpoint: Path):
     from MedSAM2HITLLib.engine import Engine
 
     torch.set_num_threads(THREADS)
-    engine = Engine.load(checkpoint, device="cpu", threads=THREADS)
+    engine = Engine.load(checkpoint, device="cpu", threads=THREADS, precision="fp32")
     bare = SAM2ImagePredictor(engine.model.predictor)
     bare._bb_feat_sizes = engine.model.feature_sizes  # sam2 1.1.0 only knows 1024-input sizes
     return engine, bare, np
@@ -81,28 +84,20 @@ def propagation_speed(checkpoint: Path, slices: int, rounds: int) -> list[tuple]
 
     import numpy as np
     import torch
-    from PIL import Image
 
     from MedSAM2HITLLib.engine import Engine
 
     torch.set_num_threads(THREADS)
-    engine = Engine.load(checkpoint, device="cpu", threads=THREADS)
+    engine = Engine.load(checkpoint, device="cpu", threads=THREADS, precision="fp32")
     predictor = engine.model.predictor
     volume = synthetic_volume(slices)
     engine.set_volume(volume, "bench")
     window = engine.window("abdomen")
     box = np.asarray(BOX, np.float32)
-    with tempfile.TemporaryDirectory() as folder:
-        for k in range(slices):  # sam2 1.1.0 reads video frames only from a JPEG folder
-            Image.fromarray(np.repeat(window.to_uint8(volume[k])[..., None], 3, 2)).save(f"{folder}/{k:05d}.jpg")
-        state = predictor.init_state(folder)
+    state = bare_video_state(predictor, volume, window, slices)
 
     def bare() -> None:
-        predictor.reset_state(state)
-        state["cached_features"] = {}  # init_state's warm-up encoding must not count for the bare model
-        predictor.add_new_points_or_box(state, 0, 1, box=box)
-        for _ in predictor.propagate_in_video(state, start_frame_idx=0):
-            pass
+        bare_propagation(predictor, state, box)
 
     def ours() -> None:
         for _ in engine.propagate(0, 0, BOX, window="abdomen"):
@@ -129,7 +124,7 @@ def propagation_peak_rss(kind: str, checkpoint: Path, slices: int) -> float:
     volume = synthetic_volume(slices)
     from MedSAM2HITLLib.engine import Engine
 
-    engine = Engine.load(checkpoint, device="cpu", threads=THREADS)
+    engine = Engine.load(checkpoint, device="cpu", threads=THREADS, precision="fp32")
     if kind == "engine":
         engine.set_volume(volume, "bench")
         for _ in engine.propagate(0, 0, BOX, window="abdomen"):

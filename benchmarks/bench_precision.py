@@ -21,7 +21,9 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, best_of, ok, print_table, random_checkpoint, synthetic_volume  # noqa: E402
+from common import (  # noqa: E402
+    REPO, bare_propagation, bare_video_state, best_of, ok, print_table, random_checkpoint, synthetic_volume,
+)
 
 THREADS = 2
 BOX = (150, 160, 360, 330)
@@ -32,16 +34,12 @@ FIXTURE = REPO / "Testing" / "Data" / "phantom_sam2.pt"
 def bare_sam2(engine, volume, slices: int, window, box):
     """Bare sam2 fp32 on the engine's fp32 model: image predictor set_image+predict, video predictor from JPEGs."""
     import numpy as np
-    from PIL import Image
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
     image_predictor = SAM2ImagePredictor(engine.model.predictor)
     image_predictor._bb_feat_sizes = engine.model.feature_sizes  # sam2 1.1.0 only knows 1024-input sizes
     video = engine.model.predictor
-    with tempfile.TemporaryDirectory() as folder:
-        for k in range(slices):  # sam2 1.1.0 reads video frames only from a JPEG folder
-            Image.fromarray(np.repeat(window.to_uint8(volume[k])[..., None], 3, 2)).save(f"{folder}/{k:05d}.jpg")
-        state = video.init_state(folder)
+    state = bare_video_state(video, volume, window, slices)
 
     def first_prompt(index: int) -> None:
         import torch
@@ -50,14 +48,7 @@ def bare_sam2(engine, volume, slices: int, window, box):
             image_predictor.set_image(np.repeat(window.to_uint8(volume[index])[..., None], 3, axis=2))
             image_predictor.predict(box=box, multimask_output=False)
 
-    def propagate() -> None:
-        video.reset_state(state)
-        state["cached_features"] = {}  # init_state's warm-up encoding must not count for the bare model
-        video.add_new_points_or_box(state, 0, 1, box=box)
-        for _ in video.propagate_in_video(state, start_frame_idx=0):
-            pass
-
-    return first_prompt, propagate
+    return first_prompt, lambda: bare_propagation(video, state, box)
 
 
 def modes_vs_bare(checkpoint: Path, slices: int, rounds: int) -> tuple[list[tuple], float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +34,26 @@ def synthetic_volume(slices: int, size: int = 512, seed: int = 0):
         cy, cx = size * (0.45 + 0.1 * k / max(slices, 1)), size * 0.5
         volume[k][((yy - cy) / (size * 0.15)) ** 2 + ((xx - cx) / (size * 0.2)) ** 2 < 1] += 200
     return volume
+
+
+def bare_video_state(predictor, volume, window, slices: int) -> dict:
+    """sam2 1.1.0's own tracking state over the first slices, which it reads only from a JPEG folder."""
+    import numpy as np
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as folder:
+        for k in range(slices):
+            Image.fromarray(np.repeat(window.to_uint8(volume[k])[..., None], 3, 2)).save(f"{folder}/{k:05d}.jpg")
+        return predictor.init_state(folder)
+
+
+def bare_propagation(predictor, state: dict, box) -> None:
+    """One pass of sam2's own video predictor from a box on slice 0."""
+    predictor.reset_state(state)
+    state["cached_features"] = {}  # init_state's warm-up encoding must not count for the bare model
+    predictor.add_new_points_or_box(state, 0, 1, box=box)
+    for _ in predictor.propagate_in_video(state, start_frame_idx=0):
+        pass
 
 
 def best_of(repeats: int, call) -> float:
