@@ -9,5 +9,6 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 "${pip[@]}" -c requirements/torch.txt -r requirements/base.txt
 SAM2_BUILD_CUDA=0 "${pip[@]}" --no-deps --no-build-isolation -r requirements/sam2.txt
 "${pip[@]}" -c requirements/torch.txt -r requirements/server.txt
+"${pip[@]}" -c requirements/torch.txt -r requirements/web.txt
 "${pip[@]}" -c requirements/torch.txt --no-deps --no-build-isolation -e . -e Server
 .venv/bin/python -c "import torch, sam2, MedSAM2HITLLib, medsam2hitl_server; print('torch', torch.__version__, '| sam2 ok | MedSAM2HITLLib', MedSAM2HITLLib.__version__, '| server', medsam2hitl_server.__version__)"

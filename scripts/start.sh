@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Starts the inference service on this machine: scripts/start.sh [redis|api|celery]... (default: all three).
+# Starts the inference service on this machine: scripts/start.sh [redis|api|celery|web]... (default: redis,
+# celery, api). 'web' is a second API process on 127.0.0.1:7860 (MEDSAM2HITL_WEB_PORT) whose / is the browser
+# viewer; the viewer is also at / of the API itself.
 # Logs go to run/logs/<part>.log and PIDs to run/pids/<part>.pid (MEDSAM2HITL_RUN_DIR moves the folder).
 # Settings are MEDSAM2HITL_* environment variables (README, "The inference service"); by default the API
 # listens on 127.0.0.1:8000 and the worker uses the project's fixture model.
@@ -55,7 +57,8 @@ for part in "${parts[@]}"; do
     redis) start_redis ;;
     celery|worker) launch celery "$py" -m medsam2hitl_server worker ;;
     api) launch api "$py" -m medsam2hitl_server api ;;
-    *) echo "unknown part '$part': use redis, api or celery" >&2; exit 2 ;;
+    web) MEDSAM2HITL_PORT=${MEDSAM2HITL_WEB_PORT:-7860} launch web "$py" -m medsam2hitl_server api ;;
+    *) echo "unknown part '$part': use redis, api, celery or web" >&2; exit 2 ;;
   esac
 done
 api="http://${MEDSAM2HITL_HOST:-127.0.0.1}:${MEDSAM2HITL_PORT:-8000}"
@@ -64,5 +67,13 @@ if printf '%s\n' "${parts[@]}" | grep -qx api; then
     echo "ready: API $api  (OpenAPI docs: $api/docs)"
   else
     echo "not ready after 90 s: see $run/logs/ (api.log, celery.log) and $api/readyz" >&2; exit 1
+  fi
+fi
+if printf '%s\n' "${parts[@]}" | grep -qx web; then
+  web="http://${MEDSAM2HITL_HOST:-127.0.0.1}:${MEDSAM2HITL_WEB_PORT:-7860}"
+  if wait_http "$web/readyz" 90; then
+    echo "ready: web viewer $web"
+  else
+    echo "the web viewer is not ready after 90 s: see $run/logs/web.log and $web/readyz" >&2; exit 1
   fi
 fi

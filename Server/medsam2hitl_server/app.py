@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, R
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from MedSAM2HITLLib.errors import BadInputError
@@ -35,6 +36,7 @@ from .uploads import receive_volume, stream_to_file
 log = logging.getLogger("medsam2hitl_server.api")
 ERROR_STATUS = {"bad_input": 400, "out_of_memory": 503, "cancelled": 409, "model": 500, "internal": 500}
 MAX_JSON_BYTES = 16 << 20
+WEB_VIEWER = Path(__file__).with_name("web")
 SSE_BLOCK_MS = 4000
 
 
@@ -66,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(_health(store))
     app.include_router(_jobs_router(store, dispatcher, settings), prefix="/api/v1")
     app.include_router(_worker_files_router(store, settings), prefix="/api/v1/internal")
+    app.mount("/", StaticFiles(directory=WEB_VIEWER, html=True), name="web-viewer")  # last: the API routes win
     return app
 
 

@@ -1,0 +1,399 @@
+// The viewer: NiiVue shows the volume and the masks; every segmentation runs on the service (api.js).
+import { Niivue, SLICE_TYPE, DRAG_MODE } from "./vendor/niivue/index.js";
+import { api, token, followEvents, ApiError } from "./api.js";
+import { VoxelGrid, decodeMask, encodeMask } from "./voxels.js";
+
+const $ = (id) => document.getElementById(id);
+const CT_WINDOWS = { abdomen: [400, 40], lung: [1500, -600], brain: [80, 40], mediastinum: [350, 50], bone: [1800, 400] };
+
+const state = {
+  bytes: null, name: "", grid: null, views: null,
+  objects: [],   // {job, labels (file order, 0/1)} per object; object n is pen value n + 1 (red, green, ...)
+  active: 0, box: null, tool: "box", running: null, history: [], future: [],
+};
+
+const nv = new Niivue({ dragAndDropEnabled: false, backColor: [0, 0, 0, 1], crosshairColor: [0.2, 0.8, 0.2, 1] });
+await nv.attachTo("gl");
+window.viewer = { state, nv };  // for the browser tests and the console
+nv.opts.mouseEventConfig = { leftButton: { primary: DRAG_MODE.callbackOnly }, rightButton: DRAG_MODE.windowing,
+  centerButton: DRAG_MODE.pan };
+
+function say(text, isError = false) {
+  $("message").textContent = text;
+  $("message").className = isError ? "error" : "";
+}
+
+function failed(error) {
+  if (error.name === "AbortError") return;
+  say(error instanceof ApiError ? error.message : `unexpected error: ${error.message}`, true);
+}
+
+function ready() {
+  return state.objects.length > 0 && state.grid !== null;
+}
+
+function refreshButtons() {
+  const idle = ready() && !state.running;
+  for (const id of ["segment", "propagate", "propagate-here", "new-object", "undo", "redo", "download-nii", "download-seg"]) {
+    $(id).disabled = !idle;
+  }
+  $("segment").disabled = !idle || !state.box;
+  $("undo").disabled = !idle || !state.history.length;
+  $("redo").disabled = !idle || !state.future.length;
+  $("cancel").disabled = !state.running;
+  document.querySelectorAll("[data-tool]").forEach((b) => b.classList.toggle("active", b.dataset.tool === state.tool));
+}
+
+// ---- loading ----
+
+async function openFile(file) {
+  if (!/\.(nii|nii\.gz|nrrd|nhdr|mha)$/i.test(file.name)) {
+    say(`${file.name} is not a NIfTI (.nii, .nii.gz) or NRRD (.nrrd) volume: open one of those`, true);
+    return;
+  }
+  say(`reading ${file.name}…`);
+  const bytes = await file.arrayBuffer();
+  try {
+    nv.volumes.slice().forEach((v) => nv.removeVolume(v));
+    await nv.loadFromArrayBuffer(bytes.slice(0), file.name);
+  } catch (error) {
+    say(`${file.name} could not be read as a volume (${error.message}): check the file`, true);
+    return;
+  }
+  Object.assign(state, { bytes, name: file.name, grid: new VoxelGrid(nv.volumes[0]), objects: [], active: 0,
+    box: null, history: [], future: [] });
+  nv.createEmptyDrawing();
+  nv.setDrawOpacity(Number($("opacity").value));
+  $("volume-name").textContent = file.name;
+  applyWindow();
+  await addObject();
+}
+
+async function addObject() {
+  say("uploading the volume to the service…");
+  refreshButtons();
+  try {
+    const job = await api.createJob(state.bytes);
+    let status = await api.status(job.id);
+    while (!status.loaded && status.state !== "failed") {
+      await new Promise((r) => setTimeout(r, 300));
+      status = await api.status(job.id);
+    }
+    if (status.state === "failed") throw new ApiError(400, status.error || "the service could not load the volume");
+    state.views = status.volume.views;
+    state.objects.push({ job: job.id, labels: new Uint8Array(state.grid.size) });
+    state.active = state.objects.length - 1;
+    $("objects").innerHTML = state.objects.map((_, n) => `<option value="${n}">object ${n + 1}</option>`).join("");
+    $("objects").value = String(state.active);
+    say(`ready: drag a box on a slice (object ${state.active + 1})`);
+  } catch (error) {
+    failed(error);
+  }
+  refreshButtons();
+}
+
+// ---- view and window ----
+
+function setView(type) {
+  nv.setSliceType(type);
+  document.querySelectorAll("[data-view]").forEach((b) => b.classList.toggle("active", Number(b.dataset.view) === type));
+}
+
+function applyWindow() {
+  const volume = nv.volumes[0];
+  if (!volume) return;
+  const preset = CT_WINDOWS[$("window").value];
+  [volume.cal_min, volume.cal_max] = preset ? [preset[1] - preset[0] / 2, preset[1] + preset[0] / 2]
+    : [volume.robust_min, volume.robust_max];
+  nv.updateGLVolume();
+}
+
+// ---- the box ----
+
+const outline = $("box-outline");
+let dragFrom = null;
+$("gl").addEventListener("pointerdown", (e) => {
+  if (e.button !== 0 || state.tool !== "box") return;
+  dragFrom = [e.offsetX, e.offsetY];
+});
+$("gl").addEventListener("pointermove", (e) => {
+  if (!dragFrom) return;
+  const [x0, y0] = dragFrom;
+  Object.assign(outline.style, { left: `${Math.min(x0, e.offsetX)}px`, top: `${Math.min(y0, e.offsetY)}px`,
+    width: `${Math.abs(e.offsetX - x0)}px`, height: `${Math.abs(e.offsetY - y0)}px` });
+  outline.hidden = false;
+});
+window.addEventListener("pointerup", () => { dragFrom = null; });
+
+nv.onDragRelease = (drag) => {
+  if (!ready() || state.tool !== "box") return;
+  const found = state.grid.boxOf(drag.axCorSag, Array.from(drag.voxStart), Array.from(drag.voxEnd));
+  const view = Object.keys(state.views).find((name) => state.views[name].array_axis === found.axis);
+  if (found.box[0] === found.box[2] || found.box[1] === found.box[3]) {
+    say("the box is too thin: drag a box around the object on one slice", true);
+    outline.hidden = true;
+    return;
+  }
+  state.box = { ...found, view };
+  $("box-text").textContent = `${view} slice ${found.slice}: [${found.box.join(", ")}]`;
+  say("box set: Segment slice (S), or Propagate (Enter)");
+  refreshButtons();
+};
+
+// ---- results into the drawing, with undo ----
+
+function paint(axis, index) {
+  state.grid.paintSlice(nv.drawBitmap, state.objects.map((o) => o.labels), axis, index);
+}
+
+function redraw() {
+  nv.refreshDrawing(true);
+}
+
+/** Apply one slice to the active object's labels, noting what it replaced in the open history entry. */
+function applySlice(entry, axis, index, mask) {
+  const labels = state.objects[entry.object].labels;
+  const key = `${axis}:${index}`;
+  if (!entry.before.has(key)) entry.before.set(key, state.grid.readSlice(labels, axis, index));
+  entry.after.set(key, mask);
+  state.grid.writeSlice(labels, axis, index, mask);
+  paint(axis, index);
+}
+
+function openEntry(label) {
+  return { label, object: state.active, before: new Map(), after: new Map() };
+}
+
+function closeEntry(entry) {
+  if (!entry.after.size) return;
+  state.history.push(entry);
+  state.future = [];
+}
+
+async function restore(entry, which) {
+  const object = state.objects[entry.object];
+  for (const [key, mask] of entry[which]) {
+    const [axis, index] = key.split(":").map(Number);
+    state.grid.writeSlice(object.labels, axis, index, mask);
+    paint(axis, index);
+  }
+  redraw();
+  // the service keeps each slice as it was last sent: send the restored slices back one by one
+  for (const [key, mask] of entry[which]) {
+    const [axis, index] = key.split(":").map(Number);
+    if (!mask.some((v) => v)) continue;
+    const view = Object.keys(state.views).find((name) => state.views[name].array_axis === axis);
+    const started = await api.propagate(object.job, { view, slice: index, range: "custom", start: index, end: index,
+      mask: encodeMask(mask, state.grid.sliceShape(axis)), window: $("window").value });
+    await followEvents(object.job, started.events_after, () => {}, {
+      until: (e) => ["done", "cancelled", "error"].includes(e.kind), onRetry: () => {} });
+  }
+}
+
+async function undoRedo(from, to, verb) {
+  const entry = from.pop();
+  if (!entry) return;
+  state.running = verb;
+  refreshButtons();
+  try {
+    await restore(entry, verb === "undo" ? "before" : "after");
+    to.push(entry);
+    say(`${verb}: ${entry.label}`);
+  } catch (error) {
+    from.push(entry);
+    failed(error);
+  }
+  state.running = null;
+  refreshButtons();
+}
+
+// ---- segment and propagate ----
+
+async function segment() {
+  if (!state.box || state.running) return;
+  const { view, slice, box, axis } = state.box;
+  state.running = "segment";
+  refreshButtons();
+  say(`segmenting ${view} slice ${slice}…`);
+  try {
+    const reply = await api.segment(state.objects[state.active].job, { view, slice, box, window: $("window").value });
+    const entry = openEntry(`segment ${view} slice ${slice}`);
+    applySlice(entry, axis, reply.slice, decodeMask(reply.mask));
+    closeEntry(entry);
+    redraw();
+    say(`segmented ${view} slice ${reply.slice} in ${reply.seconds} s`);
+  } catch (error) {
+    failed(error);
+  }
+  state.running = null;
+  refreshButtons();
+}
+
+let propagation = null;
+
+async function propagate(params, label) {
+  const object = state.objects[state.active];
+  state.running = "propagate";
+  refreshButtons();
+  $("progress").value = 0;
+  $("progress-text").textContent = "";
+  const entry = openEntry(label);
+  propagation = new AbortController();
+  try {
+    const started = await api.propagate(object.job, { ...params, window: $("window").value });
+    say("propagating…");
+    let outcome = null;
+    await followEvents(object.job, started.events_after, (event) => {
+      if (event.data.propagation !== started.propagation) return;
+      if (event.kind === "slice") {
+        applySlice(entry, event.data.array_axis, event.data.slice, decodeMask(event.data.mask));
+        redraw();
+        $("progress").value = event.data.done / event.data.total;
+        $("progress-text").textContent = `${event.data.done}/${event.data.total}`;
+      } else if (["done", "cancelled", "error"].includes(event.kind)) {
+        outcome = event;
+      }
+    }, {
+      until: (e) => e.data.propagation === started.propagation && ["done", "cancelled", "error"].includes(e.kind),
+      onRetry: () => say("lost the connection to the service: reconnecting and resuming…", true),
+      signal: propagation.signal,
+    });
+    if (outcome.kind === "done") say(`propagated: ${outcome.data.slices} slices`);
+    else if (outcome.kind === "cancelled") say(`cancelled: the ${outcome.data.slices} finished slices are kept`);
+    else say(`propagation failed: ${outcome.data.message} (the ${outcome.data.slices_kept} finished slices are kept)`, true);
+  } catch (error) {
+    failed(error);
+  }
+  closeEntry(entry);
+  propagation = null;
+  state.running = null;
+  refreshButtons();
+}
+
+function rangeParams() {
+  const range = $("range").value;
+  return range === "custom" ? { range, start: Number($("start").value), end: Number($("end").value) } : { range };
+}
+
+function propagateBox() {
+  if (!state.box || state.running) return;
+  const { view, slice, box } = state.box;
+  const range = rangeParams();
+  if (range.range === "box") {  // the service's "box" range needs RAS corners: the box's own slice here
+    Object.assign(range, { range: "custom", start: slice, end: slice });
+  }
+  return propagate({ view, slice, box, ...range }, `propagate from ${view} slice ${slice}`);
+}
+
+/** The view (name, array axis) and slice under the crosshair on the view being shown. */
+function currentSlice() {
+  const axCorSag = nv.opts.sliceType === SLICE_TYPE.MULTIPLANAR ? (state.box ? 2 - state.box.axis : 0) : nv.opts.sliceType;
+  const axis = state.grid.arrayAxisOfView(Math.min(axCorSag, 2));
+  const file = state.grid.rasToFile(Array.from(nv.frac2vox(nv.scene.crosshairPos)));
+  const view = Object.keys(state.views).find((name) => state.views[name].array_axis === axis);
+  return { view, axis, slice: file[2 - axis] };
+}
+
+function propagateFromHere() {
+  if (!ready() || state.running) return;
+  const { view, axis, slice } = currentSlice();
+  const mask = state.grid.readSlice(state.objects[state.active].labels, axis, slice);
+  if (!mask.some((v) => v)) {
+    say(`${view} slice ${slice} has no mask to propagate: draw or segment it first`, true);
+    return;
+  }
+  const range = rangeParams();
+  if (range.range === "box") Object.assign(range, { range: "whole" });
+  return propagate({ view, slice, mask: encodeMask(mask, state.grid.sliceShape(axis)), ...range },
+    `propagate from corrected ${view} slice ${slice}`);
+}
+
+async function cancel() {
+  if (state.running !== "propagate") return;
+  try {
+    await api.cancel(state.objects[state.active].job);
+    say("cancelling…");
+  } catch (error) {
+    failed(error);
+  }
+}
+
+// ---- pen and eraser ----
+
+function setTool(tool) {
+  state.tool = tool;
+  nv.setDrawingEnabled(tool !== "box");
+  if (tool !== "box") nv.setPenValue(tool === "pen" ? state.active + 1 : 0, false);
+  outline.hidden = true;
+  refreshButtons();
+}
+
+/** After a pen or eraser stroke: the shown slice of the drawing becomes the active object's slice. */
+nv.onMouseUp = () => {
+  if (!ready() || state.tool === "box") return;
+  const { view, axis, slice } = currentSlice();
+  const entry = openEntry(`${state.tool} on ${view} slice ${slice}`);
+  applySlice(entry, axis, slice, state.grid.drawnSlice(nv.drawBitmap, axis, slice, state.active + 1));
+  closeEntry(entry);
+  redraw();
+  refreshButtons();
+};
+
+// ---- downloads ----
+
+async function download(format) {
+  const object = state.objects[state.active];
+  try {
+    const blob = await api.result(object.job, format);
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(blob);
+    link.download = `${state.name.replace(/\.(nii\.gz|nii|nrrd|nhdr|mha)$/i, "")}_object${state.active + 1}.${format}`;
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+  } catch (error) {
+    failed(error);
+  }
+}
+
+// ---- wiring ----
+
+$("token").value = token.get();
+$("token").addEventListener("change", () => token.set($("token").value.trim()));
+$("file").addEventListener("change", () => $("file").files[0] && openFile($("file").files[0]).catch(failed));
+document.body.addEventListener("dragover", (e) => { e.preventDefault(); document.body.classList.add("dropping"); });
+document.body.addEventListener("dragleave", () => document.body.classList.remove("dropping"));
+document.body.addEventListener("drop", (e) => {
+  e.preventDefault();
+  document.body.classList.remove("dropping");
+  if (e.dataTransfer.files[0]) openFile(e.dataTransfer.files[0]).catch(failed);
+});
+document.querySelectorAll("[data-view]").forEach((b) => b.addEventListener("click", () => setView(Number(b.dataset.view))));
+document.querySelectorAll("[data-tool]").forEach((b) => b.addEventListener("click", () => setTool(b.dataset.tool)));
+$("window").addEventListener("change", applyWindow);
+$("range").addEventListener("change", () => { $("custom-range").hidden = $("range").value !== "custom"; });
+$("segment").addEventListener("click", segment);
+$("propagate").addEventListener("click", propagateBox);
+$("propagate-here").addEventListener("click", propagateFromHere);
+$("cancel").addEventListener("click", cancel);
+$("undo").addEventListener("click", () => undoRedo(state.history, state.future, "undo"));
+$("redo").addEventListener("click", () => undoRedo(state.future, state.history, "redo"));
+$("new-object").addEventListener("click", addObject);
+$("objects").addEventListener("change", () => { state.active = Number($("objects").value); setTool(state.tool); });
+$("opacity").addEventListener("input", () => nv.setDrawOpacity(Number($("opacity").value)));
+$("download-nii").addEventListener("click", () => download("nii.gz"));
+$("download-seg").addEventListener("click", () => download("seg.nrrd"));
+
+const KEYS = { s: segment, Enter: propagateBox, f: propagateFromHere, Escape: cancel, b: () => setTool("box"),
+  p: () => setTool("pen"), e: () => setTool("eraser"), n: addObject, 1: () => setView(0), 2: () => setView(1),
+  3: () => setView(2), 4: () => setView(3) };
+document.addEventListener("keydown", (e) => {
+  if (e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement) return;
+  if ((e.ctrlKey || e.metaKey) && e.key === "z") undoRedo(state.history, state.future, "undo");
+  else if ((e.ctrlKey || e.metaKey) && e.key === "y") undoRedo(state.future, state.history, "redo");
+  else if (KEYS[e.key] && !e.ctrlKey && !e.metaKey) KEYS[e.key]();
+  else return;
+  e.preventDefault();
+});
+setView(SLICE_TYPE.AXIAL);
+refreshButtons();
+say("open a NIfTI or NRRD volume (button or drag and drop)");

@@ -1,0 +1,153 @@
+"""The NiiVue web viewer in a real browser (Debian's chromium via Playwright) against a live service.
+
+Upload the phantom, drag a box with the mouse, segment, propagate with the progress bar, download; the NIfTI is
+scored against the truth in the file's own voxel order. Where the page's drawing is checked, its voxel order is
+computed here independently (nibabel's orientation), not with the page's own mapping.
+"""
+
+from __future__ import annotations
+
+import gzip
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from conftest import REPO
+from service_fixtures import Service
+from web_viewer_fixtures import canvas_point, drag, drawing, launch, ras_order, show_slice
+
+sys.path.insert(0, str(REPO / "Testing" / "Training"))
+from evaluate_phantom_model import dice  # noqa: E402
+from phantoms import make_phantom  # noqa: E402
+from test_end_to_end import GRIDS  # noqa: E402
+
+SIZE = (40, 80, 96)
+TOKEN = "viewer-test-token"
+SCREENSHOTS = REPO / "docs" / "screenshots"
+VIEWS = {"axial": 0, "coronal": 1}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    running = Service(tmp_path_factory.mktemp("web_service"), tokens=TOKEN).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        opened = launch(playwright)
+        yield opened
+        opened.close()
+
+
+@pytest.fixture
+def page(browser, service):
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda error: errors.append(str(error)))
+    opened.goto(service.url)
+    opened.fill("#token", TOKEN)
+    opened.dispatch_event("#token", "change")
+    yield opened
+    context.close()
+    assert not errors, f"errors on the page: {errors}"
+
+
+class Case:
+    """A phantom on a grid, its slices along file axis `2 - array_axis`, written as NIfTI."""
+
+    def __init__(self, folder: Path, seed: int, grid: str, array_axis: int = 0):
+        phantom = make_phantom(seed, size=SIZE, modality="ct")
+        self.affine = GRIDS[grid]
+        self.truth = np.moveaxis(phantom.mask, 0, array_axis).transpose(2, 1, 0)  # file (i, j, k)
+        self.path = folder / f"phantom_{grid}_{array_axis}.nii"
+        nib.save(nib.Nifti1Image(np.moveaxis(phantom.volume, 0, array_axis).transpose(2, 1, 0), self.affine),
+                 self.path)
+        self.file_axis = 2 - array_axis
+        self.key = phantom.key_index
+        self.to_ras, self.voxel = ras_order(self.affine, self.truth.shape)
+        x0, y0, x1, y1 = phantom.box()  # on the phantom's slice: x is its last axis, y its middle one
+        in_plane = [a for a in range(3) if a != self.file_axis]  # file axes of the slice, fastest first
+        corners = []
+        for x, y in ((x0 - 2, y0 - 2), (x1 + 2, y1 + 2)):
+            file = [0, 0, 0]
+            file[self.file_axis], file[in_plane[0]], file[in_plane[1]] = self.key, x, y
+            corners.append(self.voxel(file))
+        self.corners = corners
+
+
+def upload(page: Page, case: Case) -> None:
+    page.set_input_files("#file", str(case.path))
+    expect(page.locator("#message")).to_contain_text("ready: drag a box", timeout=90_000)
+    page.select_option("#window", "abdomen")  # the phantoms are CT
+
+
+def box_and_segment(page: Page, case: Case, view: str) -> None:
+    if view != "axial":
+        page.keyboard.press({"coronal": "2", "sagittal": "3"}[view])
+    show_slice(page, case.corners[0])
+    drag(page, canvas_point(page, case.corners[0], VIEWS[view]), canvas_point(page, case.corners[1], VIEWS[view]))
+    expect(page.locator("#box-text")).to_contain_text(f"slice {case.key}")
+    page.keyboard.press("s")
+    expect(page.locator("#message")).to_contain_text("segmented", timeout=60_000)
+
+
+def shown_slices(page: Page, case: Case) -> set[int]:
+    """File slices (along the case's slice axis) with mask voxels in the page's drawing."""
+    in_file_order = nib.orientations.apply_orientation(
+        drawing(page), nib.orientations.ornt_transform(nib.orientations.io_orientation(np.eye(4)),
+                                                       nib.orientations.io_orientation(case.affine)))
+    other = tuple(a for a in range(3) if a != case.file_axis)
+    return set(np.flatnonzero(np.asarray(in_file_order).any(axis=other)).tolist())
+
+
+def downloaded(page: Page, button: str = "#download-nii") -> bytes:
+    with page.expect_download() as info:
+        page.click(button)
+    return Path(info.value.path()).read_bytes()
+
+
+@pytest.mark.parametrize("grid,view", [("identity", "axial"), ("oblique", "axial"), ("flipped", "coronal")])
+def test_box_segment_propagate_download(page, tmp_path, grid, view):
+    case = Case(tmp_path, 2040 + len(grid), grid, array_axis=VIEWS[view])
+    upload(page, case)
+    if grid == "identity":
+        page.screenshot(path=str(SCREENSHOTS / "viewer_upload.png"))
+    box_and_segment(page, case, view)
+    if grid == "identity":
+        page.screenshot(path=str(SCREENSHOTS / "viewer_box.png"))
+    drawn = drawing(page) > 0
+    key_ras = case.to_ras(case.truth > 0)
+    assert shown_slices(page, case) == {case.key}  # on the right slice, and only there
+    assert dice(drawn, key_ras * (shown_mask_slice := _only_key(case, key_ras))) >= 0.8, shown_mask_slice.sum()
+
+    page.keyboard.press("Enter")
+    expect(page.locator("#message")).to_contain_text("propagated", timeout=180_000)
+    count = case.truth.shape[case.file_axis]
+    expect(page.locator("#progress-text")).to_have_text(f"{count}/{count}")
+    assert page.evaluate("document.getElementById('progress').value") == 1
+    assert dice(drawing(page) > 0, case.to_ras(case.truth > 0)) >= 0.8
+    if grid == "identity":
+        page.screenshot(path=str(SCREENSHOTS / "viewer_result.png"))
+
+    result = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
+    assert np.allclose(result.affine, case.affine, atol=1e-4)
+    labels = np.asarray(result.dataobj) > 0
+    assert labels.shape == case.truth.shape and dice(labels, case.truth) >= 0.8
+    assert downloaded(page, "#download-seg").startswith(b"NRRD")
+
+
+def _only_key(case: Case, ras_truth: np.ndarray) -> np.ndarray:
+    """A RAS-ordered selector of the key slice."""
+    file_key = np.zeros(case.truth.shape, bool)
+    index = [slice(None)] * 3
+    index[case.file_axis] = case.key
+    file_key[tuple(index)] = True
+    return case.to_ras(file_key)
