@@ -96,6 +96,13 @@ class Device(Choice):
     CPU = ("cpu", "CPU")
 
 
+class Precision(Choice):
+    AUTO = ("auto", _("Auto (bfloat16 where as accurate and faster)"))
+    FP32 = ("fp32", "float32")
+    BF16 = ("bf16", "bfloat16")
+    INT8 = ("int8", _("int8 image encoder (CPU)"))
+
+
 @parameterNodeWrapper
 class MedSAM2HITLParameterNode:
     """The panel's state, saved with the scene."""
@@ -111,6 +118,7 @@ class MedSAM2HITLParameterNode:
     intensity: Intensity = Intensity.MR
     checkpoint: str = "MedSAM2_latest"
     device: Device = Device.AUTO
+    precision: Precision = Precision.AUTO
     largestComponent: bool = False
 
 
@@ -308,7 +316,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         server = self.ui.computeComboBox.currentData == SERVER
         for widget in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit, self.ui.testConnectionButton):
             widget.enabled = server
-        for widget in (self.ui.checkpointRow, self.ui.deviceComboBox):
+        for widget in (self.ui.checkpointRow, self.ui.deviceComboBox, self.ui.precisionComboBox):
             widget.enabled = not server
         self.ui.serverInfoLabel.text = ""
         self.logic.setCompute(self.ui.computeComboBox.currentData, self.ui.serverUrlLineEdit.text.strip(),
@@ -604,11 +612,12 @@ class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Select a volume first."))
         if needRoi and not p.roiNode:
             raise ValueError(_("Select or place an ROI around the object first."))
-        model = (p.checkpoint, p.device.value) if self._compute[0] == "local" else self._compute
+        model = (p.checkpoint, p.device.value, p.precision.value) if self._compute[0] == "local" else self._compute
         if self._model != model:
             failed = lambda error: self._modelFailed(error, onError)  # noqa: E731
             if self._compute[0] == "local":
-                self.core.load_model(p.checkpoint, device=p.device.value, on_error=failed)
+                self.core.load_model(p.checkpoint, device=p.device.value, precision=p.precision.value,
+                                     on_error=failed)
             else:  # the service runs its own model; the answer names it
                 self.core.client.load_model(Path(p.checkpoint), on_error=failed)
             self._model = model

@@ -41,12 +41,13 @@ class SegmentationLogic:
         self._volume_ids: dict[str, str] = {}  # volume node ID → ID of the array the worker has
 
     def load_model(self, checkpoint: str | Path = "MedSAM2_latest", device: str = "auto", threads: int | None = None,
-                   on_done=None, on_error=None) -> Request:
+                   precision: str = "auto", on_done=None, on_error=None) -> Request:
         """Start the worker with a registry checkpoint name or a local file (raises if it is not downloaded)."""
         from .checkpoints import resolve_checkpoint
 
         path = resolve_checkpoint(str(checkpoint))
-        return self.client.load_model(path, device=device, threads=threads, on_done=on_done, on_error=on_error)
+        return self.client.load_model(path, device=device, threads=threads, precision=precision, on_done=on_done,
+                                      on_error=on_error)
 
     def segment_slice(self, volume_node, roi_node, segmentation_node=None, segment_id: str | None = None,
                       axis="axial", window="mr", on_done=None, on_error=None) -> Request:

@@ -150,16 +150,18 @@ def test_cli_info_shows_the_precision_and_rejects_a_bad_one():
     assert "argument --precision: invalid choice: 'fp16' (choose from 'auto', 'fp32', 'bf16', 'int8')" in bad.stderr
 
 
-def test_worker_loads_the_model_in_the_asked_precision():
+def test_worker_loads_the_model_in_the_precision_the_panel_asks_for():
+    """The panel's Precision choice goes through SegmentationLogic.load_model to the worker's engine."""
     from MedSAM2HITLLib.client import WorkerClient
+    from MedSAM2HITLLib.logic import SegmentationLogic
 
-    client = WorkerClient()
+    logic = SegmentationLogic(WorkerClient())
     try:
-        assert client.load_model(CHECKPOINT, device="cpu", threads=1, precision="int8").wait(120)["precision"] == "int8"
+        assert logic.load_model(CHECKPOINT, device="cpu", threads=1, precision="int8").wait(120)["precision"] == "int8"
         with pytest.raises(Exception, match="unknown precision 'half'"):
-            client.load_model(CHECKPOINT, device="cpu", precision="half").wait(120)
+            logic.load_model(CHECKPOINT, device="cpu", precision="half").wait(120)
     finally:
-        client.shutdown()
+        logic.stop_worker()
 
 
 def test_service_setting_reaches_the_workers_engine(monkeypatch, tmp_path):
