@@ -675,12 +675,12 @@ class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def startRoiPlacement():
-        """A new box ROI, made the active markup, with the slice views in place mode."""
+        """A new box ROI that the next two clicks in a view define (see MedSAM2HITLLib.roi_placement)."""
+        from MedSAM2HITLLib.roi_placement import start_roi_placement
+
         roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", slicer.mrmlScene.GenerateUniqueName("ROI"))
         roi.CreateDefaultDisplayNodes()
-        markupsLogic = slicer.modules.markups.logic()
-        markupsLogic.SetActiveList(roi)
-        markupsLogic.StartPlaceMode(False)
+        start_roi_placement(roi)
         return roi
 
     def cancel(self) -> None:
@@ -736,16 +736,25 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         return None
 
     def _randomCheckpoint(self):
-        """The fixture's model family at random init, for installed extensions that have no fixture."""
+        """The fixture's model family at random init, for installed extensions that have no fixture.
+
+        Built by PythonSlicer in a process of its own: torch never loads into Slicer's GUI process.
+        """
+        import subprocess
+
         self.delayDisplay("Fixture checkpoint not found: building a random-init one (structure checks only)")
         from MedSAM2HITLLib import dependencies
 
         dependencies.ensure()
-        from MedSAM2HITLLib.model import save_random_checkpoint
-
         folder = Path(slicer.app.temporaryPath) / "MedSAM2HITLTest"
         folder.mkdir(parents=True, exist_ok=True)
-        return save_random_checkpoint(folder / "random.pt", image_size=128)
+        path = folder / "random.pt"
+        script = ("import sys; sys.path.insert(0, sys.argv[1]); from MedSAM2HITLLib.model import "
+                  "save_random_checkpoint; save_random_checkpoint(sys.argv[2], image_size=128)")
+        made = subprocess.run(["PythonSlicer", "-c", script, str(Path(__file__).parent), str(path)],
+                              capture_output=True, text=True, timeout=self.TIMEOUT)
+        self.assertEqual(made.returncode, 0, f"building the random checkpoint failed: {made.stderr[-2000:]}")
+        return path
 
     def _wait(self, widget):
         deadline = time.monotonic() + self.TIMEOUT
@@ -774,21 +783,28 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         array = (40 + 10 * np.random.default_rng(0).standard_normal(truth.shape) + 160 * truth).astype(np.int16)
         return array, truth, 16, (24, 18, 44, 42)
 
-    @staticmethod
-    def _reference(checkpoint, array, key, box, first, last):
-        """What the engine itself answers in this process for the same inputs. The panel must agree with it,
-        whatever the model's quality: a flip, transpose or off-by-one anywhere in ROI → box → slice → segment
-        would break the agreement."""
+    def _reference(self, checkpoint, array, key, box, first, last):
+        """What the engine answers for the same inputs in a worker of its own, asked for voxel boxes directly.
+        The panel must agree with it, whatever the model's quality: a flip, transpose or off-by-one anywhere
+        in ROI → box → slice → segment would break the agreement. torch stays out of Slicer's process."""
         import numpy as np
 
-        from MedSAM2HITLLib.engine import Engine
+        from MedSAM2HITLLib.client import WorkerClient
+        from MedSAM2HITLLib.slicer_transport import slicer_transport_factory
 
-        engine = Engine.load(checkpoint, device="cpu")
-        engine.set_volume(array, "reference")
-        mask2d = engine.segment_slice(0, key, box, window="abdomen")
+        client = WorkerClient(transport_factory=slicer_transport_factory())
         mask3d = np.zeros(array.shape, bool)
-        for item in engine.propagate(0, key, box, start=first, end=last, window="abdomen"):
+
+        def keep(item):
             mask3d[item.index] = item.mask
+
+        try:
+            client.load_model(checkpoint, device="cpu").wait(self.TIMEOUT)
+            client.set_volume("reference", array).wait(self.TIMEOUT)
+            mask2d = client.segment_slice("reference", 0, key, box, window="abdomen").wait(self.TIMEOUT)
+            client.propagate("reference", 0, key, box, first, last, "abdomen", on_slice=keep).wait(self.TIMEOUT)
+        finally:
+            client.shutdown()
         return mask2d, mask3d
 
     def _segmentArray(self, p):
@@ -818,6 +834,9 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(roi)
         interaction = slicer.app.applicationLogic().GetInteractionNode()
         self.assertEqual(interaction.GetCurrentInteractionMode(), interaction.Place)
+        selection = slicer.app.applicationLogic().GetSelectionNode()  # the next clicks go to this ROI
+        self.assertEqual(selection.GetActivePlaceNodeClassName(), "vtkMRMLMarkupsROINode")
+        self.assertEqual(selection.GetActivePlaceNodeID(), roi.GetID())
         interaction.SetCurrentInteractionMode(interaction.ViewTransform)
         # Identity IJK->RAS: (x, y, z) = (i, j, k). The box plus one voxel each side, one slice thick.
         roi.SetCenter((x0 + x1) / 2, (y0 + y1) / 2, float(key))
@@ -872,6 +891,7 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         # Cancel right away: the slices written before the cancel landed (maybe none) go with one Undo.
         p.rangeMode = RangeMode.WHOLE
         widget.ui.propagateButton.click()
+        self.assertIsNotNone(widget._running, f"propagation did not start: {widget.ui.statusLabel.text}")
         request = widget._running[2]
         widget.ui.cancelButton.click()
         self._wait(widget)

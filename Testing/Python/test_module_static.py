@@ -189,6 +189,15 @@ def test_no_heavy_import_at_module_scope(path):
     assert not heavy, f"{path.name} imports {heavy} at module scope: import them inside the functions that need them"
 
 
+def test_the_module_file_never_loads_the_model_into_slicers_process():
+    """Not even inside functions (its self-test included): torch and the model run in the worker process."""
+    loaded = [(node.lineno, name) for node in ast.walk(ast.parse(MODULE_FILE.read_text(encoding="utf-8")))
+              for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                           [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+              if name.split(".")[0] in HEAVY or name in ("MedSAM2HITLLib.engine", "MedSAM2HITLLib.model")]
+    assert not loaded, f"MedSAM2HITL.py imports {loaded}: ask a worker instead"
+
+
 def test_the_ast_check_sees_module_scope_imports(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("import os\ntry:\n    import torch\nexcept ImportError:\n    pass\n"
