@@ -1,43 +1,47 @@
-"""Worker transport inside 3D Slicer: the worker as a long-lived ParallelProcessing `Processes.Process` (QProcess).
+"""Worker transport inside 3D Slicer: the worker as a long-lived `qt.QProcess` running `PythonSlicer worker.py`.
 
 Qt reads the worker's output on the main thread (readyRead signals), so frames are decoded and dispatched there
 and request callbacks may touch MRML. Decoding, the stderr tail and exit reporting are `Transport`'s, shared with
-the subprocess transport. qt and Processes are imported only when a transport is made, so this module imports
-anywhere.
+the subprocess transport. A plain QProcess, not ParallelProcessing's `Process`: that class runs one pickled job
+per process and only its `ProcessesLogic` (which this worker would bypass) shows processes in its panel, so the
+extension would be a dependency in name only. qt is imported only when a transport is made, so this module
+imports anywhere.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .client import Transport
 from .process_tree import kill_tree
 
 WORKER_SCRIPT = Path(__file__).with_name("worker.py")
+WRITE_CHUNK_BYTES = 16 << 20
+
+
+def chunks(buffers: list, size: int = WRITE_CHUNK_BYTES) -> Iterator[bytes]:
+    """The bytes of `buffers` in pieces of at most `size`: a volume reaches Qt's write buffer with one copy
+    alive at a time beside it, not joined into a second whole copy first."""
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        for offset in range(0, len(view), size):
+            yield bytes(view[offset:offset + size])
 
 
 def slicer_transport_factory(python: str = "PythonSlicer", script: Path = WORKER_SCRIPT) -> Callable:
-    """A `WorkerClient(transport_factory=...)` argument that runs `PythonSlicer worker.py` as a kept-alive Process."""
+    """A `WorkerClient(transport_factory=...)` argument that runs `PythonSlicer worker.py` in a kept-alive QProcess."""
     try:
         import qt
-        from Processes import Process
     except ImportError as exc:
-        raise ImportError(
-            f"the Slicer worker transport needs 3D Slicer with the ParallelProcessing extension ({exc}); "
-            "outside Slicer use the default SubprocessTransport"
-        ) from exc
+        raise ImportError(f"the Slicer worker transport needs 3D Slicer's qt ({exc}); outside Slicer use the "
+                          "default SubprocessTransport") from exc
 
-    class WorkerProcess(Process):
-        """A Process that stays alive: requests are written while it runs, output is read as it arrives.
-
-        Process.run() would write one pickled input, close stdin and read stdout once at exit; this class starts
-        the process itself and never uses those steps.
-        """
+    class WorkerProcess(qt.QProcess):
+        """The worker process; its output is handed to the transport as it arrives."""
 
         def __init__(self, transport: "SlicerTransport"):
-            super().__init__(str(script))
-            self.name = "MedSAM2 worker"
+            super().__init__()
             self.transport = transport
             self.connect("readyReadStandardOutput()", self.onStandardOutput)
             self.connect("readyReadStandardError()", self.onStandardError)
@@ -60,12 +64,6 @@ def slicer_transport_factory(python: str = "PythonSlicer", script: Path = WORKER
             if error == qt.QProcess.FailedToStart:
                 self.transport.ended(f"could not start the worker with {python}: {self.errorString()}")
 
-        def prepareProcessInput(self) -> bytes:
-            return b""  # requests are sent one by one through SlicerTransport.send
-
-        def useProcessOutput(self, processOutput) -> None:
-            pass  # output is dispatched as it arrives
-
     class SlicerTransport(Transport):
         def __init__(self, handler):
             super().__init__(handler)
@@ -75,7 +73,8 @@ def slicer_transport_factory(python: str = "PythonSlicer", script: Path = WORKER
             self.process.start(python, [str(script)])
 
         def send(self, buffers: list) -> None:
-            self.process.write(qt.QByteArray(b"".join(bytes(buffer) for buffer in buffers)))
+            for piece in chunks(buffers):
+                self.process.write(qt.QByteArray(piece))
 
         def pump(self, timeout: float) -> None:
             """For scripts that wait(): run Qt's queued events, then wait for output."""

@@ -205,7 +205,7 @@ def test_the_ast_check_sees_module_scope_imports(tmp_path):
     assert [name for _, name in _module_scope_imports(sample)] == ["os", "torch", "sam2"]
 
 
-# Every Lib module, the Slicer transport included: it imports qt and Processes only when a transport is made.
+# Every Lib module, the Slicer transport included: it imports qt only when a transport is made.
 LIB_MODULES = sorted(p.stem for p in LIB_DIR.glob("*.py") if p.stem != "__init__")
 
 

@@ -421,5 +421,27 @@ def test_worker_runs_as_a_script_path_like_pythonslicer_starts_it():
 def test_slicer_transport_imports_outside_slicer_and_says_what_it_needs():
     from MedSAM2HITLLib import slicer_transport
 
-    with pytest.raises(ImportError, match="ParallelProcessing"):
+    with pytest.raises(ImportError, match="needs 3D Slicer"):
         slicer_transport.slicer_transport_factory()
+
+
+def test_slicer_transport_hands_a_volume_to_qt_in_bounded_pieces():
+    """No joined second copy of the volume: what is alive beside the array is one piece at a time."""
+    import tracemalloc
+
+    from MedSAM2HITLLib.slicer_transport import chunks
+
+    volume = np.arange(12 << 20, dtype=np.int16)  # 24 MiB
+    header = b"frame header"
+    sent = bytearray()
+    tracemalloc.start()
+    try:
+        for piece in chunks([header, memoryview(volume)], size=1 << 20):
+            assert len(piece) <= 1 << 20
+            sent += piece  # stands for Qt's write buffer, the one copy that has to exist
+            del piece
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert bytes(sent) == header + volume.tobytes()
+    assert peak < len(sent) + (3 << 20), f"peak {peak / 2**20:.1f} MiB for a {len(sent) / 2**20:.1f} MiB volume"
