@@ -202,7 +202,13 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._download:
             self._download.cancel()
         if self.logic:
-            self.logic.stopWorker()
+            self.logic.stopWorker(atOnce=True)  # Slicer is closing or reloading the module: do not wait
+
+    def onReload(self) -> None:
+        """Reload re-imports MedSAM2HITLLib too: Slicer's Reload re-runs only this file."""
+        for name in [n for n in sys.modules if n == "MedSAM2HITLLib" or n.startswith("MedSAM2HITLLib.")]:
+            del sys.modules[name]
+        super().onReload()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -216,7 +222,12 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
 
     def onSceneStartClose(self, caller, event) -> None:
+        """Stop what runs on the closing scene; the worker drops its volumes and the undo histories go."""
         self.setParameterNode(None)
+        if self._running:
+            self.logic.cancel()
+            self._finish()  # the cancelled request's late answer is ignored
+        self.logic.forgetScene()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -701,9 +712,13 @@ class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):
     def canRedo(self, segmentation) -> bool:
         return bool(self._core and segmentation and self._core.history(segmentation).can_redo)
 
-    def stopWorker(self) -> None:
+    def stopWorker(self, atOnce: bool = False) -> None:
         if self._core:
-            self._core.stop_worker()
+            self._core.stop_worker(at_once=atOnce)
+
+    def forgetScene(self) -> None:
+        if self._core:
+            self._core.forget_scene()
 
     def workerState(self) -> str:
         """stopped, starting, loading, ready or busy."""

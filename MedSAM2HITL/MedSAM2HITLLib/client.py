@@ -486,6 +486,14 @@ class WorkerClient:
         if self._transport is transport:  # close() normally reports the exit; make sure we end stopped
             self.on_exit("the worker was shut down")
 
+    def kill(self) -> None:
+        """Stop the worker at once, process tree and all (Slicer closing or reloading must not wait on it)."""
+        transport = self._transport
+        if transport is not None:
+            transport.kill()
+            if self._transport is transport:
+                self.on_exit("the worker was stopped")
+
     def pump(self, timeout: float = 0.0) -> None:
         """Dispatch what the worker sent (used by Request.wait(); Qt's event loop does this in Slicer)."""
         if self._transport is None:

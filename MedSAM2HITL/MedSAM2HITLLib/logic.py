@@ -137,8 +137,19 @@ class SegmentationLogic:
     def redo(self, segmentation_node) -> bool:
         return self.history(segmentation_node).redo()
 
-    def stop_worker(self) -> None:
-        self.client.shutdown()
+    def stop_worker(self, at_once: bool = False) -> None:
+        """Stop the worker politely, or `at_once` (Slicer closing or reloading the module must not wait)."""
+        if at_once:
+            self.client.kill()
+        else:
+            self.client.shutdown()
+
+    def forget_scene(self) -> None:
+        """The scene is closing: the worker drops its copies of the scene's volumes, undo histories go."""
+        for volume_id in self._volume_ids.values():
+            self.client.forget_volume(volume_id)
+        self._volume_ids.clear()
+        self._histories.clear()
 
     def use_client(self, client: WorkerClient) -> None:
         """Run from now on through `client` (this computer ↔ the service); undo histories are kept."""

@@ -50,7 +50,8 @@ def descendants(pid: int) -> list[int]:
 def kill_tree(pid: int) -> None:
     """Forcefully stop `pid` and all its descendants; processes already gone are ignored."""
     if os.name == "nt":
-        subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, check=False)
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, check=False,
+                       creationflags=subprocess.CREATE_NO_WINDOW)  # no console window flashing up in Slicer
         return
     import signal
 

@@ -152,3 +152,60 @@ def test_a_changed_volume_is_sent_again(logic, scene_nodes):
     logic.segment_slice(volume, roi, segmentation, segment_id, window="abdomen").wait(120)
     second = segment_array(segmentation, segment_id, volume)[7]
     assert not np.array_equal(first, second)  # a blank slice gives another mask than the block did
+
+
+def test_closing_the_scene_frees_the_workers_volumes_and_the_histories(logic, scene_nodes):
+    scene, volume, roi, data = scene_nodes
+    segmentation, segment_id = logic.segment_slice(volume, roi, None, window="abdomen").wait(120)
+    assert logic.history(segmentation).can_undo
+    held = logic.client.status().wait(30)["volumes"]
+    assert held
+    import time
+
+    logic.forget_scene()
+    deadline = time.monotonic() + 10  # status is answered at once, ahead of the queued forget requests
+    while logic.client.status().wait(30)["volumes"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not logic.client.status().wait(30)["volumes"]
+    assert not logic.history(segmentation).can_undo  # a fresh history: the closed scene's is gone
+    logic.segment_slice(volume, roi, segmentation, segment_id, window="abdomen").wait(120)  # sent again on demand
+
+
+def test_stopping_at_once_does_not_wait_for_a_running_propagation(random_checkpoint, scene_nodes):
+    import time
+
+    from MedSAM2HITLLib.client import WorkerError
+    from MedSAM2HITLLib.logic import SegmentationLogic
+
+    scene, volume, roi, data = scene_nodes
+    logic = SegmentationLogic()
+    logic.load_model(random_checkpoint, device="cpu", threads=2).wait(120)
+    segmentation, segment_id = logic.segment_slice(volume, roi, None, window="abdomen").wait(120)
+    pid = logic.client.status().wait(30)["pid"]
+    stopped = {}
+
+    def on_progress(done, total):
+        if not stopped:
+            began = time.monotonic()
+            logic.stop_worker(at_once=True)
+            stopped["seconds"] = time.monotonic() - began
+
+    request = logic.propagate(volume, segmentation, segment_id, roi_node=roi, window="abdomen", on_progress=on_progress)
+    with pytest.raises(WorkerError):
+        request.wait(60)
+    assert stopped["seconds"] < 1.0
+    assert logic.client.state == "stopped"
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
