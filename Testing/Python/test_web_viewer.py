@@ -11,13 +11,14 @@ import gzip
 import sys
 from pathlib import Path
 
+import httpx
 import nibabel as nib
 import numpy as np
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from conftest import REPO
-from service_fixtures import Service
+from service_fixtures import Service, wait_for
 from web_viewer_fixtures import canvas_point, drag, drawing, launch, ras_order, show_slice
 
 sys.path.insert(0, str(REPO / "Testing" / "Training"))
@@ -91,7 +92,7 @@ def upload(page: Page, case: Case) -> None:
 
 def box_and_segment(page: Page, case: Case, view: str) -> None:
     if view != "axial":
-        page.keyboard.press({"coronal": "2", "sagittal": "3"}[view])
+        page.click(f"[data-view='{VIEWS[view]}']")
     show_slice(page, case.corners[0])
     drag(page, canvas_point(page, case.corners[0], VIEWS[view]), canvas_point(page, case.corners[1], VIEWS[view]))
     expect(page.locator("#box-text")).to_contain_text(f"slice {case.key}")
@@ -106,6 +107,15 @@ def shown_slices(page: Page, case: Case) -> set[int]:
                                                        nib.orientations.io_orientation(case.affine)))
     other = tuple(a for a in range(3) if a != case.file_axis)
     return set(np.flatnonzero(np.asarray(in_file_order).any(axis=other)).tolist())
+
+
+def key_slice(case: Case) -> np.ndarray:
+    """The key slice's voxels, in NiiVue's RAS voxel order."""
+    selected = np.zeros(case.truth.shape, bool)
+    index = [slice(None)] * 3
+    index[case.file_axis] = case.key
+    selected[tuple(index)] = True
+    return case.to_ras(selected)
 
 
 def downloaded(page: Page, button: str = "#download-nii") -> bytes:
@@ -123,10 +133,8 @@ def test_box_segment_propagate_download(page, tmp_path, grid, view):
     box_and_segment(page, case, view)
     if grid == "identity":
         page.screenshot(path=str(SCREENSHOTS / "viewer_box.png"))
-    drawn = drawing(page) > 0
-    key_ras = case.to_ras(case.truth > 0)
     assert shown_slices(page, case) == {case.key}  # on the right slice, and only there
-    assert dice(drawn, key_ras * (shown_mask_slice := _only_key(case, key_ras))) >= 0.8, shown_mask_slice.sum()
+    assert dice(drawing(page) > 0, case.to_ras(case.truth > 0) & key_slice(case)) >= 0.8
 
     page.keyboard.press("Enter")
     expect(page.locator("#message")).to_contain_text("propagated", timeout=180_000)
@@ -144,10 +152,72 @@ def test_box_segment_propagate_download(page, tmp_path, grid, view):
     assert downloaded(page, "#download-seg").startswith(b"NRRD")
 
 
-def _only_key(case: Case, ras_truth: np.ndarray) -> np.ndarray:
-    """A RAS-ordered selector of the key slice."""
-    file_key = np.zeros(case.truth.shape, bool)
-    index = [slice(None)] * 3
-    index[case.file_axis] = case.key
-    file_key[tuple(index)] = True
-    return case.to_ras(file_key)
+def test_cancel_keeps_finished_slices_then_undo_and_redo(page, tmp_path):
+    case = Case(tmp_path, 2101, "identity")
+    upload(page, case)
+    box_and_segment(page, case, "axial")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.getElementById('progress').value >= 0.1", timeout=120_000)
+    page.keyboard.press("Escape")
+    expect(page.locator("#message")).to_contain_text("cancelled", timeout=60_000)
+    kept = shown_slices(page, case)
+    count = case.truth.shape[case.file_axis]
+    assert 3 <= len(kept) < count and case.key in kept
+    result = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
+    assert set(np.flatnonzero((np.asarray(result.dataobj) > 0).any(axis=(0, 1))).tolist()) == kept
+
+    page.keyboard.press("Control+z")  # the propagation: back to the segmented key slice
+    expect(page.locator("#message")).to_contain_text("undo: propagate")
+    assert shown_slices(page, case) == {case.key}
+    page.keyboard.press("Control+z")  # the segmentation: nothing left
+    expect(page.locator("#message")).to_contain_text("undo: segment")
+    assert shown_slices(page, case) == set()
+    page.keyboard.press("Control+y")
+    page.keyboard.press("Control+y")
+    expect(page.locator("#message")).to_contain_text("redo: propagate")
+    assert shown_slices(page, case) == kept
+
+
+def test_eraser_correction_propagates_from_the_corrected_slice(page, tmp_path):
+    case = Case(tmp_path, 2102, "flipped")
+    upload(page, case)
+    box_and_segment(page, case, "axial")
+    before = drawing(page) > 0
+    page.keyboard.press("e")
+    page.fill("#opacity", "0.8")
+    centre = np.round(np.mean(case.corners, axis=0)).astype(int).tolist()
+    left, right = list(centre), list(centre)
+    left[0], right[0] = min(c[0] for c in case.corners), max(c[0] for c in case.corners)
+    drag(page, canvas_point(page, left, 0), canvas_point(page, right, 0))  # an eraser stroke across the mask
+    corrected = drawing(page) > 0
+    erased = before & ~corrected
+    assert erased.sum() > 0 and not (corrected & ~before).any()
+    page.keyboard.press("f")
+    expect(page.locator("#message")).to_contain_text("propagated", timeout=180_000)
+    after = drawing(page) > 0
+    key = key_slice(case)
+    assert np.array_equal(after & key, corrected & key)  # the corrected slice stays exactly as drawn
+    result = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
+    labels = case.to_ras(np.asarray(result.dataobj) > 0)
+    assert np.array_equal(labels & key, corrected & key) and len(shown_slices(page, case)) > 10
+
+
+def test_stopped_server_shows_an_error_and_the_page_stays_usable(page, service, tmp_path):
+    """Last in the module: it stops the API and starts it again."""
+    case = Case(tmp_path, 2103, "identity")
+    upload(page, case)
+    show_slice(page, case.corners[0])
+    drag(page, canvas_point(page, case.corners[0], 0), canvas_point(page, case.corners[1], 0))
+    service.kill("api")
+    try:
+        page.keyboard.press("s")
+        expect(page.locator("#message")).to_contain_text("lost the connection", timeout=15_000)
+        expect(page.locator("#message")).to_have_class("error")
+        page.click("[data-view='1']")  # the page still answers
+        expect(page.locator("[data-view='1']")).to_have_class("active")
+        expect(page.locator("#segment")).to_be_enabled()
+    finally:
+        service.start_process("api", [sys.executable, "-m", "medsam2hitl_server", "api"])
+    wait_for(lambda: httpx.get(f"{service.url}/readyz").status_code == 200, 60, "the API restarting")
+    page.keyboard.press("s")
+    expect(page.locator("#message")).to_contain_text("segmented", timeout=60_000)

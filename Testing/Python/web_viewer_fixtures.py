@@ -57,14 +57,12 @@ def show_slice(page, ras_voxel: list[int]) -> None:
 
 
 def canvas_point(page, ras_voxel: list[int], axcorsag: int) -> tuple[float, float]:
-    """Page coordinates of a RAS voxel's centre on the single 2D view `axcorsag` (0 axial, 1 coronal, 2 sag.)."""
+    """Page coordinates of a RAS voxel's centre on the 2D view `axcorsag` (0 axial, 1 coronal, 2 sagittal),
+    from NiiVue's own voxel → screen mapping."""
     return tuple(page.evaluate("""([v, view]) => {
-        const nv = viewer.nv, d = viewer.state.grid.dimsRAS, tile = nv.screenSlices.find((s) => s.axCorSag === view);
-        const [l, t, w, h] = tile.leftTopWidthHeight, dpr = nv.uiData.dpr || 1;
-        const [ax, ay] = view === 0 ? [0, 1] : view === 1 ? [0, 2] : [1, 2];
-        const fx = (v[ax] + 0.5) / d[ax], fy = (v[ay] + 0.5) / d[ay];
-        const rect = nv.canvas.getBoundingClientRect();
-        return [rect.left + (l + fx * w) / dpr, rect.top + (t + (1 - fy) * h) / dpr]; }""", [ras_voxel, axcorsag]))
+        const nv = viewer.nv, dpr = nv.uiData.dpr || 1, rect = nv.canvas.getBoundingClientRect();
+        const found = nv.frac2canvasPosWithTile(nv.vox2frac(v), view);
+        return [rect.left + found.pos[0] / dpr, rect.top + found.pos[1] / dpr]; }""", [ras_voxel, axcorsag]))
 
 
 def drag(page, start: tuple[float, float], end: tuple[float, float]) -> None:

@@ -127,7 +127,8 @@ window.addEventListener("pointerup", () => { dragFrom = null; });
 
 nv.onDragRelease = (drag) => {
   if (!ready() || state.tool !== "box") return;
-  const found = state.grid.boxOf(drag.axCorSag, Array.from(drag.voxStart), Array.from(drag.voxEnd));
+  const inside = (vox) => Array.from(vox).map((v, a) => Math.min(Math.max(v, 0), state.grid.dimsRAS[a] - 1));
+  const found = state.grid.boxOf(drag.axCorSag, inside(drag.voxStart), inside(drag.voxEnd));
   const view = Object.keys(state.views).find((name) => state.views[name].array_axis === found.axis);
   if (found.box[0] === found.box[2] || found.box[1] === found.box[3]) {
     say("the box is too thin: drag a box around the object on one slice", true);
@@ -231,6 +232,7 @@ async function segment() {
 
 let propagation = null;
 
+/** Run a propagation; with a `mask` its key slice stays as drawn (the service keeps it, whatever its event says). */
 async function propagate(params, label) {
   const object = state.objects[state.active];
   state.running = "propagate";
@@ -246,7 +248,9 @@ async function propagate(params, label) {
     await followEvents(object.job, started.events_after, (event) => {
       if (event.data.propagation !== started.propagation) return;
       if (event.kind === "slice") {
-        applySlice(entry, event.data.array_axis, event.data.slice, decodeMask(event.data.mask));
+        if (!(params.mask && event.data.slice === params.slice)) {
+          applySlice(entry, event.data.array_axis, event.data.slice, decodeMask(event.data.mask));
+        }
         redraw();
         $("progress").value = event.data.done / event.data.total;
         $("progress-text").textContent = `${event.data.done}/${event.data.total}`;
@@ -310,9 +314,9 @@ function propagateFromHere() {
 
 async function cancel() {
   if (state.running !== "propagate") return;
+  say("cancelling…");  // before the request: the "cancelled" event may arrive before its reply
   try {
     await api.cancel(state.objects[state.active].job);
-    say("cancelling…");
   } catch (error) {
     failed(error);
   }
@@ -323,6 +327,8 @@ async function cancel() {
 function setTool(tool) {
   state.tool = tool;
   nv.setDrawingEnabled(tool !== "box");
+  // NiiVue draws where its crosshair goes: the pen needs the left button on the crosshair, the box does not
+  nv.opts.mouseEventConfig.leftButton.primary = tool === "box" ? DRAG_MODE.callbackOnly : DRAG_MODE.crosshair;
   if (tool !== "box") nv.setPenValue(tool === "pen" ? state.active + 1 : 0, false);
   outline.hidden = true;
   refreshButtons();
