@@ -8,6 +8,7 @@ computed here independently (nibabel's orientation), not with the page's own map
 from __future__ import annotations
 
 import gzip
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from test_end_to_end import GRIDS  # noqa: E402
 
 SIZE = (40, 80, 96)
 TOKEN = "viewer-test-token"
-SCREENSHOTS = REPO / "docs" / "screenshots"
+SCREENSHOTS = REPO / "docs" / "screenshots"  # refreshed with MEDSAM2HITL_SAVE_SCREENSHOTS=1
 VIEWS = {"axial": 0, "coronal": 1}
 
 
@@ -109,6 +110,12 @@ def shown_slices(page: Page, case: Case) -> set[int]:
     return set(np.flatnonzero(np.asarray(in_file_order).any(axis=other)).tolist())
 
 
+def screenshot(page: Page, folder: Path, name: str) -> None:
+    """The page as the user sees it; the README's copies in docs/screenshots are refreshed on request."""
+    keep = os.environ.get("MEDSAM2HITL_SAVE_SCREENSHOTS") == "1" and name.endswith("_identity.png")
+    page.screenshot(path=str((SCREENSHOTS if keep else folder) / name))
+
+
 def key_slice(case: Case) -> np.ndarray:
     """The key slice's voxels, in NiiVue's RAS voxel order."""
     selected = np.zeros(case.truth.shape, bool)
@@ -128,11 +135,9 @@ def downloaded(page: Page, button: str = "#download-nii") -> bytes:
 def test_box_segment_propagate_download(page, tmp_path, grid, view):
     case = Case(tmp_path, 2040 + len(grid), grid, array_axis=VIEWS[view])
     upload(page, case)
-    if grid == "identity":
-        page.screenshot(path=str(SCREENSHOTS / "viewer_upload.png"))
+    screenshot(page, tmp_path, f"viewer_upload_{grid}.png")
     box_and_segment(page, case, view)
-    if grid == "identity":
-        page.screenshot(path=str(SCREENSHOTS / "viewer_box.png"))
+    screenshot(page, tmp_path, f"viewer_box_{grid}.png")
     assert shown_slices(page, case) == {case.key}  # on the right slice, and only there
     assert dice(drawing(page) > 0, case.to_ras(case.truth > 0) & key_slice(case)) >= 0.8
 
@@ -142,8 +147,7 @@ def test_box_segment_propagate_download(page, tmp_path, grid, view):
     expect(page.locator("#progress-text")).to_have_text(f"{count}/{count}")
     assert page.evaluate("document.getElementById('progress').value") == 1
     assert dice(drawing(page) > 0, case.to_ras(case.truth > 0)) >= 0.8
-    if grid == "identity":
-        page.screenshot(path=str(SCREENSHOTS / "viewer_result.png"))
+    screenshot(page, tmp_path, f"viewer_result_{grid}.png")
 
     result = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
     assert np.allclose(result.affine, case.affine, atol=1e-4)
