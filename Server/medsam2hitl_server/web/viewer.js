@@ -171,6 +171,7 @@ function closeEntry(entry) {
   state.future = [];
 }
 
+/** Put an entry's slices back; returns how many became empty (the API has no call that clears a slice). */
 async function restore(entry, which) {
   const object = state.objects[entry.object];
   for (const [key, mask] of entry[which]) {
@@ -180,15 +181,17 @@ async function restore(entry, which) {
   }
   redraw();
   // the service keeps each slice as it was last sent: send the restored slices back one by one
+  let emptied = 0;
   for (const [key, mask] of entry[which]) {
     const [axis, index] = key.split(":").map(Number);
-    if (!mask.some((v) => v)) continue;
+    if (!mask.some((v) => v)) { emptied++; continue; }
     const view = Object.keys(state.views).find((name) => state.views[name].array_axis === axis);
     const started = await api.propagate(object.job, { view, slice: index, range: "custom", start: index, end: index,
       mask: encodeMask(mask, state.grid.sliceShape(axis)), window: $("window").value });
     await followEvents(object.job, started.events_after, () => {}, {
       until: (e) => ["done", "cancelled", "error"].includes(e.kind), onRetry: () => {} });
   }
+  return emptied;
 }
 
 async function undoRedo(from, to, verb) {
@@ -197,9 +200,10 @@ async function undoRedo(from, to, verb) {
   state.running = verb;
   refreshButtons();
   try {
-    await restore(entry, verb === "undo" ? "before" : "after");
+    const emptied = await restore(entry, verb === "undo" ? "before" : "after");
     to.push(entry);
-    say(`${verb}: ${entry.label}`);
+    say(`${verb}: ${entry.label}` + (emptied ? ` (${emptied} emptied slices are cleared on this page only: the ` +
+      "service keeps their last mask in downloads until they are segmented again)" : ""));
   } catch (error) {
     from.push(entry);
     failed(error);
