@@ -140,14 +140,17 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._download = None
         self._timer = None
         self._pumpTimer = None
+        self.segmentEditorWidget = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSAM2HITL.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self._setupSegmentEditor()
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = MedSAM2HITLLogic()
+        editor = self.segmentEditorWidget
+        self.logic = MedSAM2HITLLogic(editorFor=lambda segmentation: EmbeddedEditorHistory(editor, segmentation))
 
         from MedSAM2HITLLib import compute_backend
         from MedSAM2HITLLib.checkpoints import REGISTRY
@@ -211,11 +214,17 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         super().onReload()
 
     def enter(self) -> None:
+        self._selectSegmentEditorNode()
         self.initializeParameterNode()
         self._installShortcuts()
+        self.segmentEditorWidget.installKeyboardShortcuts()
+        self.segmentEditorWidget.setupViewObservations()
 
     def exit(self) -> None:
         self._removeShortcuts()
+        self.segmentEditorWidget.setActiveEffect(None)
+        self.segmentEditorWidget.uninstallKeyboardShortcuts()
+        self.segmentEditorWidget.removeViewObservations()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -224,14 +233,49 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         """Stop what runs on the closing scene; the worker drops its volumes and the undo histories go."""
         self.setParameterNode(None)
+        self.segmentEditorWidget.setSegmentationNode(None)
         if self._running:
             self.logic.cancel()
             self._finish()  # the cancelled request's late answer is ignored
         self.logic.forgetScene()
 
     def onSceneEndClose(self, caller, event) -> None:
+        self._selectSegmentEditorNode()
         if self.parent.isEntered:
             self.initializeParameterNode()
+
+    # --- the embedded Segment Editor -------------------------------------------------------------------------
+
+    def _setupSegmentEditor(self) -> None:
+        """Corrections without leaving the module; its parameter node is set before the scene, as Slicer asks."""
+        import qSlicerSegmentationsModuleWidgetsPythonQt
+
+        self.segmentEditorWidget = qSlicerSegmentationsModuleWidgetsPythonQt.qMRMLSegmentEditorWidget()
+        self.segmentEditorWidget.setMaximumNumberOfUndoStates(30)
+        self.segmentEditorWidget.setSegmentationNodeSelectorVisible(False)  # the panel's Inputs choose them
+        self.segmentEditorWidget.setSourceVolumeNodeSelectorVisible(False)
+        self._selectSegmentEditorNode()
+        self.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
+        self.ui.correctCollapsibleButton.layout().addWidget(self.segmentEditorWidget)
+
+    def _selectSegmentEditorNode(self) -> None:
+        tag = "MedSAM2HITL"
+        node = slicer.mrmlScene.GetSingletonNode(tag, "vtkMRMLSegmentEditorNode")
+        if node is None:
+            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            node.UnRegister(None)
+            node.SetSingletonTag(tag)
+            node = slicer.mrmlScene.AddNode(node)
+        if self.segmentEditorWidget.mrmlSegmentEditorNode() != node:
+            self.segmentEditorWidget.setMRMLSegmentEditorNode(node)
+
+    def _showInSegmentEditor(self, p) -> None:
+        if self.segmentEditorWidget.segmentationNode() != p.segmentationNode:
+            self.segmentEditorWidget.setSegmentationNode(p.segmentationNode)
+        if p.inputVolume and self.segmentEditorWidget.sourceVolumeNode() != p.inputVolume:
+            self.segmentEditorWidget.setSourceVolumeNode(p.inputVolume)
+        if p.segmentId and self.segmentEditorWidget.currentSegmentID() != p.segmentId:
+            self.segmentEditorWidget.setCurrentSegmentID(p.segmentId)
 
     # --- parameter node -------------------------------------------------------------------------------------
 
@@ -265,6 +309,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 segmentation = p.segmentationNode.GetSegmentation()
                 p.segmentId = segmentation.GetSegmentIdBySegmentName(p.roiNode.GetName()) if p.roiNode else ""
         self.ui.segmentSelector.setCurrentNode(p.segmentationNode)
+        self._showInSegmentEditor(p)
         if p.segmentId and self.ui.segmentSelector.currentSegmentID() != p.segmentId:
             self.ui.segmentSelector.setCurrentSegmentID(p.segmentId)
         if self.ui.checkpointComboBox.currentText != p.checkpoint:
@@ -561,8 +606,10 @@ class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):
     The library logic (and its worker process) is created on first use, so opening the module costs nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, editorFor=None) -> None:
+        """`editorFor(segmentationNode)`: the Segment Editor whose undo stack the results go on."""
         ScriptedLoadableModuleLogic.__init__(self)
+        self._editorFor = editorFor
         self._core = None
         self._model = None  # (checkpoint, device) last sent to the worker client
         self._compute = ("local", "", "")  # (where, server URL, token): see setCompute
@@ -576,7 +623,7 @@ class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):
         if self._core is None:
             from MedSAM2HITLLib.logic import SegmentationLogic
 
-            self._core = SegmentationLogic(client=self._newClient())
+            self._core = SegmentationLogic(client=self._newClient(), editor_for=self._editorFor)
         return self._core
 
     def _newClient(self):
@@ -727,6 +774,34 @@ class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):
     def workerNotice(self) -> str:
         """What the worker last said of its state, e.g. the service's queue position ("" if nothing)."""
         return self._core.client.notice if self._core else ""
+
+
+class EmbeddedEditorHistory:
+    """The panel's Segment Editor as the history of one segmentation, in the calls the library makes
+    (vtkSlicerSegmentEditorLogic's names): the editor's own Undo and the panel's Undo use one stack."""
+
+    def __init__(self, editor, segmentationNode):
+        self.editor, self.segmentationNode = editor, segmentationNode
+
+    def _showing(self) -> bool:
+        return self.editor.segmentationNode() == self.segmentationNode
+
+    def SaveStateForUndo(self) -> None:
+        if not self._showing():
+            self.editor.setSegmentationNode(self.segmentationNode)
+        self.editor.saveStateForUndo()
+
+    def CanUndo(self) -> bool:  # the editor enables its Undo button exactly when its logic CanUndo()
+        return self._showing() and slicer.util.findChild(self.editor, "UndoButton").enabled
+
+    def CanRedo(self) -> bool:
+        return self._showing() and slicer.util.findChild(self.editor, "RedoButton").enabled
+
+    def Undo(self) -> None:
+        self.editor.undo()
+
+    def Redo(self) -> None:
+        self.editor.redo()
 
 
 class MedSAM2HITLTest(ScriptedLoadableModuleTest):

@@ -35,8 +35,10 @@ WRITE_INTERVAL_SECONDS = 0.3  # streamed slices are written (and rendered) at mo
 class SegmentationLogic:
     """MedSAM2 prompts → segments, with undo; one worker client shared by all requests."""
 
-    def __init__(self, client: WorkerClient | None = None):
+    def __init__(self, client: WorkerClient | None = None, editor_for: Callable | None = None):
+        """`editor_for(segmentation_node)`: the Segment Editor whose undo stack results go on (None: our own)."""
         self.client = client or WorkerClient()
+        self.editor_for = editor_for
         self._histories: dict[str, segment_writer.SegmentationHistory] = {}
         self._volume_ids: dict[str, str] = {}  # volume node ID → ID of the array the worker has
 
@@ -161,7 +163,8 @@ class SegmentationLogic:
         key = segmentation_node.GetID()
         history = self._histories.get(key)
         if history is None or history.segmentation_node is not segmentation_node:  # IDs recur in a new scene
-            history = self._histories[key] = segment_writer.SegmentationHistory(segmentation_node)
+            editor = self.editor_for(segmentation_node) if self.editor_for else None
+            history = self._histories[key] = segment_writer.SegmentationHistory(segmentation_node, editor)
         return history
 
     @staticmethod

@@ -36,40 +36,61 @@ def _slicer():
 
 
 class SegmentationHistory:
-    """Undo/redo of a segmentation's content (Slicer's vtkSegmentationHistory, which exists in every Slicer).
+    """Undo/redo of a segmentation's content, kept by the Segment Editor's logic (vtkSlicerSegmentEditorLogic).
 
-    Call `save_state()` right before each user-level operation; `undo()` then restores the content from
-    before that operation exactly, and `redo()` returns to it.
+    One history per segmentation, shared with the Segment Editor: its Undo removes a propagation and the panel's
+    Undo removes a paint stroke, in the order they happened (two histories of whole snapshots would each drop
+    the other's work). `editor` is anything with that logic's SaveStateForUndo/Undo/Redo/CanUndo/CanRedo (in
+    Slicer: the panel's embedded Segment Editor); without one, a logic of our own is made (scripts, headless).
+    Call `save_state()` right before each operation; `undo()` restores the content from before it exactly.
     """
 
-    def __init__(self, segmentation_node, max_states: int = MAX_UNDO_STATES):
-        self._history = _slicer().vtkSegmentationHistory()
-        self._history.SetMaximumNumberOfStates(max_states)
-        self._history.SetSegmentation(segmentation_node.GetSegmentation())
+    def __init__(self, segmentation_node, editor=None, max_states: int = MAX_UNDO_STATES):
         self.segmentation_node = segmentation_node
+        self.editor = editor if editor is not None else _editor_logic(segmentation_node, max_states)
 
     def save_state(self) -> None:
         """Remember the current content; drops any redo states (a new operation starts a new branch)."""
-        self._history.SaveState()
+        self.editor.SaveStateForUndo()
 
     @property
     def can_undo(self) -> bool:
-        return bool(self._history.IsRestorePreviousStateAvailable())
+        return bool(self.editor.CanUndo())
 
     @property
     def can_redo(self) -> bool:
-        return bool(self._history.IsRestoreNextStateAvailable())
+        return bool(self.editor.CanRedo())
 
     def undo(self) -> bool:
         """Restore the content from before the last operation; False when there is nothing to undo."""
-        return self.can_undo and bool(self._history.RestorePreviousState())
+        if not self.can_undo:
+            return False
+        self.editor.Undo()
+        return True
 
     def redo(self) -> bool:
         """Re-apply the last undone operation; False when there is nothing to redo."""
-        return self.can_redo and bool(self._history.RestoreNextState())
+        if not self.can_redo:
+            return False
+        self.editor.Redo()
+        return True
 
-    def clear(self) -> None:
-        self._history.RemoveAllStates()
+
+def _editor_logic(segmentation_node, max_states: int):
+    """A Segment Editor logic on this segmentation, with a parameter node that is not saved with the scene."""
+    slicer = _slicer()
+    scene = segmentation_node.GetScene()
+    parameters = slicer.vtkMRMLSegmentEditorNode()
+    parameters.SetName(scene.GenerateUniqueName("MedSAM2HITL history"))
+    parameters.SetSaveWithScene(False)
+    parameters.SetHideFromEditors(True)
+    scene.AddNode(parameters)
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(parameters)
+    logic.SetSegmentationNode(segmentation_node)
+    logic.SetMaximumNumberOfUndoStates(max_states)
+    return logic
 
 
 def create_segmentation(scene, volume_node, name: str | None = None):
@@ -203,7 +224,7 @@ def _nonzero_extent(axis: int, masks: Mapping[int, np.ndarray]) -> tuple[int, ..
 def _editable_labelmap(segmentation_node, segment_id: str, volume_node, needed: tuple[int, ...] | None):
     """The segment's own labelmap on the volume's grid, grown to contain `needed`; None if empty and not needed.
 
-    Editing it in place is safe for undo: vtkSegmentationHistory stores deep copies (or its own earlier copies),
+    Editing it in place is safe for undo: the history (vtkSegmentationHistory) stores deep copies (or its own earlier copies),
     never the live labelmap, and restoring gives the segment a fresh deep copy.
     """
     slicer = _slicer()

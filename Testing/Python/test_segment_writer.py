@@ -140,6 +140,39 @@ def test_undo_redo_restore_exactly_and_propagation_is_one_step(setup):
     _assert_state(segmentation, volume, states[1])
 
 
+def test_one_history_with_the_segment_editor_model_and_manual_edits_undo_in_order(setup):
+    """Model write, a paint stroke as the Segment Editor makes it, model write: undo x3 / redo x3 are exact,
+    whether the panel (history) or the editor (its logic's Undo/Redo) asks."""
+    _, volume, segmentation, contents, rng = setup
+    target, other = list(contents)
+    history = sw.SegmentationHistory(segmentation)
+    editor = history.editor  # the Segment Editor's logic: what its Undo button and paint effect call
+    assert editor.GetClassName() == "vtkSlicerSegmentEditorLogic"
+    states = [_state(segmentation, volume)]
+
+    history.save_state()  # the model's slice
+    sw.write_slice(segmentation, target, volume, 0, 4, _blob(rng, SHAPE[1:], 0.5))
+    states.append(_state(segmentation, volume))
+    editor.SaveStateForUndo()  # a paint stroke: the editor saves its state, then edits the labelmap
+    sw.write_slice(segmentation, target, volume, 0, 4, np.zeros(SHAPE[1:], bool))
+    states.append(_state(segmentation, volume))
+    history.save_state()  # the model's propagation
+    sw.write_slices(segmentation, other, volume, 0, {k: _blob(rng, SHAPE[1:], 0.5) for k in (5, 6, 7)})
+    states.append(_state(segmentation, volume))
+
+    assert history.undo()
+    _assert_state(segmentation, volume, states[2])
+    editor.Undo()  # the editor's Undo takes the paint stroke back: the same stack
+    _assert_state(segmentation, volume, states[1])
+    assert history.undo()
+    _assert_state(segmentation, volume, states[0])
+    assert not history.can_undo and not editor.CanUndo()
+    for expected in states[1:]:
+        assert history.redo()
+        _assert_state(segmentation, volume, expected)
+    assert not history.can_redo and not editor.CanRedo()
+
+
 def test_geometry_is_adopted_or_refused(scene):  # noqa: F811
     volume = add_volume_from_array(scene, np.zeros(SHAPE, np.int16), AFFINES["left_handed"], "CT")
     other_grid = add_volume_from_array(scene, np.zeros(SHAPE, np.int16), AFFINES["flipped"], "other")
