@@ -22,7 +22,9 @@ from .errors import BadInputError, MedSAM2Error, ModelError
 
 CACHE_ENV = "MEDSAM2HITL_CACHE"  # a directory that holds the checkpoint files themselves
 CHUNK = 1 << 20
-MEDSAM2_URL = "https://huggingface.co/wanglab/MedSAM2/resolve/main/"
+# Pinned to one revision of the model repository: "main" could change under a user between two downloads.
+MEDSAM2_REVISION = "e4a6f35edd7e091619cbc0750f462f1574e23955"
+MEDSAM2_URL = f"https://huggingface.co/wanglab/MedSAM2/resolve/{MEDSAM2_REVISION}/"
 MEDSAM2_SIZE = 156_000_000  # approximate: 38.96 M float32 parameters plus the zip container
 MEDSAM2_LICENCE = "weights CC-BY-SA-4.0, code Apache-2.0"
 

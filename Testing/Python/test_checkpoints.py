@@ -414,7 +414,9 @@ def test_registry_and_list_models(entry, cache):
     medsam2 = {"MedSAM2_latest", "MedSAM2_2411", "MedSAM2_CTLesion", "MedSAM2_MRI_LiverLesion", "MedSAM2_US_Heart"}
     assert medsam2 <= set(REGISTRY)
     latest = REGISTRY["MedSAM2_latest"]
-    assert latest.url == "https://huggingface.co/wanglab/MedSAM2/resolve/main/MedSAM2_latest.pt"
+    assert latest.url == ("https://huggingface.co/wanglab/MedSAM2/resolve/e4a6f35edd7e091619cbc0750f462f1574e23955/"
+                          "MedSAM2_latest.pt")
+    assert all("/resolve/main/" not in entry.url for entry in REGISTRY.values())
     assert latest.image_size == 512 and "CC-BY-SA-4.0" in latest.licence
     assert REGISTRY["sam2.1_hiera_tiny"].image_size == 1024
 
