@@ -206,6 +206,19 @@ def test_eraser_correction_propagates_from_the_corrected_slice(page, tmp_path):
     assert np.array_equal(labels & key, corrected & key) and len(shown_slices(page, case)) > 10
 
 
+def test_bad_files_get_a_clear_message_and_nothing_is_uploaded(page, service, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a volume")
+    page.set_input_files("#file", str(notes))
+    expect(page.locator("#message")).to_contain_text("notes.txt is not a NIfTI (.nii, .nii.gz) or NRRD")
+    broken = tmp_path / "broken.nii"
+    broken.write_bytes(b"\0" * 400)
+    page.set_input_files("#file", str(broken))
+    expect(page.locator("#message")).to_contain_text("broken.nii could not be read as a volume")
+    expect(page.locator("#message")).to_have_class("error")
+    assert page.evaluate("viewer.state.objects.length") == 0
+
+
 def test_stopped_server_shows_an_error_and_the_page_stays_usable(page, service, tmp_path):
     """Last in the module: it stops the API and starts it again."""
     case = Case(tmp_path, 2103, "identity")

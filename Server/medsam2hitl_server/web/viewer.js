@@ -56,6 +56,7 @@ async function openFile(file) {
   try {
     nv.volumes.slice().forEach((v) => nv.removeVolume(v));
     await nv.loadFromArrayBuffer(bytes.slice(0), file.name);
+    if (!nv.volumes.length) throw new Error("no image found in it");
   } catch (error) {
     say(`${file.name} could not be read as a volume (${error.message}): check the file`, true);
     return;
@@ -96,6 +97,7 @@ async function addObject() {
 
 function setView(type) {
   nv.setSliceType(type);
+  outline.hidden = true;  // the box's outline is drawn in screen pixels of the previous layout
   document.querySelectorAll("[data-view]").forEach((b) => b.classList.toggle("active", Number(b.dataset.view) === type));
 }
 
