@@ -38,7 +38,7 @@ class MedSAM2HITL(ScriptedLoadableModule):
         self.parent.title = _("MedSAM2 HITL")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["The MedSAM2HITL authors"]
+        self.parent.contributors = ["MedSAM2HITL developers (MedSAM2HITL project)"]
         self.parent.helpText = _(
             "Human-in-the-loop 3D segmentation with MedSAM2. Place a box ROI around an object on one slice, "
             "<b>Segment slice</b>, then <b>Propagate</b> through the volume; correct any slice with the Segment "
