@@ -58,6 +58,14 @@ def torch_needed() -> bool:
     return _older(_version("torch"), TORCH_MINIMUM) or _older(_version("torchvision"), TORCHVISION_MINIMUM)
 
 
+def _testing() -> bool:
+    """Slicer runs its self-tests (ctest): nothing may be installed into its Python then."""
+    import slicer
+
+    app = getattr(slicer, "app", None)
+    return bool(app is not None and app.testingEnabled())
+
+
 def pip_requirements_needed() -> list[str]:
     """The pip-installable requirements still missing, sam2 last (it installs without dependencies)."""
     needed = [spec for name, spec in SAM2_DEPENDENCIES.items() if _version(name) is None]
@@ -82,6 +90,12 @@ def _confirm(message: str) -> bool:
 
 
 def _install_torch() -> None:
+    installed = _version("torch")
+    if installed is not None:  # upgrading in place breaks a torch that Slicer or another module has loaded
+        raise DependencyError(
+            f"PyTorch {installed} is older than MedSAM2HITL needs (torch >= {TORCH_MINIMUM}, torchvision >= "
+            f"{TORCHVISION_MINIMUM}): open the PyTorch Utils module, uninstall it, restart Slicer, and install "
+            "the latest version there")
     try:
         import PyTorchUtils
     except ModuleNotFoundError:
@@ -106,7 +120,9 @@ def _install_pip(requirements: list[str]) -> None:
     import slicer
 
     plain = [spec for spec in requirements if spec != SAM2_PINNED]
-    if plain:
+    if plain and hasattr(getattr(slicer, "packaging", None), "pip_ensure"):  # Slicer 5.11 and later
+        slicer.packaging.pip_ensure(plain, prompt_install=False, requester="MedSAM2HITL")  # asked already
+    elif plain:
         slicer.util.pip_install(plain)
     if SAM2_PINNED in requirements:
         with tempfile.TemporaryDirectory() as folder:
@@ -126,7 +142,14 @@ def _install_pip(requirements: list[str]) -> None:
 
 
 def ensure() -> None:
-    """Install whatever is missing, asking first; raises DependencyError if something stays missing."""
+    """Install whatever is missing, asking first; raises DependencyError if something stays missing.
+
+    Never installs while Slicer runs its self-tests. sam2 goes through pip with its file hash, which
+    `slicer.packaging.pip_ensure` cannot pass; the other packages go through pip_ensure where Slicer has it.
+    """
+    if missing() and _testing():
+        raise DependencyError("testing mode: MedSAM2HITL installs nothing while Slicer runs tests; missing: "
+                              + ", ".join(missing()))
     if torch_needed():
         _install_torch()
     requirements = pip_requirements_needed()
