@@ -14,24 +14,23 @@ export class VoxelGrid {
     this.size = this.dims[0] * this.dims[1] * this.dims[2];
   }
 
-  /** File voxel (i, j, k) of a NiiVue RAS voxel. */
-  rasToFile(ras) {
-    const file = [0, 0, 0];
+  /** A voxel moved between NiiVue's RAS order and the file's (i, j, k): the same axis pairs and flips both ways. */
+  convert(voxel, toFile) {
+    const out = [0, 0, 0];
     for (let p = 0; p < 3; p++) {
       const a = this.perm[p];
-      file[a] = this.flip[p] ? this.dims[a] - 1 - ras[p] : ras[p];
+      const [from, to] = toFile ? [p, a] : [a, p];
+      out[to] = this.flip[p] ? this.dims[a] - 1 - voxel[from] : voxel[from];
     }
-    return file;
+    return out;
   }
 
-  /** NiiVue RAS voxel of a file voxel (i, j, k). */
+  rasToFile(ras) {
+    return this.convert(ras, true);
+  }
+
   fileToRas(file) {
-    const ras = [0, 0, 0];
-    for (let p = 0; p < 3; p++) {
-      const a = this.perm[p];
-      ras[p] = this.flip[p] ? this.dims[a] - 1 - file[a] : file[a];
-    }
-    return ras;
+    return this.convert(file, false);
   }
 
   /** File array axis (0 = k, 1 = j, 2 = i) normal to NiiVue's view (0 axial, 1 coronal, 2 sagittal). */
@@ -78,51 +77,44 @@ export class VoxelGrid {
     };
   }
 
+  /** Call `visit(pixel, fileIndex, rasIndex)` for each pixel (row-major) of slice `index` along array axis `axis`. */
+  forEachPixel(axis, index, visit) {
+    const [rows, cols] = this.sliceShape(axis);
+    for (let r = 0; r < rows; r++) {
+      for (let c = 0; c < cols; c++) {
+        const file = this.pixelToFile(axis, index, r, c);
+        visit(r * cols + c, this.fileIndex(file), this.rasIndex(this.fileToRas(file)));
+      }
+    }
+  }
+
   /** Slice `index` along array axis `axis` of file-ordered `labels` as a 0/1 Uint8Array (rows x cols). */
   readSlice(labels, axis, index) {
     const [rows, cols] = this.sliceShape(axis);
     const out = new Uint8Array(rows * cols);
-    for (let r = 0; r < rows; r++) {
-      for (let c = 0; c < cols; c++) {
-        out[r * cols + c] = labels[this.fileIndex(this.pixelToFile(axis, index, r, c))] ? 1 : 0;
-      }
-    }
+    this.forEachPixel(axis, index, (pixel, at) => { out[pixel] = labels[at] ? 1 : 0; });
     return out;
   }
 
   /** Write a rows x cols 0/1 `mask` into slice `index` along array axis `axis` of file-ordered `labels`. */
   writeSlice(labels, axis, index, mask) {
-    const [rows, cols] = this.sliceShape(axis);
-    for (let r = 0; r < rows; r++) {
-      for (let c = 0; c < cols; c++) {
-        labels[this.fileIndex(this.pixelToFile(axis, index, r, c))] = mask[r * cols + c];
-      }
-    }
+    this.forEachPixel(axis, index, (pixel, at) => { labels[at] = mask[pixel]; });
   }
 
   /** Copy slice `index` along `axis` of every object's labels into NiiVue's drawing (object n → pen n + 1). */
   paintSlice(drawing, objects, axis, index) {
-    const [rows, cols] = this.sliceShape(axis);
-    for (let r = 0; r < rows; r++) {
-      for (let c = 0; c < cols; c++) {
-        const file = this.pixelToFile(axis, index, r, c);
-        const at = this.fileIndex(file);
-        let value = 0;
-        objects.forEach((labels, n) => { if (labels[at]) value = n + 1; });
-        drawing[this.rasIndex(this.fileToRas(file))] = value;
-      }
-    }
+    this.forEachPixel(axis, index, (_, at, ras) => {
+      let value = 0;
+      objects.forEach((labels, n) => { if (labels[at]) value = n + 1; });
+      drawing[ras] = value;
+    });
   }
 
   /** Object `pen`'s voxels of slice `index` along `axis` as drawn in NiiVue's drawing (0/1, rows x cols). */
   drawnSlice(drawing, axis, index, pen) {
     const [rows, cols] = this.sliceShape(axis);
     const out = new Uint8Array(rows * cols);
-    for (let r = 0; r < rows; r++) {
-      for (let c = 0; c < cols; c++) {
-        out[r * cols + c] = drawing[this.rasIndex(this.fileToRas(this.pixelToFile(axis, index, r, c)))] === pen ? 1 : 0;
-      }
-    }
+    this.forEachPixel(axis, index, (pixel, _, ras) => { out[pixel] = drawing[ras] === pen ? 1 : 0; });
     return out;
   }
 }
