@@ -159,6 +159,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.computeComboBox.addItem(_("This computer"), compute_backend.LOCAL)
         self.ui.computeComboBox.addItem(_("Server (inference service)"), compute_backend.SERVER)
         self._loadComputeSettings()
+        self._updateCacheLabel()
         self.ui.progressBar.hide()
         self.ui.downloadProgressBar.hide()
 
@@ -176,6 +177,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.clicked.connect(lambda: self.onHistory(self.logic.undo))
         self.ui.redoButton.clicked.connect(lambda: self.onHistory(self.logic.redo))
         self.ui.downloadButton.clicked.connect(self.onDownload)
+        self.ui.removeCheckpointButton.clicked.connect(self.onRemoveCheckpoint)
         self.ui.browseCheckpointButton.clicked.connect(self.onBrowseCheckpoint)
         self.ui.stopWorkerButton.clicked.connect(self.onStopWorker)
         self.ui.checkpointComboBox.currentTextChanged.connect(self.onCheckpointEdited)
@@ -488,6 +490,27 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._finish()  # what was running is abandoned; its late answer is ignored
             self._setStatus(_("Worker stopped; it restarts on the next action."))
 
+    def onRemoveCheckpoint(self) -> None:
+        from MedSAM2HITLLib.checkpoints import REGISTRY, cache_dir, remove_cached
+
+        name = self._parameterNode.checkpoint
+        with slicer.util.tryWithErrorDisplay(_("Failed to remove the checkpoint."), waitCursor=True):
+            if name not in REGISTRY:
+                raise ValueError(_("'{name}' is a file of yours, not a downloaded checkpoint: it is left "
+                                   "alone.").format(name=name))
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("Delete the downloaded checkpoint {name} from {folder}?").format(name=name, folder=cache_dir())):
+                return
+            freed = remove_cached(name)
+            self._setStatus(_("Removed {name}: {megabytes:.0f} MB freed.").format(name=name, megabytes=freed / 1e6))
+            self._updateCacheLabel()
+
+    def _updateCacheLabel(self) -> None:
+        from MedSAM2HITLLib.checkpoints import cache_dir, cache_size
+
+        self.ui.cacheLabel.text = _("cache: {megabytes:.0f} MB").format(megabytes=cache_size() / 1e6)
+        self.ui.cacheLabel.toolTip = str(cache_dir())
+
     def onBrowseCheckpoint(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
             self.parent, _("Choose a checkpoint"), "", _("PyTorch checkpoint (*.pt *.pth);;All files (*)"))
@@ -598,6 +621,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     slicer.util.errorDisplay(_("Download failed: {message}").format(message=job.error))
             else:
                 self._setStatus(_("Checkpoint ready: {path}").format(path=job.path))
+            self._updateCacheLabel()
 
 
 class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):

@@ -162,6 +162,29 @@ def list_models() -> list[dict]:
     return rows
 
 
+def cache_size() -> int:
+    """Bytes in the cache folder: checkpoints, partial downloads and lock files."""
+    folder = cache_dir()
+    return sum(path.stat().st_size for path in folder.iterdir() if path.is_file()) if folder.is_dir() else 0
+
+
+def remove_cached(name: str) -> int:
+    """Delete a downloaded checkpoint and its partial download; the bytes freed (0 if it was not there).
+
+    Refused while another process downloads it (its lock is held), so a running download is not corrupted.
+    """
+    entry = lookup(name)
+    final = cached_path(entry)
+    partial = final.with_name(final.name + ".partial")
+    freed = 0
+    with _DownloadLock(final):
+        for path in (final, partial, _if_range_file(partial)):
+            if path.is_file():
+                freed += path.stat().st_size
+                path.unlink()
+    return freed
+
+
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
 
 

@@ -453,3 +453,35 @@ def test_truncated_checkpoint_fails_to_load_naming_the_file(random_checkpoint, c
         truncated.write_bytes(f.read(random_checkpoint.stat().st_size // 2))
     with pytest.raises(ModelError, match=re.escape(str(truncated)) + ".*truncated"):
         load_model(resolve_checkpoint("MedSAM2_latest"), random_checkpoint.with_suffix(".yaml"), device="cpu")
+
+
+def test_cache_size_and_removing_a_downloaded_checkpoint(entry, cache, small_checkpoint, server):
+    from MedSAM2HITLLib.checkpoints import cache_size, remove_cached
+
+    assert cache_size() == 0  # no folder yet
+    path = download(NAME)
+    (cache / "other.pt.partial").write_bytes(b"x" * 1000)
+    assert cache_size() == len(small_checkpoint) + 1000 + _lock(cache).stat().st_size
+    assert remove_cached(NAME) == len(small_checkpoint)
+    assert not path.exists() and (cache / "other.pt.partial").is_file()
+    assert remove_cached(NAME) == 0
+    assert [row for row in list_models() if row["name"] == NAME][0]["cached"] is False
+
+
+def test_a_checkpoint_being_downloaded_is_not_removed(entry, cache, small_checkpoint):
+    from MedSAM2HITLLib.checkpoints import remove_cached
+
+    cache.mkdir(parents=True)
+    (cache / f"{NAME}.pt.partial").write_bytes(small_checkpoint[:100])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(REPO / "MedSAM2HITL"), str(cache / f"{NAME}.pt")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ModelError, match="being downloaded by another"):
+            remove_cached(NAME)
+        assert (cache / f"{NAME}.pt.partial").is_file()
+    finally:
+        holder.kill()
+        holder.wait(10)
