@@ -52,6 +52,16 @@ class MedSAM2HITL(ScriptedLoadableModule):
             "MedSAM2 weights (wanglab/MedSAM2) are licensed CC-BY-SA-4.0; the MedSAM2 and SAM 2 code is Apache-2.0 "
             "(SAM 2: Meta AI). This extension is MIT-licensed."
         )
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """A synthetic CT phantom in the Sample Data module, to try the module in one click."""
+    import SampleData
+
+    from MedSAM2HITLLib.sample_data import sample_source
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(**sample_source())
 
 
 class Choice(enum.Enum):
