@@ -485,3 +485,13 @@ def test_a_checkpoint_being_downloaded_is_not_removed(entry, cache, small_checkp
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def test_a_file_far_from_the_checkpoints_size_is_refused_when_no_exact_size_is_known(server, cache, monkeypatch):
+    """The MedSAM2 entries publish no exact size: a 2 KB page instead of a ~156 MB file must not be kept."""
+    server.payload = b"<html>rate limited</html>" * 80
+    made = Checkpoint(NAME, f"{NAME}.pt", server.url(), 512, "no exact size", "MIT", 156_000_000)
+    monkeypatch.setitem(REGISTRY, NAME, made)
+    with pytest.raises(ModelError, match="not about 156 MB"):
+        download(NAME)
+    assert not (cache / f"{NAME}.pt").exists() and not (cache / f"{NAME}.pt.partial").exists()
