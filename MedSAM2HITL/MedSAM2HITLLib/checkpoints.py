@@ -351,7 +351,8 @@ def _download_locked(
     for wanted in (total, entry.size):
         if wanted is not None and size != wanted:
             raise _reject(partial, f"{entry.file}: received {size} bytes, expected {wanted}")
-    if entry.size is None and not entry.approx_size / 2 <= size <= entry.approx_size * 2:  # e.g. an error page
+    if entry.size is None and source == entry.url and not entry.approx_size / 2 <= size <= entry.approx_size * 2:
+        # e.g. an error page instead of the file; a mirror the user names (--url) is taken at its word
         raise _reject(partial, f"{entry.file}: received {size} bytes, not about {entry.approx_size / 1e6:.0f} MB "
                                "as this checkpoint is")
     if entry.sha256 and _sha256(partial) != entry.sha256.lower():
