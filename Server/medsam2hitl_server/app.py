@@ -26,7 +26,7 @@ from MedSAM2HITLLib.errors import BadInputError
 from . import __version__
 from .auth import Caller
 from .jobs import Dispatcher
-from .schemas import Propagate, Segment2D, check_against_volume
+from .schemas import Propagate, Segment2D, SliceWrite, check_against_volume
 from .session import LABELS_FILE, job_dir
 from .shared_files import WORKER_FILES
 from .settings import Settings, load
@@ -229,6 +229,14 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         if store.holder(record["id"]):
             raise HTTPException(409, "a propagation is running on this job; wait for it or cancel it")
         reply = dispatcher.call(record["id"], "medsam2hitl.segment_2d", checked(body, record))
+        return raise_failure(reply)
+
+    @router.put("/jobs/{job_id}/slices")
+    def write_slice(body: SliceWrite, record: dict = Job) -> dict:
+        """Replace one slice of the job's labels with the client's mask (empty clears it): an undo or an edit."""
+        if store.holder(record["id"]):
+            raise HTTPException(409, "a propagation is running on this job; wait for it or cancel it")
+        reply = dispatcher.call(record["id"], "medsam2hitl.write_slice", checked(body, record))
         return raise_failure(reply)
 
     @router.post("/jobs/{job_id}/propagate", status_code=202)

@@ -78,7 +78,16 @@ class Propagate(Prompt):
         return self
 
 
-def check_against_volume(body: Prompt, geometry: dict | None) -> None:
+class SliceWrite(BaseModel):
+    """A slice of the job's labels replaced by the client's mask (an undo, a pen or eraser edit); empty clears it."""
+
+    model_config = ConfigDict(extra="forbid")
+    view: View = "axial"
+    slice: Annotated[int, Field(ge=0)]
+    mask: Mask
+
+
+def check_against_volume(body: Prompt | SliceWrite, geometry: dict | None) -> None:
     """Refuse at once what the loaded volume's geometry already rules out (the worker checks everything again)."""
     if geometry is None:
         return
@@ -87,11 +96,12 @@ def check_against_volume(body: Prompt, geometry: dict | None) -> None:
     if body.slice is not None and body.slice >= count:
         raise BadInputError(f"slice {body.slice} is outside the volume: the {body.view} view has slices "
                             f"0..{count - 1}")
+    mask = getattr(body, "mask", None)
+    if mask is not None:
+        shape = [n for a, n in enumerate(geometry["shape_kji"]) if a != view["array_axis"]]
+        if mask.shape != shape:
+            raise BadInputError(f"the mask has shape {mask.shape}, the {body.view} slices have {shape}")
     if isinstance(body, Propagate):
-        if body.mask is not None:
-            shape = [n for a, n in enumerate(geometry["shape_kji"]) if a != view["array_axis"]]
-            if body.mask.shape != shape:
-                raise BadInputError(f"the mask has shape {body.mask.shape}, the {body.view} slices have {shape}")
         if body.range == "custom":
             if body.start is None or body.end is None:
                 raise BadInputError("range 'custom' needs 'start' and 'end'")

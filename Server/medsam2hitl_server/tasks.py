@@ -119,6 +119,24 @@ def segment_2d(job_id: str, params: dict) -> dict:
             "mask": mask_codec.encode(mask)}
 
 
+@app.task(name="medsam2hitl.write_slice")
+@_replying
+def write_slice(job_id: str, params: dict) -> dict:
+    from MedSAM2HITLLib.roi_box import array_axis_for_view
+
+    volume = _opened(job_id)
+    axis = array_axis_for_view(volume.node, params["view"])
+    index = params["slice"]
+    if not 0 <= index < volume.labels.shape[axis]:
+        raise BadInputError(f"slice {index} is outside the volume: the {params['view']} view has slices "
+                            f"0..{volume.labels.shape[axis] - 1}")
+    shape = tuple(n for a, n in enumerate(volume.labels.shape) if a != axis)
+    mask = mask_codec.decode(params["mask"], shape)
+    _write(volume.labels, axis, index, mask)
+    _save(job_id, volume)
+    return {"view": params["view"], "array_axis": axis, "slice": index, "voxels": int(mask.sum())}
+
+
 @app.task(name="medsam2hitl.propagate")
 def propagate(job_id: str, propagation_id: str, params: dict) -> None:
     """Fill the range slice by slice; each slice is an event, and the labels keep every finished slice."""

@@ -113,3 +113,34 @@ def test_seed_flow_upload_segment_propagate_download(service, grid):
         labels = np.asarray(result.dataobj) > 0
         assert labels.shape == case.truth.shape
         assert dice(labels, case.truth) >= 0.8
+
+
+def test_a_written_slice_replaces_what_downloads_are_made_of(service):
+    """PUT /slices is how a client's undo or eraser reaches the labels: an empty mask clears, a mask is kept as sent."""
+    from MedSAM2HITLLib import mask_codec
+
+    case = Upload(77)
+    with service.client() as client:
+        job_id = create_job(client, case.data)
+        key = case.phantom.key_index
+        found = client.post(f"/api/v1/jobs/{job_id}/segment-2d", json={"box_ras": case.box_ras, "window": "abdomen"})
+        assert found.status_code == 200, found.text
+        assert (np.asarray(download(client, job_id).dataobj)[:, :, key] > 0).any()
+
+        cleared = client.put(f"/api/v1/jobs/{job_id}/slices", json={
+            "view": "axial", "slice": key, "mask": mask_codec.encode(np.zeros(SIZE[1:], bool))})
+        assert cleared.status_code == 200, cleared.text
+        assert cleared.json() == {"view": "axial", "array_axis": 0, "slice": key, "voxels": 0}
+        assert not (np.asarray(download(client, job_id).dataobj) > 0).any()
+
+        drawn = np.zeros((SIZE[0], SIZE[2]), bool)  # a coronal slice is [k, i]
+        drawn[5:20, 30:44] = True
+        written = client.put(f"/api/v1/jobs/{job_id}/slices", json={
+            "view": "coronal", "slice": 33, "mask": mask_codec.encode(drawn)})
+        assert written.status_code == 200, written.text
+        labels = np.asarray(download(client, job_id).dataobj) > 0  # the file's (i, j, k)
+        assert np.array_equal(labels[:, 33, :].T, drawn) and labels.sum() == drawn.sum()
+
+        wrong = client.put(f"/api/v1/jobs/{job_id}/slices", json={
+            "view": "axial", "slice": key, "mask": mask_codec.encode(drawn)})
+        assert wrong.status_code == 400 and "the axial slices have" in wrong.json()["detail"]

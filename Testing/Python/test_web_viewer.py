@@ -176,10 +176,14 @@ def test_cancel_keeps_finished_slices_then_undo_and_redo(page, tmp_path):
     page.keyboard.press("Control+z")  # the segmentation: nothing left
     expect(page.locator("#message")).to_contain_text("undo: segment")
     assert shown_slices(page, case) == set()
+    emptied = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
+    assert not (np.asarray(emptied.dataobj) > 0).any()  # undo reached the service's labels, emptied slices too
     page.keyboard.press("Control+y")
     page.keyboard.press("Control+y")
     expect(page.locator("#message")).to_contain_text("redo: propagate")
     assert shown_slices(page, case) == kept
+    redone = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
+    assert set(np.flatnonzero((np.asarray(redone.dataobj) > 0).any(axis=(0, 1))).tolist()) == kept
 
 
 def test_eraser_correction_propagates_from_the_corrected_slice(page, tmp_path):
@@ -192,10 +196,14 @@ def test_eraser_correction_propagates_from_the_corrected_slice(page, tmp_path):
     centre = np.round(np.mean(case.corners, axis=0)).astype(int).tolist()
     left, right = list(centre), list(centre)
     left[0], right[0] = min(c[0] for c in case.corners), max(c[0] for c in case.corners)
-    drag(page, canvas_point(page, left, 0), canvas_point(page, right, 0))  # an eraser stroke across the mask
+    with page.expect_response(lambda r: r.url.endswith("/slices") and r.request.method == "PUT") as sent:
+        drag(page, canvas_point(page, left, 0), canvas_point(page, right, 0))  # an eraser stroke across the mask
+    assert sent.value.ok
     corrected = drawing(page) > 0
     erased = before & ~corrected
     assert erased.sum() > 0 and not (corrected & ~before).any()
+    stroked = case.to_ras(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page))).dataobj) > 0)
+    assert np.array_equal(stroked & key_slice(case), corrected & key_slice(case))  # the stroke is in downloads
     page.keyboard.press("f")
     expect(page.locator("#message")).to_contain_text("propagated", timeout=180_000)
     after = drawing(page) > 0

@@ -46,6 +46,7 @@ export const api = {
   status: async (job) => (await request("GET", `/jobs/${job}/status`)).json(),
   segment: async (job, params) => (await request("POST", `/jobs/${job}/segment-2d`, { json: params })).json(),
   propagate: async (job, params) => (await request("POST", `/jobs/${job}/propagate`, { json: params })).json(),
+  writeSlice: async (job, params) => (await request("PUT", `/jobs/${job}/slices`, { json: params })).json(),
   cancel: async (job) => (await request("POST", `/jobs/${job}/cancel`, { json: {} })).json(),
   result: async (job, format) => (await request("GET", `/jobs/${job}/result?format=${format}`)).blob(),
 };

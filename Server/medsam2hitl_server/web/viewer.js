@@ -173,7 +173,17 @@ function closeEntry(entry) {
   state.future = [];
 }
 
-/** Put an entry's slices back; returns how many became empty (the API has no call that clears a slice). */
+/** Send an entry's slices (its "before" or "after" side) to the service: downloads are made from its labels. */
+async function sendSlices(entry, which) {
+  const object = state.objects[entry.object];
+  for (const [key, mask] of entry[which]) {
+    const [axis, index] = key.split(":").map(Number);
+    const view = Object.keys(state.views).find((name) => state.views[name].array_axis === axis);
+    await api.writeSlice(object.job, { view, slice: index, mask: encodeMask(mask, state.grid.sliceShape(axis)) });
+  }
+}
+
+/** Put an entry's slices back on the page and on the service. */
 async function restore(entry, which) {
   const object = state.objects[entry.object];
   for (const [key, mask] of entry[which]) {
@@ -182,18 +192,7 @@ async function restore(entry, which) {
     paint(axis, index);
   }
   redraw();
-  // the service keeps each slice as it was last sent: send the restored slices back one by one
-  let emptied = 0;
-  for (const [key, mask] of entry[which]) {
-    const [axis, index] = key.split(":").map(Number);
-    if (!mask.some((v) => v)) { emptied++; continue; }
-    const view = Object.keys(state.views).find((name) => state.views[name].array_axis === axis);
-    const started = await api.propagate(object.job, { view, slice: index, range: "custom", start: index, end: index,
-      mask: encodeMask(mask, state.grid.sliceShape(axis)), window: $("window").value });
-    await followEvents(object.job, started.events_after, () => {}, {
-      until: (e) => ["done", "cancelled", "error"].includes(e.kind), onRetry: () => {} });
-  }
-  return emptied;
+  await sendSlices(entry, which);
 }
 
 async function undoRedo(from, to, verb) {
@@ -202,10 +201,9 @@ async function undoRedo(from, to, verb) {
   state.running = verb;
   refreshButtons();
   try {
-    const emptied = await restore(entry, verb === "undo" ? "before" : "after");
+    await restore(entry, verb === "undo" ? "before" : "after");
     to.push(entry);
-    say(`${verb}: ${entry.label}` + (emptied ? ` (${emptied} emptied slices are cleared on this page only: the ` +
-      "service keeps their last mask in downloads until they are segmented again)" : ""));
+    say(`${verb}: ${entry.label}`);
   } catch (error) {
     from.push(entry);
     failed(error);
@@ -349,6 +347,7 @@ nv.onMouseUp = () => {
   closeEntry(entry);
   redraw();
   refreshButtons();
+  sendSlices(entry, "after").catch(failed);  // the stroke reaches the labels that downloads are made from
 };
 
 // ---- downloads ----
