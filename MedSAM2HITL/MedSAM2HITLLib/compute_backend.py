@@ -40,13 +40,14 @@ def check_server_url(url: str) -> str:
 def clear_text_warning(url: str) -> str | None:
     """A warning when the token would cross the network unencrypted (http to a host that is not this computer)."""
     parts = urllib.parse.urlsplit(check_server_url(url))
-    if parts.scheme == "https" or _is_loopback(parts.hostname):
+    if parts.scheme == "https" or is_loopback(parts.hostname):
         return None
     return (f"{parts.hostname} is reached over plain http: the token and the images cross the network "
             "unencrypted; use https unless the network is trusted")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this computer (the service binds there by default; the panel warns otherwise)."""
     if host == "localhost":
         return True
     try:

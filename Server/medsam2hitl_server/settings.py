@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from MedSAM2HITLLib.compute_backend import is_loopback
 
 PREFIX = "MEDSAM2HITL_"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "Testing" / "Data" / "phantom_sam2.pt"
@@ -58,15 +59,6 @@ class Settings:
             )
         if "*" in self.cors_origins:
             raise SystemExit(f"{PREFIX}CORS_ORIGINS must list origins; '*' is not allowed with tokens")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load() -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -318,20 +319,26 @@ with _DownloadLock(Path(sys.argv[2])):
 """
 
 
-def test_lock_of_a_killed_process_does_not_block_the_next_download(entry, cache, small_checkpoint):
-    """The OS drops the lock with its process: a crashed or killed download leaves nothing to clean up."""
-    cache.mkdir(parents=True)
+@contextlib.contextmanager
+def lock_held_by_another_process(cache: Path):
+    """Another process holds the download lock of NAME's file until the block ends (then it is killed)."""
+    cache.mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(REPO / "MedSAM2HITL"), str(cache / f"{NAME}.pt")],
         stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ModelError, match="being downloaded by another"):
-            download(NAME)
+        yield
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def test_lock_of_a_killed_process_does_not_block_the_next_download(entry, cache, small_checkpoint):
+    """The OS drops the lock with its process: a crashed or killed download leaves nothing to clean up."""
+    with lock_held_by_another_process(cache), pytest.raises(ModelError, match="being downloaded by another"):
+        download(NAME)
     assert _lock(cache).is_file()  # left behind by the killed process, and harmless
     assert download(NAME).read_bytes() == small_checkpoint
 
@@ -473,18 +480,9 @@ def test_a_checkpoint_being_downloaded_is_not_removed(entry, cache, small_checkp
 
     cache.mkdir(parents=True)
     (cache / f"{NAME}.pt.partial").write_bytes(small_checkpoint[:100])
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(REPO / "MedSAM2HITL"), str(cache / f"{NAME}.pt")],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ModelError, match="being downloaded by another"):
-            remove_cached(NAME)
-        assert (cache / f"{NAME}.pt.partial").is_file()
-    finally:
-        holder.kill()
-        holder.wait(10)
+    with lock_held_by_another_process(cache), pytest.raises(ModelError, match="being downloaded by another"):
+        remove_cached(NAME)
+    assert (cache / f"{NAME}.pt.partial").is_file()
 
 
 def test_a_file_far_from_the_checkpoints_size_is_refused_when_no_exact_size_is_known(server, cache, monkeypatch):
