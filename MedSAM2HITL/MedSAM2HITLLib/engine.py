@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .box import Box, validate_box
+from .box import validate_box
 from .errors import BadInputError, OutOfMemoryError, PropagationCancelled
 from .model import LoadedModel, load_model
 from .preprocessing import IntensityWindow, frame_tensor, parse_window

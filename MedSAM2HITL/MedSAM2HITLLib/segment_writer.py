@@ -160,7 +160,6 @@ def write_slices(
 
     The segment is marked modified once per call, so views re-render once per batch rather than once per slice.
     """
-    slicer = _slicer()
     items = dict(masks.items() if isinstance(masks, Mapping) else masks)
     if not items:
         return
