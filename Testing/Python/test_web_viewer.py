@@ -227,6 +227,28 @@ def test_bad_files_get_a_clear_message_and_nothing_is_uploaded(page, service, tm
     assert page.evaluate("viewer.state.objects.length") == 0
 
 
+def test_a_connection_lost_mid_propagation_resumes_where_it_stopped(page, service, tmp_path):
+    """The API dies during a propagation and comes back: the page says so, resumes the events from the last one
+    it saw, and ends with every slice, as the download has them. Runs before the test that leaves the API down."""
+    case = Case(tmp_path, 2104, "identity")
+    upload(page, case)
+    box_and_segment(page, case, "axial")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.getElementById('progress').value >= 0.1", timeout=120_000)
+    service.kill("api")
+    try:
+        expect(page.locator("#message")).to_contain_text("reconnecting and resuming", timeout=15_000)
+    finally:
+        service.start_process("api", [sys.executable, "-m", "medsam2hitl_server", "api"])
+    wait_for(lambda: httpx.get(f"{service.url}/readyz").status_code == 200, 60, "the API restarting")
+    expect(page.locator("#message")).to_contain_text("propagated", timeout=180_000)
+    count = case.truth.shape[case.file_axis]
+    expect(page.locator("#progress-text")).to_have_text(f"{count}/{count}")
+    result = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
+    in_download = set(np.flatnonzero((np.asarray(result.dataobj) > 0).any(axis=(0, 1))).tolist())
+    assert shown_slices(page, case) == in_download and len(in_download) > 10
+
+
 def test_stopped_server_shows_an_error_and_the_page_stays_usable(page, service, tmp_path):
     """Last in the module: it stops the API and starts it again."""
     case = Case(tmp_path, 2103, "identity")
