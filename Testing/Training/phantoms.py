@@ -7,7 +7,9 @@ CT-like phantoms are int16 Hounsfield units (air -1000, soft tissue ~40, made fo
 ones are non-negative float32 with a multiplicative bias field and Rician noise (made for the percentile window).
 
 `held_out=True` draws shapes and orientations the training distribution never contains (lobed outlines,
-rounded rectangles, other in-plane angles, steeper drift), for evaluation. Only numpy is used, and the same
+rounded rectangles, other in-plane angles, steeper drift), for evaluation. `shapes=LONG_SHAPES` draws elongated
+and tubular objects instead, and `thick_slices` turns a phantom into a thick-slice (anisotropic) one, to be viewed
+along its other axes. Only numpy is used, and the same
 seed always gives the same phantom.
 """
 
@@ -21,6 +23,7 @@ MODALITIES = ("ct", "mr")
 WINDOWS = {"ct": "abdomen", "mr": "mr"}  # the window each modality is made for (names of the engine's presets)
 TRAIN_SHAPES = ("ellipse", "blob")
 HELD_OUT_SHAPES = ("lobed", "rounded_rectangle")
+LONG_SHAPES = ("elongated", "tube")  # in-plane aspect down to 1:5; thin and crossing most slices, running obliquely
 MIN_TARGET_SLICES = 14
 
 
@@ -110,10 +113,10 @@ class _Shape:
         return mask
 
 
-def _random_shape(rng: np.random.Generator, size: tuple[int, int, int], held_out: bool, kind: str | None,
+def _random_shape(rng: np.random.Generator, size: tuple[int, int, int], held_out: bool, shapes: tuple[str, ...] | None,
                   centre: tuple[float, float], radius_range: tuple[float, float]) -> _Shape:
     depth, height, width = size
-    kind = kind or str(rng.choice(HELD_OUT_SHAPES if held_out else TRAIN_SHAPES))
+    kind = str(rng.choice(shapes or (HELD_OUT_SHAPES if held_out else TRAIN_SHAPES)))
     half_length = rng.uniform(MIN_TARGET_SLICES / 2 + 1, max(MIN_TARGET_SLICES / 2 + 2, 0.42 * depth))
     z_mid = rng.uniform(half_length * 0.6, depth - half_length * 0.6)
     speed = rng.uniform(0.3, 0.6) if held_out else rng.uniform(0.0, 0.4)
@@ -131,15 +134,24 @@ def _random_shape(rng: np.random.Generator, size: tuple[int, int, int], held_out
     elif kind == "lobed":
         order = int(rng.choice((4, 5)))
         harmonics.append((order, rng.uniform(0.12, 0.22), rng.uniform(0, 2 * np.pi), rng.uniform(-0.05, 0.05)))
+    curvature = tuple(rng.uniform(-0.006, 0.006, 2))
+    taper = rng.uniform(0.3, 1.0)
+    if kind == "elongated":  # a bar-like cross-section, 1:2 to 1:5
+        radius, aspect = rng.uniform(0.6, 1.0) * radius_range[1], rng.uniform(0.2, 0.5)
+    elif kind == "tube":  # a vessel-like cylinder through most slices, drifting so other views cut it obliquely
+        radius, aspect, taper = rng.uniform(0.45, 0.8) * radius_range[0] + 1.5, rng.uniform(0.7, 1.0), 0.15
+        half_length = rng.uniform(0.38, 0.48) * depth
+        z_mid = rng.uniform(0.45, 0.55) * depth
+        speed = rng.uniform(0.3, 0.8)
     return _Shape(
         kind=kind,
         z_mid=z_mid,
         half_length=half_length,
         centre=centre,
         velocity=(speed * np.sin(heading), speed * np.cos(heading)),
-        curvature=tuple(rng.uniform(-0.006, 0.006, 2)),
+        curvature=curvature,
         radii=(radius, radius * aspect),
-        taper=rng.uniform(0.3, 1.0),
+        taper=taper,
         angle=angle,
         spin=rng.uniform(-0.03, 0.03),
         harmonics=tuple(harmonics),
@@ -187,8 +199,12 @@ def _place(rng: np.random.Generator, size: tuple[int, int, int], body: tuple[flo
 
 
 def make_phantom(seed: int, size: tuple[int, int, int] = (48, 96, 96), modality: str = "ct",
-                 held_out: bool = False, distractors: int | None = None) -> Phantom:
-    """A reproducible phantom: `seed` fixes everything; `held_out` switches to shapes training never sees."""
+                 held_out: bool = False, distractors: int | None = None, shapes: tuple[str, ...] | None = None,
+                 ) -> Phantom:
+    """A reproducible phantom: `seed` fixes everything; `held_out` switches to shapes training never sees.
+
+    `shapes` (e.g. LONG_SHAPES) picks the objects' outlines instead; the default keeps every older phantom as it was.
+    """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     depth, height, width = (int(n) for n in size)
@@ -203,7 +219,7 @@ def make_phantom(seed: int, size: tuple[int, int, int] = (48, 96, 96), modality:
     radius_range = (0.07 * small, 0.17 * small)
 
     target_centre = _place(rng, shape3, body, radius_range, [], 0.0)
-    target = _random_shape(rng, shape3, held_out, None, target_centre, radius_range).raster(shape3)
+    target = _random_shape(rng, shape3, held_out, shapes, target_centre, radius_range).raster(shape3)
     polarity = 1.0 if rng.random() < 0.6 else -1.0
     contrast = rng.uniform(0.45, 1.0)  # in units of the modality's full object contrast
 
@@ -225,7 +241,7 @@ def make_phantom(seed: int, size: tuple[int, int, int] = (48, 96, 96), modality:
         centre = _place(rng, shape3, body, radius_range, centres, min_distance)
         if centre is None:
             continue
-        other = _random_shape(rng, shape3, held_out, None, centre, radius_range).raster(shape3)
+        other = _random_shape(rng, shape3, held_out, shapes, centre, radius_range).raster(shape3)
         grown = other | np.roll(other, 2, axis=1) | np.roll(other, -2, axis=1) | np.roll(other, 2, axis=2) \
             | np.roll(other, -2, axis=2)
         if not other.any() or (grown & occupied).any():
@@ -237,6 +253,22 @@ def make_phantom(seed: int, size: tuple[int, int, int] = (48, 96, 96), modality:
     volume = _render(rng, shape3, body, objects, modality)
     return Phantom(volume=volume, mask=target, distractors=tuple(m for m, _ in objects[1:]), modality=modality,
                    seed=int(seed), held_out=bool(held_out))
+
+
+def thick_slices(phantom: Phantom, factor: int) -> Phantom:
+    """The phantom scanned with `factor`-times thicker slices along axis 0: intensities averaged, masks by majority.
+
+    Viewed along axis 1 or 2, its slices are short and wide (anisotropic), as coronal views of thick-slice CT.
+    """
+    depth = phantom.volume.shape[0] // factor * factor
+
+    def thicken(array: np.ndarray) -> np.ndarray:
+        return array[:depth].reshape(depth // factor, factor, *array.shape[1:]).mean(axis=1)
+
+    volume = thicken(phantom.volume.astype(np.float32)).astype(phantom.volume.dtype)
+    mask, *distractors = (thicken(o.astype(np.float32)) >= 0.5 for o in phantom.objects)
+    return Phantom(volume=volume, mask=mask, distractors=tuple(distractors), modality=phantom.modality,
+                   seed=phantom.seed, held_out=phantom.held_out)
 
 
 def _render(rng: np.random.Generator, shape3: tuple[int, int, int], body: tuple[float, float, float, float],

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "MedSAM2HITL"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from phantoms import Phantom, bounding_box, make_phantom  # noqa: E402
+from phantoms import LONG_SHAPES, TRAIN_SHAPES, Phantom, bounding_box, make_phantom, thick_slices  # noqa: E402
 
 DATA = REPO / "Testing" / "Data"
 IMAGE_SIZE = 128
@@ -72,6 +72,10 @@ class Schedule:
     negative_fraction: float = 0.12  # phase-1 boxes on empty background
     feature_rms: float = 1.0  # bound on the RMS of the stride-16 image features (see feature_penalty)
     empty_weight: float = 5.0  # extra loss on any foreground for phase-1 boxes on empty background
+    interaction_steps: int = 1300  # stage 2 (phase 3), fine-tuning stage 1's weights
+    interaction_lr: float = 2e-4
+    interaction_frames: int = 6
+    second_condition: float = 0.6  # phase-3 tracking samples with a second conditioning slice at the clip's far end
 
 
 def small_config():
@@ -120,26 +124,47 @@ def write_config(path: Path) -> Path:
 
 
 class PhantomPool:
-    """Phantoms of random size, modality and in-plane orientation, windowed to uint8 once; refreshed steadily."""
+    """Phantoms of random size, modality and in-plane orientation, windowed to uint8 once; refreshed steadily.
 
-    def __init__(self, size: int, rng: np.random.Generator):
+    `varied` (stage 2) adds elongated and tubular objects, and thick-slice phantoms sliced along their other
+    axes (short, wide slices), to the round objects seen axially that stage 1 learns from.
+    """
+
+    def __init__(self, size: int, rng: np.random.Generator, varied: bool = False):
         self.rng = rng
+        self.varied = varied
         self.next_seed = 0
         self.items = [self._make() for _ in range(size)]
+
+    def _phantom(self) -> tuple[Phantom, int]:
+        """A phantom and the array axis to slice it along."""
+        rng = self.rng
+        seed = self.next_seed
+        self.next_seed += 1
+        variant = rng.random() if self.varied else 0.0
+        if variant < 0.25:
+            size = (int(rng.integers(40, 65)), int(rng.integers(64, 161)), int(rng.integers(64, 161)))
+            return make_phantom(seed, size=size, modality=str(rng.choice(["ct", "mr"]))), 0
+        modality = str(rng.choice(["ct", "mr"]))
+        if variant < 0.6:  # long objects, sliced along any axis
+            size = (int(rng.integers(48, 97)), int(rng.integers(64, 141)), int(rng.integers(64, 141)))
+            return make_phantom(seed, size=size, modality=modality, shapes=LONG_SHAPES), int(rng.integers(0, 3))
+        factor = int(rng.integers(2, 5))
+        size = (int(rng.integers(18, 33)) * factor, int(rng.integers(64, 129)), int(rng.integers(64, 129)))
+        phantom = make_phantom(seed, size=size, modality=modality, shapes=TRAIN_SHAPES + LONG_SHAPES)
+        return thick_slices(phantom, factor), int(rng.choice([0, 1, 1, 2, 2]))
 
     def _make(self) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         from MedSAM2HITLLib.preprocessing import ct_window, parse_window
 
         rng = self.rng
-        size = (int(rng.integers(40, 65)), int(rng.integers(64, 161)), int(rng.integers(64, 161)))
-        phantom: Phantom = make_phantom(self.next_seed, size=size, modality=str(rng.choice(["ct", "mr"])))
-        self.next_seed += 1
+        phantom, axis = self._phantom()
         if phantom.modality == "ct":  # the abdomen preset, jittered a little
             window = ct_window(400 * rng.uniform(0.8, 1.2), 40 + rng.uniform(-20, 20))
         else:
             window = parse_window("mr", phantom.volume)
-        volume = window.to_uint8(phantom.volume)
-        objects = phantom.objects
+        volume = np.moveaxis(window.to_uint8(phantom.volume), axis, 0)
+        objects = tuple(np.moveaxis(o, axis, 0) for o in phantom.objects)
         for axis in (1, 2):
             if rng.random() < 0.5:
                 volume = np.flip(volume, axis)
@@ -262,6 +287,37 @@ def feature_penalty(features, bound: float):
     return (features.pow(2).mean() - bound**2).clamp(min=0)
 
 
+def decode_slices(model, images: list, points: dict, masks, multimask: bool):
+    """Image encoder, prompt encoder and mask decoder on single slices, as the image predictor runs them.
+
+    points: coordinates B x N x 2 and labels B x N (box corners 2/3 first, then clicks 1/0); masks: mask-prompt
+    logits B x 1 x S/4 x S/4 or None. Returns logits at the model's input size, IoU and object-score predictions,
+    and the backbone features (for the feature bound).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    backbone = model.forward_image(torch.stack(images))
+    _, feats, _, sizes = model._prepare_backbone_features(backbone)
+    b = len(images)
+    embed = (feats[-1] + model.no_mem_embed).permute(1, 2, 0).view(b, -1, *sizes[-1])
+    high_res = [f.permute(1, 2, 0).view(b, -1, *s) for f, s in zip(feats[:-1], sizes[:-1])]
+    sparse, dense = model.sam_prompt_encoder(
+        points=(points["point_coords"], points["point_labels"]), boxes=None, masks=masks
+    )
+    low_res, ious, _, object_logits = model.sam_mask_decoder(
+        image_embeddings=embed,
+        image_pe=model.sam_prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+        repeat_image=False,
+        high_res_features=high_res,
+    )
+    logits = F.interpolate(low_res, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    return logits, ious, object_logits, feats
+
+
 def key_slice_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Generator):
     """Phase 1: prompt encoder + mask decoder on single slices, the image predictor's path."""
     import torch
@@ -286,26 +342,8 @@ def key_slice_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.
             coords.append(jittered_box(obj[index], rng) if kind == "box" else click(obj[index], rng))
             targets.append(resized_mask(obj[index]))
         images.append(frames(volume, [index])[0])
-    backbone = model.forward_image(torch.stack(images))
-    _, feats, _, sizes = model._prepare_backbone_features(backbone)
-    b = len(images)
-    embed = (feats[-1] + model.no_mem_embed).permute(1, 2, 0).view(b, -1, *sizes[-1])
-    high_res = [f.permute(1, 2, 0).view(b, -1, *s) for f, s in zip(feats[:-1], sizes[:-1])]
     points = prompt_points(kind, coords)
-    sparse, dense = model.sam_prompt_encoder(
-        points=(points["point_coords"], points["point_labels"]), boxes=None, masks=None
-    )
-    multimask = kind == "click"
-    low_res, ious, _, object_logits = model.sam_mask_decoder(
-        image_embeddings=embed,
-        image_pe=model.sam_prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask,
-        repeat_image=False,
-        high_res_features=high_res,
-    )
-    logits = F.interpolate(low_res, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    logits, ious, object_logits, feats = decode_slices(model, images, points, None, multimask=kind == "click")
     # Supervise the raw masks even without an object: the image predictor ignores the object score.
     target = torch.stack(targets)
     loss, mask_loss, object_loss = mask_losses(logits, target, ious, object_logits)
@@ -317,13 +355,19 @@ def key_slice_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.
     return loss, mask_loss, object_loss
 
 
-def tracking_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Generator):
-    """Phase 2: conditioning key slice, then the following slices through the memory bank (one direction)."""
+def tracking_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Generator,
+                  second_condition: bool = False):
+    """Phase 2: conditioning key slice, then the following slices through the memory bank (one direction).
+
+    With `second_condition` (phase 3) the clip's last slice is a second conditioning slice (its true mask, as a
+    user's corrected slice) and the slices between are tracked with both in the memory bank, the way the
+    engine propagates between two conditioning slices.
+    """
     import torch
 
     kind = str(rng.choice(["box", "mask", "click"], p=[0.6, 0.3, 0.1]))
     reverse = bool(rng.random() < 0.5)
-    t = schedule.track_frames
+    t = schedule.interaction_frames if second_condition else schedule.track_frames
     samples = []
     while len(samples) < schedule.track_batch:
         volume, _, obj = pool.pick()
@@ -331,7 +375,10 @@ def tracking_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.G
         areas = obj.sum(axis=(1, 2))
         candidates = np.flatnonzero(areas >= max(6, 0.25 * areas.max()))
         candidates = candidates[(candidates - (t - 1) >= 0) if reverse else (candidates + t - 1 < depth)]
-        if rng.random() < schedule.ending_fraction:  # the object ends inside the tracked slices
+        if second_condition:  # the object is there on the far conditioning slice too
+            far = candidates - (t - 1) if reverse else candidates + t - 1
+            candidates = candidates[areas[far] >= 6]
+        elif rng.random() < schedule.ending_fraction:  # the object ends inside the tracked slices
             last = np.flatnonzero(areas)[0 if reverse else -1]
             candidates = candidates[np.abs(last - candidates) <= t - 2]
         if candidates.size == 0:
@@ -345,37 +392,37 @@ def tracking_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.G
     _, feats, pos, sizes = model._prepare_backbone_features(backbone)
     depth = min(v.shape[0] for v, _, _ in samples)
     output = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-    total, mask_sum, object_sum = 0, 0.0, 0.0
+    total, mask_sum, object_sum, scored = 0, 0.0, 0.0, 0
     base = depth - 1 if reverse else 0  # frame numbers as the video predictor sees them
-    for i in range(t):
+    conditioning = [0, t - 1] if second_condition else [0]
+    for i in conditioning + [i for i in range(t) if i not in conditioning]:
         frame_idx = base + step * i
         frame_feats = [f[:, i * b:(i + 1) * b] for f in feats]
         frame_pos = [p[:, i * b:(i + 1) * b] for p in pos]
         target = torch.stack([resized_mask(o[k + step * i]) for _, o, k in samples])
         point_inputs = mask_inputs = None
-        if i == 0:
-            if kind == "mask":
-                mask_inputs = target
-            else:
-                maker = (lambda m: jittered_box(m, rng)) if kind == "box" else (lambda m: click(m, rng))
-                point_inputs = prompt_points(kind, [maker(o[k]) for _, o, k in samples])
+        if i == 0 and kind != "mask":
+            maker = (lambda m: jittered_box(m, rng)) if kind == "box" else (lambda m: click(m, rng))
+            point_inputs = prompt_points(kind, [maker(o[k]) for _, o, k in samples])
+        elif i in conditioning:
+            mask_inputs = target
         current, sam_outputs, _, _ = model._track_step(
-            frame_idx, i == 0, frame_feats, frame_pos, sizes, point_inputs, mask_inputs, output, depth,
+            frame_idx, i in conditioning, frame_feats, frame_pos, sizes, point_inputs, mask_inputs, output, depth,
             reverse, None,
         )
         multimasks, high_res_multimasks, ious, low_res, high_res, obj_ptr, object_logits = sam_outputs
         current.update(pred_masks=low_res, pred_masks_high_res=high_res, obj_ptr=obj_ptr)
         model._encode_memory_in_output(frame_feats, sizes, point_inputs, True, high_res, object_logits, current)
-        output["cond_frame_outputs" if i == 0 else "non_cond_frame_outputs"][frame_idx] = current
+        output["cond_frame_outputs" if i in conditioning else "non_cond_frame_outputs"][frame_idx] = current
         if mask_inputs is not None:
             continue  # the mask prompt is passed through as the output: nothing to learn on this frame
         loss, mask_loss, object_loss = mask_losses(high_res_multimasks, target, ious, object_logits)
         total = total + loss
         mask_sum += mask_loss
         object_sum += object_loss
-    frames_scored = t - (1 if kind == "mask" else 0)
-    total = total / frames_scored + feature_penalty(feats[-1], schedule.feature_rms)
-    return total, mask_sum / frames_scored, object_sum / frames_scored
+        scored += 1
+    total = total / scored + feature_penalty(feats[-1], schedule.feature_rms)
+    return total, mask_sum / scored, object_sum / scored
 
 
 def tracking_with_key_rehearsal(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Generator):
@@ -390,6 +437,125 @@ def tracking_with_key_rehearsal(model, pool: PhantomPool, schedule: Schedule, rn
     return loss, mask_loss, object_loss
 
 
+INTERACTIONS = ("click", "clicks", "box_clicks", "leak", "miss")
+INTERACTION_SHARES = (0.2, 0.15, 0.1, 0.4, 0.15)
+
+
+def _pixel(region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random pixel of a non-empty 2D region, as slice (x, y)."""
+    ys, xs = np.nonzero(region)
+    i = int(rng.integers(len(ys)))
+    return np.array([xs[i], ys[i]], dtype=np.float64)
+
+
+def _disc(shape: tuple[int, int], centre: np.ndarray, radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    return np.hypot(xx - centre[0], yy - centre[1]) <= radius
+
+
+def _near(target: np.ndarray, margin: float) -> np.ndarray:
+    """Pixels within the target's box grown by `margin` of its size (where a user's wrong click would land)."""
+    x0, y0, x1, y1 = bounding_box(target)
+    mx, my = margin * (x1 - x0 + 1) + 3, margin * (y1 - y0 + 1) + 3
+    near = np.zeros_like(target)
+    near[max(0, int(y0 - my)):int(y1 + my) + 1, max(0, int(x0 - mx)):int(x1 + mx) + 1] = True
+    return near
+
+
+def corrupted_mask(kind: str, target: np.ndarray, others: list[np.ndarray], rng: np.random.Generator):
+    """(previous mask, the region a correcting click goes in) for a leak or a miss, or None if this slice has none.
+
+    A leak adds a whole neighbouring object (a leaked distractor) or a bulge outside the target; a miss cuts a
+    bite out of the target.
+    """
+    radius = np.sqrt(target.sum() / np.pi)
+    edge = target & ~np.roll(target, 1, 0) | target & ~np.roll(target, 1, 1)
+    if kind == "leak":
+        near = _near(target, 0.8)
+        neighbours = [o for o in others if (o & near).any()]
+        if neighbours and rng.random() < 0.7:
+            wrong = neighbours[int(rng.integers(len(neighbours)))]
+        else:
+            wrong = _disc(target.shape, _pixel(edge, rng), radius * rng.uniform(0.4, 0.9)) & ~target
+        wrong &= ~np.logical_or.reduce([target, *others])
+        if wrong.sum() < 6:
+            return None
+        return target | wrong, wrong
+    wrong = _disc(target.shape, _pixel(edge, rng), radius * rng.uniform(0.5, 0.9)) & target
+    if wrong.sum() < max(6, 0.12 * target.sum()) or wrong.sum() > 0.7 * target.sum():
+        return None
+    return target & ~wrong, wrong
+
+
+def interaction_key_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Generator):
+    """Phase 3 on single slices: clicks alone, clicks with a box, and clicks that correct the slice's current mask.
+
+    One kind of interaction per step (so prompts stack into a batch). The current mask goes in as mask-prompt
+    logits made by the engine's own function; a correcting click lies in what the mask got wrong: a negative
+    click on a leak (a neighbouring object or a bulge), a positive click in a missed bite.
+    """
+    import torch
+
+    from MedSAM2HITLLib.preprocessing import mask_prompt_logits
+
+    kind = str(rng.choice(INTERACTIONS, p=INTERACTION_SHARES))
+    with_box = kind == "box_clicks" or (kind in ("leak", "miss") and rng.random() < 0.5)
+    positives = {"click": 1, "clicks": int(rng.integers(1, 4)), "box_clicks": 1, "leak": 0, "miss": 1}[kind]
+    negatives = {"click": 0, "clicks": int(rng.integers(0, 3)), "box_clicks": int(rng.integers(0, 2)), "leak": 1,
+                 "miss": 0}[kind]
+    if kind == "clicks" and positives + negatives == 1:
+        negatives = 1
+    images, targets, coords, labels, masks = [], [], [], [], []
+    while len(images) < schedule.key_batch:
+        volume, objects, obj = pool.pick()
+        present = np.flatnonzero(obj.sum(axis=(1, 2)) >= 20)
+        if present.size == 0:
+            continue
+        index = int(rng.choice(present))
+        target = obj[index]
+        others = [o[index] for o in objects if o is not obj]
+        points, point_labels, previous = [], [], None
+        if kind in ("leak", "miss"):
+            corrupted = corrupted_mask(kind, target, others, rng)
+            if corrupted is None:
+                continue
+            previous, wrong = corrupted
+            points += [_pixel(wrong, rng) for _ in range(positives + negatives)]
+            point_labels += [1 if kind == "miss" else 0] * (positives + negatives)
+        else:
+            points += [_pixel(target, rng) for _ in range(positives)]
+            outside = (np.logical_or.reduce([_near(target, 0.5), *others])) & ~target
+            points += [_pixel(outside, rng) for _ in range(negatives)]
+            point_labels += [1] * positives + [0] * negatives
+        xy = [_to_model(p, target.shape) for p in points]
+        if with_box:
+            boxed = previous if kind == "leak" and rng.random() < 0.5 else target
+            xy = list(jittered_box(boxed, rng).reshape(2, 2)) + xy
+            point_labels = [2, 3] + point_labels
+        coords.append(np.stack(xy))
+        labels.append(point_labels)
+        masks.append(None if previous is None else mask_prompt_logits(previous, IMAGE_SIZE))
+        targets.append(resized_mask(target))
+        images.append(frames(volume, [index])[0])
+    points = {"point_coords": torch.from_numpy(np.stack(coords)).float(),
+              "point_labels": torch.tensor(labels, dtype=torch.int32)}
+    mask_inputs = None if masks[0] is None else torch.stack(masks)
+    multimask = kind == "click"
+    logits, ious, object_logits, feats = decode_slices(model, images, points, mask_inputs, multimask)
+    loss, mask_loss, object_loss = mask_losses(logits, torch.stack(targets), ious, object_logits)
+    return loss + feature_penalty(feats[-1], schedule.feature_rms), mask_loss, object_loss
+
+
+def interaction_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Generator):
+    """Phase 3 step: corrections on a slice, tracking (often between two conditioning slices), and a box batch."""
+    second = bool(rng.random() < schedule.second_condition)
+    loss, mask_loss, object_loss = tracking_step(model, pool, schedule, rng, second_condition=second)
+    loss = loss + interaction_key_step(model, pool, schedule, rng)[0]
+    if rng.random() < 0.3:
+        loss = loss + key_slice_step(model, pool, schedule, rng)[0]
+    return loss, mask_loss, object_loss
+
+
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -397,19 +563,26 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(schedule: Schedule, out: Path, log_every: int = 25) -> Path:
+def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None = None) -> Path:
+    """Stage 1 (phases 1 and 2) from random weights, or with `init` (stage 1's checkpoint) stage 2 (phase 3)."""
     import torch
 
     from MedSAM2HITLLib.model import build_predictor, save_checkpoint
 
+    seed = SEED if init is None else SEED + 1
     torch.set_num_threads(THREADS)
-    torch.manual_seed(SEED)
-    rng = np.random.default_rng(SEED)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     config = write_config(out.with_suffix(".yaml"))
     model = build_predictor(config)
     model.train()
-    pool = PhantomPool(schedule.pool, rng)
+    if init is not None:
+        model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True)["model"])
+        # Inference's rules for the memory bank (object pointers from past slices only, masks from prompts
+        # binarised), so that tracking between two conditioning slices learns what the engine will run.
+        model.training = False
+    pool = PhantomPool(schedule.pool, rng, varied=init is not None)
     groups: dict[tuple[bool, bool], list] = {}
     for name, parameter in model.named_parameters():
         decays = parameter.ndim > 1 and "pos_embed" not in name
@@ -426,6 +599,8 @@ def train(schedule: Schedule, out: Path, log_every: int = 25) -> Path:
     phases = [
         ("key", schedule.key_steps, schedule.key_lr, key_slice_step),
         ("track", schedule.track_steps, schedule.track_lr, tracking_with_key_rehearsal),
+    ] if init is None else [
+        ("interaction", schedule.interaction_steps, schedule.interaction_lr, interaction_step),
     ]
     for name, steps, peak, step_fn in phases:
         for step in range(steps):
@@ -455,10 +630,22 @@ def train(schedule: Schedule, out: Path, log_every: int = 25) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DATA / "phantom_sam2.pt", help="checkpoint to write")
+    parser.add_argument("--stage", choices=("1", "2", "all"), default="all",
+                        help="1: phases 1-2 from random weights; 2: phase 3 from --init; all: both (about 45 min)")
+    parser.add_argument("--init", type=Path, help="stage 1's checkpoint, for --stage 2")
     parser.add_argument("--key-steps", type=int, default=Schedule.key_steps)
     parser.add_argument("--track-steps", type=int, default=Schedule.track_steps)
+    parser.add_argument("--interaction-steps", type=int, default=Schedule.interaction_steps)
     args = parser.parse_args()
-    train(Schedule(key_steps=args.key_steps, track_steps=args.track_steps), args.out)
+    schedule = Schedule(key_steps=args.key_steps, track_steps=args.track_steps,
+                        interaction_steps=args.interaction_steps)
+    if args.stage == "2" and args.init is None:
+        parser.error("--stage 2 needs --init, the checkpoint stage 1 wrote")
+    stage_1 = args.out.with_name(args.out.stem + "_stage1.pt") if args.stage == "all" else args.out
+    if args.stage in ("1", "all"):
+        train(schedule, stage_1)
+    if args.stage in ("2", "all"):
+        train(schedule, args.out, init=stage_1 if args.stage == "all" else args.init)
 
 
 if __name__ == "__main__":
