@@ -1,4 +1,4 @@
-"""Box prompts in a slice's pixel coordinates, checked before they reach the model."""
+"""Box and point prompts in a slice's pixel coordinates, checked before they reach the model."""
 
 from __future__ import annotations
 
@@ -49,3 +49,41 @@ def validate_box(box, slice_shape: tuple[int, int]) -> Box:
             f"{clipped.y_max - clipped.y_min + 1} pixels); draw a box at least 2 pixels wide and high"
         )
     return clipped
+
+
+@dataclass(frozen=True)
+class Point:
+    """A click on a slice: x = column, y = row (pixels); positive adds what is under it, negative removes it."""
+
+    x: float
+    y: float
+    positive: bool
+
+    def as_list(self) -> list:
+        return [self.x, self.y, 1 if self.positive else 0]
+
+
+def validate_points(points, slice_shape: tuple[int, int]) -> list[Point]:
+    """Points as (x, y, label) with label 1/+ (positive) or 0/- (negative), each on the slice."""
+    rows, cols = slice_shape
+    checked = []
+    for point in points:
+        values = point.as_list() if isinstance(point, Point) else list(point)
+        if len(values) != 3:
+            raise BadInputError(f"a point needs x, y and a label (1 positive, 0 negative), got {values}")
+        x, y, label = values
+        try:
+            x, y = float(x), float(y)
+        except (TypeError, ValueError):
+            raise BadInputError(f"point coordinates must be numbers, got {values}") from None
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise BadInputError(f"point coordinates must be finite, got {values}")
+        if label not in (0, 1, "+", "-"):
+            raise BadInputError(f"a point's label must be 1 or '+' (positive) or 0 or '-' (negative), got {label!r}")
+        if not (-0.5 <= x <= cols - 0.5 and -0.5 <= y <= rows - 0.5):
+            raise BadInputError(
+                f"point ({x:g}, {y:g}) lies outside the slice (columns 0..{cols - 1}, rows 0..{rows - 1}); "
+                "click on the image"
+            )
+        checked.append(Point(x, y, label in (1, "+")))
+    return checked

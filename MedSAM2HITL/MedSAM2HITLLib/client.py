@@ -403,12 +403,17 @@ class WorkerClient:
             request.finish({})
         return request
 
-    def segment_slice(self, volume_id: str, axis: int, index: int, box, window="mr", **callbacks) -> Request:
-        """Mask of one slice for a box (x_min, y_min, x_max, y_max); `result` is a bool array of the slice shape."""
+    def segment_slice(self, volume_id: str, axis: int, index: int, box, window="mr", points=None, mask=None,
+                      **callbacks) -> Request:
+        """Mask of one slice for a box (x_min, y_min, x_max, y_max) and/or clicks (x, y, 1 positive | 0 negative),
+        correcting `mask` (the slice's current mask) when given; `result` is a bool array of the slice shape."""
 
         def fields():
-            values = {"volume_id": volume_id, "axis": int(axis), "index": int(index), "box": _numbers(box)}
-            return {**values, "window": _window(window)}, {}
+            values = {"volume_id": volume_id, "axis": int(axis), "index": int(index), "window": _window(window),
+                      "box": None if box is None else _numbers(box)}
+            if points:
+                values["points"] = [_numbers(point) for point in points]
+            return values, {} if mask is None else {"mask": np.asarray(mask, dtype=bool)}
 
         return self._submit(self._request("segment_2d", callbacks), volume_id, fields)
 
@@ -423,27 +428,44 @@ class WorkerClient:
         window="mr",
         largest_component: bool = False,
         on_slice: Callable | None = None,
+        conditioning: dict | None = None,
         **callbacks,
     ) -> Request:
         """Track from the key slice through start..end; each slice goes to `on_slice(SliceMask)` as it arrives.
 
-        `prompt` is a box or a 2D bool mask of the key slice; `result` lists the completed slice indices.
+        `prompt` is a box or a 2D bool mask of the key slice, `conditioning` more slices' masks (index → mask)
+        that condition the tracking too; `result` lists the completed slice indices.
         """
+        prompts = {**(conditioning or {}), key_index: prompt}
+        return self.propagate_objects(volume_id, axis, [prompts], start, end, window, largest_component, on_slice,
+                                      **callbacks)
+
+    def propagate_objects(self, volume_id: str, axis: int, objects: list[dict], start: int | None = None,
+                          end: int | None = None, window="mr", largest_component: bool = False,
+                          on_slice: Callable | None = None, **callbacks) -> Request:
+        """Several objects in one pass, each from its conditioning slices (index → box or mask); SliceMask.object
+        tells whose a slice is."""
 
         def fields():
-            arrays, values = {}, {
+            arrays, described = {}, []
+            for number, prompts in enumerate(objects):
+                boxes, masks = [], []
+                for index, prompt in sorted(prompts.items()):
+                    if isinstance(prompt, np.ndarray) and prompt.ndim == 2:
+                        masks.append(int(index))
+                        arrays[f"mask{number}_{int(index)}"] = prompt.astype(bool, copy=False)
+                    else:
+                        boxes.append([int(index), *_numbers(prompt)])
+                described.append({"boxes": boxes, "masks": masks})
+            values = {
                 "volume_id": volume_id,
                 "axis": int(axis),
-                "key_index": int(key_index),
+                "objects": described,
                 "start": None if start is None else int(start),
                 "end": None if end is None else int(end),
                 "window": _window(window),
                 "largest_component": bool(largest_component),
             }
-            if isinstance(prompt, np.ndarray) and prompt.ndim == 2:
-                arrays["prompt"] = prompt.astype(bool, copy=False)
-            else:
-                values["box"] = _numbers(prompt)
             return values, arrays
 
         return self._submit(self._request("propagate", callbacks, on_slice=on_slice), volume_id, fields)
@@ -520,7 +542,7 @@ class WorkerClient:
             from .engine import SliceMask
 
             f = frame.fields
-            request._slice(SliceMask(f["index"], frame.arrays["mask"], f["completed"], f["total"]))
+            request._slice(SliceMask(f["index"], frame.arrays["mask"], f["completed"], f["total"], f.get("object", 0)))
             return
         del self._pending[frame.id]
         request.reply = frame.fields

@@ -1,4 +1,4 @@
-"""MedSAM2 inference on a volume: one slice from a box, or a range of slices propagated from a key slice.
+"""MedSAM2 inference on a volume: one slice from a box and/or clicks, or slices propagated from conditioning slices.
 
 Built on PyPI sam2 1.1.0's image and video predictors, with three things that package lacks: input frames made
 on demand from the caller's volume (no float32 copy of the stack), feature sizes that follow image_size, and
@@ -12,26 +12,25 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .box import validate_box
+from .box import validate_box, validate_points
 from .errors import BadInputError, OutOfMemoryError, PropagationCancelled
 from .model import LoadedModel, load_model
-from .preprocessing import IntensityWindow, frame_tensor, parse_window
-
-OBJECT_ID = 1  # one object per request; several objects are several requests
+from .preprocessing import IntensityWindow, frame_tensor, mask_prompt_logits, parse_window
 
 
 @dataclass
 class SliceMask:
-    """One propagated slice: its index along the axis and its mask, with progress over the range."""
+    """One propagated slice of one object (its position in the request): index along the axis, mask, progress."""
 
     index: int
     mask: np.ndarray
     completed: int
     total: int
+    object: int = 0
 
 
 class VolumeFrames:
@@ -144,20 +143,37 @@ class Engine:
         """Whether a box on this slice costs only the mask decoder (its embedding is in the cache)."""
         return (self.volume_id, axis, index, self.window(window)) in self._embeddings
 
-    def segment_slice(self, axis: int, index: int, box, window="mr") -> np.ndarray:
-        """Mask (bool, the slice's shape) for a box on slice `index` along array axis `axis`."""
+    def segment_slice(self, axis: int, index: int, box=None, window="mr", points=None, mask=None) -> np.ndarray:
+        """Mask (bool, the slice's shape) for a box and/or clicks on slice `index` along array axis `axis`.
+
+        points: (x, y, label) clicks, label 1 positive / 0 negative. mask: the slice's current mask, which the
+        prompts then correct (SAM2's mask input). One click alone gives the best of three candidate masks.
+        """
         volume = self._require_volume()
         self._check_index(axis, index)
         shape = _slice_shape(volume, axis)
-        checked = validate_box(box, shape)
+        checked_box = None if box is None else validate_box(box, shape)
+        clicks = validate_points(points or [], shape)
+        current = self._mask_input(mask, shape)
+        if checked_box is None and current is None and not any(p.positive for p in clicks):
+            raise BadInputError("a slice needs a box, at least one positive click, or a mask that the clicks correct "
+                                "(negative clicks only remove from a mask)")
         features = self._embedding(axis, index, self.window(window))
         predictor = self.image_predictor
         # sam2 1.1.0 has no public way to reuse computed features: restore the state set_image would leave.
         predictor._features, predictor._orig_hw = features, [shape]
         predictor._is_image_set, predictor._is_batch = True, False
+        multimask = checked_box is None and current is None and len(clicks) == 1
         with self._inference("segmenting a slice"):
-            masks, _, _ = predictor.predict(box=np.asarray(checked.as_list(), dtype=np.float32), multimask_output=False)
-        return masks[0] > 0
+            masks, scores, _ = predictor.predict(
+                point_coords=np.array([p.as_list()[:2] for p in clicks], dtype=np.float32) if clicks else None,
+                point_labels=np.array([p.positive for p in clicks], dtype=np.int32) if clicks else None,
+                box=None if checked_box is None else np.asarray(checked_box.as_list(), dtype=np.float32),
+                mask_input=None if current is None else mask_prompt_logits(current, self.model.image_size,
+                                                                           self.model.device),
+                multimask_output=multimask,
+            )
+        return masks[int(np.argmax(scores))] > 0
 
     def propagate(
         self,
@@ -169,76 +185,122 @@ class Engine:
         window="mr",
         largest_component: bool = False,
         should_cancel: Callable[[], bool] | None = None,
+        conditioning: Mapping[int, np.ndarray] | None = None,
     ) -> Iterator[SliceMask]:
         """Track the object from the key slice forward to `end` and backward to `start` (inclusive).
 
-        Slices are yielded as they are computed: the key slice, the forward pass, then the backward pass. With
-        `largest_component`, slices that the 3D largest-component filter changes are yielded again at the end.
-        `should_cancel()` is asked before each slice; cancelling raises PropagationCancelled listing the slices
-        already yielded, which stay valid.
+        `conditioning` adds slices the user drew or corrected (index → mask): every one conditions the tracking
+        (SAM2 keeps all conditioning slices in its memory bank), so slices between two of them use both. Mask
+        prompts come back exactly as given. Slices are yielded as they are computed: the forward pass from the
+        first conditioning slice, then the backward pass. With `largest_component`, slices that the 3D
+        largest-component filter changes are yielded again at the end. `should_cancel()` is asked before each
+        slice; cancelling raises PropagationCancelled listing the slices already yielded, which stay valid.
+        """
+        prompts = {**(conditioning or {}), key_index: prompt}
+        return self.propagate_objects(axis, [prompts], start, end, window, largest_component, should_cancel)
+
+    def propagate_objects(
+        self,
+        axis: int,
+        objects: Sequence[Mapping[int, object]],
+        start: int | None = None,
+        end: int | None = None,
+        window="mr",
+        largest_component: bool = False,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> Iterator[SliceMask]:
+        """Several objects in one pass, each from its own conditioning slices (index → box or mask).
+
+        Each slice is encoded once for all objects; each object is tracked as `propagate` tracks one, so the
+        masks equal those of one request per object. SliceMask.object is the object's position in `objects`.
         """
         volume = self._require_volume()
-        self._check_index(axis, key_index)
+        if axis not in (0, 1, 2):
+            raise BadInputError(f"axis must be 0, 1 or 2, got {axis}")
         count = volume.shape[axis]
         start = 0 if start is None else int(start)
         end = count - 1 if end is None else int(end)
-        if not 0 <= start <= key_index <= end < count:
-            raise BadInputError(
-                f"range {start}..{end} must lie within slices 0..{count - 1} and contain the key slice {key_index}"
-            )
+        if not objects or not all(objects):
+            raise BadInputError("each object needs at least one conditioning slice (a box or a mask)")
+        indices = sorted({int(i) for prompts in objects for i in prompts})
+        if not 0 <= start <= indices[0] <= indices[-1] <= end < count:
+            named = f"key slice {indices[0]}" if len(indices) == 1 else \
+                f"conditioning slices {', '.join(map(str, indices))}"
+            raise BadInputError(f"range {start}..{end} must lie within slices 0..{count - 1} and contain the {named}")
         shape = _slice_shape(volume, axis)
-        add_prompt = self._prompt_adder(prompt, shape)
+        checked = [{int(i) - start: self._conditioning(prompt, shape) for i, prompt in prompts.items()}
+                   for prompts in objects]
         frames = VolumeFrames(volume, axis, start, end, self.window(window), self.model)
-        return self._propagate(frames, key_index - start, add_prompt, largest_component, should_cancel)
+        return self._propagate(frames, checked, largest_component, should_cancel)
 
-    def _propagate(self, frames, key, add_prompt, largest_component, should_cancel) -> Iterator[SliceMask]:
+    def _propagate(self, frames, objects: list[dict], largest_component, should_cancel) -> Iterator[SliceMask]:
         predictor = self.model.predictor
         state = _tracking_state(frames, self.model.device)
-        total = len(frames)
+        total = len(frames) * len(objects)
+        firsts = [min(prompts) for prompts in objects]
         completed: list[int] = []
-        kept = {} if largest_component else None
+        yielded = 0
+        kept = [{} for _ in objects] if largest_component else None
         try:
             for reverse in (False, True):
-                if reverse and key == 0:
-                    break
+                order = range(max(firsts) - 1, -1, -1) if reverse else range(min(firsts), len(frames))
+                if not order:
+                    continue
                 predictor.reset_state(state)
-                with self._inference("preparing the key slice"):
-                    add_prompt(predictor, state, key)
-                passes = predictor.propagate_in_video(state, start_frame_idx=key, reverse=reverse)
-                while True:
-                    if should_cancel is not None and should_cancel():
-                        raise PropagationCancelled(completed)
-                    with self._inference("propagating"):
-                        step = next(passes, None)
-                    if step is None:
-                        break
-                    frame, _, logits = step
+                with self._inference("preparing the conditioning slices"):
+                    for obj, prompts in enumerate(objects):
+                        for frame, (add, _) in prompts.items():
+                            add(predictor, state, frame, obj + 1)
+                    predictor.propagate_in_video_preflight(state)
+                for frame in order:
+                    for obj, prompts in enumerate(objects):
+                        if (frame >= firsts[obj]) == reverse:  # forward: from its first slice; backward: below it
+                            continue
+                        if should_cancel is not None and should_cancel():
+                            raise PropagationCancelled(completed)
+                        exact = prompts[frame][1] if frame in prompts else None
+                        if exact is None:
+                            with self._inference("propagating"):
+                                exact = _track_frame(predictor, state, obj, frame, reverse)
+                        index = frames.start + frame
+                        if index not in completed:
+                            completed.append(index)
+                        if kept is not None:
+                            kept[obj][frame] = exact
+                        yielded += 1
+                        yield SliceMask(index, exact, yielded, total, obj)
                     _release_unneeded_outputs(predictor, state, frame, reverse)
-                    if reverse and frame == key:
-                        continue
-                    mask = (logits[0, 0] > 0).cpu().numpy()
-                    index = frames.start + frame
-                    completed.append(index)
-                    if kept is not None:
-                        kept[frame] = mask
-                    yield SliceMask(index, mask, len(completed), total)
         finally:
             predictor.reset_state(state)
             state.clear()
-        if kept:
-            yield from _largest_component_changes(kept, frames.start, total)
+        for obj, masks in enumerate(kept or []):
+            for item in _largest_component_changes(masks, frames.start, total):
+                item.object = obj
+                yield item
 
-    def _prompt_adder(self, prompt, shape):
-        """Check the prompt now (before any work) and return how to add it to a tracking state."""
+    def _conditioning(self, prompt, shape):
+        """Check a conditioning prompt now (before any work): (how to add it to a tracking state, the mask to
+        return for its slice as is, or None for a box, whose slice the model segments)."""
         if isinstance(prompt, np.ndarray) and prompt.ndim == 2:
             if prompt.shape != shape:
                 raise BadInputError(f"the mask prompt has shape {prompt.shape}, the slice has {shape}")
             mask = prompt.astype(bool)
             if not mask.any():
                 raise BadInputError("the mask prompt is empty: draw the object on the key slice first")
-            return lambda predictor, state, key: predictor.add_new_mask(state, key, OBJECT_ID, mask)
+            return (lambda predictor, state, frame, obj: predictor.add_new_mask(state, frame, obj, mask)), mask
         box = np.asarray(validate_box(prompt, shape).as_list(), dtype=np.float32)
-        return lambda predictor, state, key: predictor.add_new_points_or_box(state, key, OBJECT_ID, box=box)
+        return (lambda predictor, state, frame, obj: predictor.add_new_points_or_box(state, frame, obj, box=box)), None
+
+    @staticmethod
+    def _mask_input(mask, shape) -> np.ndarray | None:
+        """A slice's current mask to correct, or None when there is none (absent or empty)."""
+        if mask is None:
+            return None
+        mask = np.asarray(mask)
+        if mask.shape != shape:
+            raise BadInputError(f"the current mask has shape {mask.shape}, the slice has {shape}")
+        mask = mask.astype(bool)
+        return mask if mask.any() else None
 
     def _embedding(self, axis: int, index: int, window: IntensityWindow) -> dict:
         """Image-encoder features of one slice, cached per (volume, axis, slice, window)."""
@@ -330,6 +392,20 @@ def _tracking_state(frames: VolumeFrames, device) -> dict:
         "temp_output_dict_per_obj": {},
         "frames_tracked_per_obj": {},
     }
+
+
+def _track_frame(predictor, state: dict, obj: int, frame: int, reverse: bool) -> np.ndarray:
+    """One object's mask on one slice from its memory bank (what sam2's propagate_in_video does per object)."""
+    outputs = state["output_dict_per_obj"][obj]
+    if frame in outputs["cond_frame_outputs"]:
+        logits = outputs["cond_frame_outputs"][frame]["pred_masks"]
+    else:
+        current, logits = predictor._run_single_frame_inference(state, outputs, frame, 1, False, None, None, reverse,
+                                                                 True)
+        outputs["non_cond_frame_outputs"][frame] = current
+    state["frames_tracked_per_obj"][obj][frame] = {"reverse": reverse}
+    _, video_logits = predictor._get_orig_video_res_output(state, logits)
+    return (video_logits[0, 0] > 0).cpu().numpy()
 
 
 def _release_unneeded_outputs(predictor, state: dict, frame: int, reverse: bool) -> None:

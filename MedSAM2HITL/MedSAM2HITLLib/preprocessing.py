@@ -105,3 +105,15 @@ def frame_tensor(slice_u8: np.ndarray, image_size: int, device=None):
     mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=image.device).view(1, 3, 1, 1)
     return ((image.expand(-1, 3, -1, -1) - mean) / std)[0]
+
+
+def mask_prompt_logits(mask2d: np.ndarray, image_size: int, device=None):
+    """A slice's mask as SAM2's mask-prompt input (1 x S/4 x S/4 logits), made as sam2's video predictor makes a
+    mask into logits (resized to the model input, then ±10): the current mask of a slice that clicks refine."""
+    import torch
+    import torch.nn.functional as F
+
+    mask = torch.from_numpy(np.ascontiguousarray(mask2d, dtype=np.float32)).to(device)[None, None]
+    mask = (F.interpolate(mask, size=(image_size, image_size), mode="bilinear", align_corners=False) >= 0.5).float()
+    low_res = (image_size // 4,) * 2
+    return F.interpolate(mask * 20.0 - 10.0, size=low_res, mode="bilinear", align_corners=False, antialias=True)[0]

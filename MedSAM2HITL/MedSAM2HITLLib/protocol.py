@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: propagate carries objects with conditioning slices; segment_2d points and mask
 HEARTBEAT_SECONDS = 1.0  # the worker sends a "heartbeat" frame (no id) this often, from a thread of its own
 MAGIC = b"MS2H"
 PREFIX = struct.Struct("<4sIQ")  # magic, header bytes, body bytes

@@ -70,6 +70,33 @@ def integer(frame: Frame, name: str, default=...):
     return value
 
 
+def conditioning_prompts(frame: Frame) -> list[dict]:
+    """A propagate request's objects as the engine takes them: per object, slice index → box or mask.
+
+    Wire form (protocol.py): field `objects` = [{"boxes": [[index, x0, y0, x1, y1], ...], "masks": [index, ...]}],
+    with each mask in array `mask<object>_<index>`.
+    """
+    objects = frame.fields.get("objects")
+    if not isinstance(objects, list) or not objects:
+        raise BadInputError("propagate needs 'objects': a list with each object's conditioning slices")
+    prompts = []
+    for number, described in enumerate(objects):
+        if not isinstance(described, dict):
+            raise BadInputError(f"propagate: object {number} must be a dictionary of 'boxes' and 'masks'")
+        slices = {}
+        for box in described.get("boxes") or []:
+            if not isinstance(box, list) or len(box) != 5 or not isinstance(box[0], int):
+                raise BadInputError(f"propagate: a box is [slice index, x_min, y_min, x_max, y_max], got {box!r}")
+            slices[box[0]] = box[1:]
+        for index in described.get("masks") or []:
+            name = f"mask{number}_{index}"
+            if name not in frame.arrays:
+                raise BadInputError(f"propagate: object {number} names a mask on slice {index} but sent no '{name}'")
+            slices[index] = frame.arrays[name]
+        prompts.append(slices)
+    return prompts
+
+
 class Channel:
     """Writes whole frames to the frame descriptor; a lock keeps frames from two threads apart."""
 
@@ -285,24 +312,21 @@ class Worker:
         engine = self._engine_for(f.get("volume_id"))
         started = time.perf_counter()
         axis, index = integer(frame, "axis"), integer(frame, "index")
-        mask = engine.segment_slice(axis, index, f.get("box"), f.get("window", "mr"))
+        mask = engine.segment_slice(axis, index, f.get("box"), f.get("window", "mr"), f.get("points"),
+                                    frame.arrays.get("mask"))
         self.channel.send("done", frame.id, {"seconds": time.perf_counter() - started}, {"mask": mask})
 
     def on_propagate(self, frame: Frame) -> None:
         f = frame.fields
         engine = self._engine_for(f.get("volume_id"))
-        prompt = frame.arrays["prompt"] if "prompt" in frame.arrays else f.get("box")
-        if prompt is None:
-            raise BadInputError("propagate needs a 'box' field or a 'prompt' mask array")
 
         def should_cancel() -> bool:
             return frame.id in self.cancelled or self.closing.is_set()
 
         completed: list[int] = []
-        slices = engine.propagate(
+        slices = engine.propagate_objects(
             integer(frame, "axis"),
-            integer(frame, "key_index"),
-            prompt,
+            conditioning_prompts(frame),
             integer(frame, "start", None),
             integer(frame, "end", None),
             f.get("window", "mr"),
@@ -312,7 +336,7 @@ class Worker:
         for item in slices:
             if item.index not in completed:
                 completed.append(item.index)
-            fields = {"index": item.index, "completed": item.completed, "total": item.total}
+            fields = {"index": item.index, "completed": item.completed, "total": item.total, "object": item.object}
             self.channel.send("slice", frame.id, fields, {"mask": item.mask})
         self.channel.send("done", frame.id, {"completed": completed})
 
