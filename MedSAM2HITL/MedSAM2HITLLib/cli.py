@@ -42,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment an object from a box, optionally through the volume")
     segment.add_argument("volume", help="NIfTI, NRRD, MHA/MHD file or a DICOM series folder")
     segment.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several")
-    prompt = segment.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--box-ras", nargs=6, type=float, metavar=("X1", "Y1", "Z1", "X2", "Y2", "Z2"),
-                        help="two opposite corners of the box in RAS millimetres (as Slicer shows them)")
+    prompt = segment.add_mutually_exclusive_group()
+    prompt.add_argument("--box-ras", nargs=6, type=float, action="append", metavar=("X1", "Y1", "Z1", "X2", "Y2", "Z2"),
+                        help="two opposite corners of the box in RAS millimetres (as Slicer shows them); repeat it\n"
+                             "for several objects, propagated in one pass, one segment each")
     prompt.add_argument("--roi", help="Slicer markups ROI file (.mrk.json)")
+    segment.add_argument("--point-ras", nargs=4, action="append", metavar=("X", "Y", "Z", "+|-"),
+                         help="a click in RAS millimetres, + inside the object or - on what to leave out; repeat\n"
+                              "it; alone (the slice of the last point) or with one box")
     segment.add_argument("--axis", choices=VIEWS, default="axial", help="slice orientation of the box (default axial)")
     segment.add_argument("--propagate", action="store_true", help="propagate from the key slice through the range")
     segment.add_argument("--start", type=int, help="first slice of the range: 0-based, counted as Slicer and `info` count them")
@@ -150,6 +154,7 @@ def run_segment(args) -> int:
     from .mrml_scene import create_scene, load_roi, load_volume
     from .preprocessing import parse_window
     from .roi_box import roi_from_corners
+    from .segment_writer import create_segmentation
 
     output = _output_path(args.output, ".seg.nrrd")
     labelmap = _output_path(args.labelmap, ".nii.gz", ".nii") if args.labelmap else None
@@ -159,26 +164,39 @@ def run_segment(args) -> int:
     checkpoint = Path(args.checkpoint) if args.server else resolve_checkpoint(args.checkpoint)  # the service has its own
     scene = create_scene()
     volume = load_volume(scene, args.volume, series_uid=args.series)
-    roi = load_roi(scene, args.roi) if args.roi else roi_from_corners(scene, volume, args.box_ras)
+    rois = [load_roi(scene, args.roi)] if args.roi else [roi_from_corners(scene, volume, box) for box in args.box_ras or []]
+    points = _points_node(scene, args.point_ras) if args.point_ras else None
+    if not rois and points is None:
+        raise BadInputError("give a box (--box-ras or --roi) or clicks (--point-ras)")
+    if len(rois) > 1 and points is not None:
+        raise BadInputError("clicks (--point-ras) go with one box; with several boxes, leave them out")
+    if len(rois) > 1:  # one segment per object, named after its box
+        for number, roi in enumerate(rois, 1):
+            roi.SetName(f"Object {number}")
     if args.propagate:  # a wrong --start/--end fails before the model loads
         axis = SegmentationLogic.array_axis(volume, args.axis)
-        key = SegmentationLogic.key_slice(volume, roi, axis)
-        SegmentationLogic.check_range(volume, axis, key, args.start, args.end)
+        for roi in rois:
+            SegmentationLogic.check_range(volume, axis, SegmentationLogic.key_slice(volume, roi, axis), args.start,
+                                          args.end)
     logic = SegmentationLogic(_service_client(args))
     try:
         started = time.monotonic()
         _say(f"loading {checkpoint.name} ..." if not args.server else f"connecting to {args.server} ...")
         loading = logic.client.load_model(checkpoint, device=args.device, threads=args.threads,
                                           precision=args.precision)
-        segmenting = logic.segment_slice(volume, roi, None, axis=args.axis, window=args.window)  # checks the box now
+        segmentation = create_segmentation(scene, volume)
+        segmenting = [logic.segment_slice(volume, roi, segmentation, axis=args.axis, window=args.window,
+                                          points_node=points)  # each checks its prompt now, as the model loads
+                      for roi in rois or [None]]
         info = loading.wait(REQUEST_TIMEOUT_SECONDS)
         _say(f"model ready on {info.get('device')}, precision {info.get('precision')} "
              f"({time.monotonic() - started:.1f} s)")
         started = time.monotonic()
-        segmentation, segment_id = segmenting.wait(REQUEST_TIMEOUT_SECONDS)
+        objects = [request.wait(REQUEST_TIMEOUT_SECONDS) for request in segmenting]
         _say(f"key slice segmented ({time.monotonic() - started:.2f} s)")
         if args.propagate:
-            if not _propagate(logic, volume, segmentation, segment_id, roi, args):
+            if not _propagate(logic, volume, segmentation, [(roi, segment_id) for roi, (_, segment_id)
+                                                               in zip(rois or [None], objects)], args):
                 return EXIT_INTERRUPTED
         _write_outputs(segmentation, volume, output, labelmap)
         return EXIT_OK
@@ -186,13 +204,41 @@ def run_segment(args) -> int:
         logic.stop_worker()
 
 
-def _propagate(logic, volume, segmentation, segment_id, roi, args) -> bool:
-    """Run the propagation with a progress bar; False when Ctrl+C stopped it (outputs written only if asked)."""
+def _points_node(scene, points: list[list[str]]):
+    """The --point-ras clicks as a markups point list (labels + / -), as the Slicer panel makes them."""
+    from .point_prompts import add_point
+
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Clicks")
+    for *ras, sign in points:
+        if sign not in ("+", "-"):
+            raise BadInputError(f"--point-ras ends with + (inside the object) or - (leave out), got {sign!r}")
+        try:
+            position = [float(v) for v in ras]
+        except ValueError:
+            raise BadInputError(f"--point-ras takes three numbers and a sign, got {' '.join(ras)} {sign}") from None
+        add_point(node, position, sign == "+")
+    return node
+
+
+def _propagate(logic, volume, segmentation, objects, args) -> bool:
+    """Run the propagation with a progress bar; False when Ctrl+C stopped it (outputs written only if asked).
+
+    One object propagates from its ROI's box, or from its clicked slice when it has no ROI; several ROIs go
+    through one pass.
+    """
     started = time.monotonic()
     progress = _ProgressBar("propagating")
-    request = logic.propagate(volume, segmentation, segment_id, axis=args.axis, roi_node=roi, start=args.start,
-                              end=args.end, window=args.window, largest_component=args.largest_component,
-                              on_progress=progress.update)
+    roi, segment_id = objects[0]
+    if len(objects) > 1:
+        request = logic.propagate_objects(volume, segmentation, objects, axis=args.axis, start=args.start,
+                                          end=args.end, window=args.window, on_progress=progress.update)
+    else:
+        sources = logic.slice_sources(segmentation, segment_id)
+        key = sources.user_slices(logic.array_axis(volume, args.axis))[0] if roi is None else None
+        request = logic.propagate(volume, segmentation, segment_id, axis=args.axis, roi_node=roi,
+                                  from_segment=roi is None, key_index=key, start=args.start, end=args.end,
+                                  window=args.window, largest_component=args.largest_component,
+                                  on_progress=progress.update)
     try:
         written = request.wait(REQUEST_TIMEOUT_SECONDS)
     except KeyboardInterrupt:
@@ -212,7 +258,8 @@ def _propagate(logic, volume, segmentation, segment_id, roi, args) -> bool:
             _say("interrupted: nothing written (use --keep-partial to keep completed slices)")
         return False
     progress.close()
-    _say(f"propagated {len(written)} slices ({time.monotonic() - started:.1f} s)")
+    count = len(written) if isinstance(written, list) else sum(len(w) for w in written.values())
+    _say(f"propagated {count} slices ({time.monotonic() - started:.1f} s)")
     return True
 
 

@@ -15,6 +15,10 @@ Console example (Slicer's Python console; node names are examples):
     seg, segment_id = request.wait()
     logic.propagate(volume, seg, segment_id, axis="axial", roi_node=roi, window="lung").wait()
     logic.undo(seg)
+
+Clicks come from a markups point list (label "-" = negative; `point_prompts.add_point` labels them), e.g.
+`logic.segment_slice(volume, None, seg, segment_id, points_node=getNode("P"))` corrects that slice; several
+ROIs go through one pass with `logic.propagate_objects(volume, seg, [(roi1, None), (roi2, None)])`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import roi_box, segment_writer
+from . import point_prompts, roi_box, segment_writer, slice_sources
 from .client import Request, WorkerClient
 from .errors import BadInputError, MedSAM2Error
 
@@ -51,27 +55,47 @@ class SegmentationLogic:
         return self.client.load_model(path, device=device, threads=threads, precision=precision, on_done=on_done,
                                       on_error=on_error)
 
-    def segment_slice(self, volume_node, roi_node, segmentation_node=None, segment_id: str | None = None,
-                      axis="axial", window="mr", on_done=None, on_error=None) -> Request:
-        """Segment the slice through the ROI centre from the ROI's box; result: (segmentation node, segment id).
+    def segment_slice(self, volume_node, roi_node=None, segmentation_node=None, segment_id: str | None = None,
+                      axis="axial", window="mr", points_node=None, on_done=None, on_error=None) -> Request:
+        """Segment one slice from the ROI's box and/or the clicks of a point list; result: (segmentation, segment id).
 
-        Only that slice of the segment is replaced. Without a segmentation node one is created; without a
-        segment ID the segment named after the ROI is used (created if missing).
+        The slice is the one through the ROI centre, or without an ROI the one of the last point placed. Clicks
+        on that slice correct the segment's current mask there (SAM2's mask input). Only that slice of the
+        segment is replaced, and it becomes one of the user's (conditioning) slices. Without a segmentation node
+        one is created; without a segment ID the segment named after the ROI (or point list) is used.
         """
         check_volume_node(volume_node)
+        if roi_node is None and points_node is None:
+            raise BadInputError("segmenting a slice needs an ROI (a box) or a point list (clicks)")
         axis_index = self.array_axis(volume_node, axis)
-        index = self.key_slice(volume_node, roi_node, axis_index)
-        box = roi_box.roi_box(volume_node, roi_node, axis_index, index)
-        segmentation_node, segment_id = self._target(volume_node, segmentation_node, segment_id, roi_node)
+        if roi_node is not None:
+            index = self.key_slice(volume_node, roi_node, axis_index)
+            box = roi_box.roi_box(volume_node, roi_node, axis_index, index)
+        else:
+            index = point_prompts.latest_point_slice(volume_node, points_node, axis_index)
+            box = None
+        points = [] if points_node is None else point_prompts.slice_points(volume_node, points_node, axis_index, index)
+        if box is None and not any(p.positive for p in points):
+            raise BadInputError(f"no positive click of '{points_node.GetName()}' lies on slice {index}: add one "
+                                "inside the object (or use an ROI)")
+        segmentation_node, segment_id = self._target(volume_node, segmentation_node, segment_id,
+                                                     roi_node or points_node)
+        current = None
+        if points:
+            current = segment_writer.read_slice(segmentation_node, segment_id, volume_node, axis_index, index)
         result = Request(self.client, "segment_slice", on_done=on_done, on_error=on_error)
 
         def write(mask: np.ndarray) -> None:
             self.history(segmentation_node).save_state()
             segment_writer.write_slice(segmentation_node, segment_id, volume_node, axis_index, index, mask)
+            sources = slice_sources.read(segmentation_node, segment_id)
+            sources.mark(axis_index, user=[index])
+            slice_sources.write(segmentation_node, segment_id, sources)
             result.finish((segmentation_node, segment_id))
 
         volume_id = self._send_volume(volume_node)
-        request = self.client.segment_slice(volume_id, axis_index, index, box, self.window(volume_node, window))
+        request = self.client.segment_slice(volume_id, axis_index, index, box, self.window(volume_node, window),
+                                            points=[p.as_list() for p in points], mask=current)
         request.then(_guarded(write, result), result.fail)
         return result
 
@@ -82,8 +106,11 @@ class SegmentationLogic:
         """Fill slices forward and backward from a key slice; result: the list of slice indices written.
 
         The prompt is the ROI's box on the slice through its centre, or (`from_segment`) the segment's own mask
-        on `key_index`, which is kept exactly as drawn. Slices are written as they arrive; a cancelled or failed
-        propagation keeps the slices already written, and one `undo()` removes them all.
+        on `key_index` (a corrected slice). Every other slice of the user's in the range conditions the tracking
+        too and is kept exactly as drawn. From a corrected slice without a given range, only what depends on it
+        is re-run: the slices between the user's nearest slices below and above it. Slices are written as they
+        arrive; a cancelled or failed propagation keeps the slices already written, and one `undo()` removes
+        them all.
         """
         check_volume_node(volume_node)
         axis_index = self.array_axis(volume_node, axis)
@@ -93,6 +120,8 @@ class SegmentationLogic:
             prompt = segment_writer.read_slice(segmentation_node, segment_id, volume_node, axis_index, key_index)
             if not prompt.any():
                 raise BadInputError(f"segment '{segment_id}' is empty on slice {key_index}: draw or segment it first")
+            if start is None and end is None and not range_from_roi:
+                start, end = self._dependent_range(volume_node, segmentation_node, segment_id, axis_index, key_index)
         elif roi_node is None:
             raise BadInputError("propagation needs an ROI (box prompt) or from_segment=True")
         else:
@@ -105,29 +134,56 @@ class SegmentationLogic:
             start, end = roi_box.roi_slice_range(volume_node, roi_node, axis_index)
         self.check_range(volume_node, axis_index, key_index, start, end)
         segmentation_node, segment_id = self._target(volume_node, segmentation_node, segment_id, roi_node)
-        writer = _StreamWriter(self.history(segmentation_node), segmentation_node, segment_id, volume_node,
-                               axis_index, skip=key_index if from_segment else None)
+        prompts = {**self._user_slices(volume_node, segmentation_node, segment_id, axis_index, start, end),
+                   key_index: prompt}
         result = Request(self.client, "propagate", on_done=on_done, on_error=on_error)
-
-        def arrived(item) -> None:
-            writer.add(item.index, item.mask)
-            if on_progress is not None:
-                on_progress(item.completed, item.total)
-
-        def finished(completed) -> None:
-            writer.flush()
-            result.finish(writer.written)
-
-        def failed(error: MedSAM2Error) -> None:
-            writer.flush()  # completed work is kept on cancel or crash
-            result.fail(error)
-
+        writer = _StreamWriter(self.history(segmentation_node), segmentation_node, [(segment_id, key_index, prompts)],
+                               volume_node, axis_index, allow_overlap=True, on_progress=on_progress)
         volume_id = self._send_volume(volume_node)
-        request = self.client.propagate(volume_id, axis_index, key_index, prompt, start, end,
-                                        self.window(volume_node, window), largest_component,
-                                        on_slice=_guarded(arrived, result))
-        request.then(_guarded(finished, result), _guarded(failed, result))
+        request = self.client.propagate_objects(volume_id, axis_index, [prompts], start, end,
+                                                self.window(volume_node, window), largest_component,
+                                                on_slice=_guarded(writer.arrived, result))
+        _finish_with(request, writer, result, segment_id)
         return result
+
+    def propagate_objects(self, volume_node, segmentation_node, objects, axis="axial", start: int | None = None,
+                          end: int | None = None, window="mr", allow_overlap: bool = False,
+                          on_progress: Callable[[int, int], None] | None = None, on_done=None,
+                          on_error=None) -> Request:
+        """Several objects in one pass: `objects` is [(ROI node, segment ID or None)], each ROI's box on the slice
+        through its centre, with the segment's own user slices as more conditioning. Result: segment ID →
+        slice indices written. Each slice is encoded once for all objects. Unless `allow_overlap`, a voxel
+        already given to an earlier object of the list on that slice is left out of later ones.
+        """
+        check_volume_node(volume_node)
+        if not objects:
+            raise BadInputError("propagate_objects needs at least one (ROI, segment) pair")
+        axis_index = self.array_axis(volume_node, axis)
+        if segmentation_node is None:
+            segmentation_node = segment_writer.create_segmentation(volume_node.GetScene(), volume_node)
+        targets = []
+        for roi_node, segment_id in objects:
+            key_index = self.key_slice(volume_node, roi_node, axis_index)
+            self.check_range(volume_node, axis_index, key_index, start, end)
+            segmentation_node, segment_id = self._target(volume_node, segmentation_node, segment_id, roi_node)
+            prompts = {**self._user_slices(volume_node, segmentation_node, segment_id, axis_index, start, end),
+                       key_index: roi_box.roi_box(volume_node, roi_node, axis_index, key_index)}
+            targets.append((segment_id, key_index, prompts))
+        if len({segment_id for segment_id, _, _ in targets}) != len(targets):
+            raise BadInputError("two objects write into the same segment: give each ROI a segment of its own")
+        result = Request(self.client, "propagate", on_done=on_done, on_error=on_error)
+        writer = _StreamWriter(self.history(segmentation_node), segmentation_node, targets, volume_node, axis_index,
+                               allow_overlap=allow_overlap, on_progress=on_progress)
+        volume_id = self._send_volume(volume_node)
+        request = self.client.propagate_objects(volume_id, axis_index, [prompts for _, _, prompts in targets], start,
+                                                end, self.window(volume_node, window),
+                                                on_slice=_guarded(writer.arrived, result))
+        _finish_with(request, writer, result)
+        return result
+
+    def slice_sources(self, segmentation_node, segment_id: str) -> slice_sources.SliceSources:
+        """Which slices of the segment are the user's (conditioning) and which were predicted."""
+        return slice_sources.read(segmentation_node, segment_id)
 
     def cancel(self) -> bool:
         """Stop the running request; completed slices stay."""
@@ -215,39 +271,100 @@ class SegmentationLogic:
         return volume_id
 
     @staticmethod
-    def _target(volume_node, segmentation_node, segment_id, roi_node):
+    def _target(volume_node, segmentation_node, segment_id, prompt_node):
         if segmentation_node is None:
             segmentation_node = segment_writer.create_segmentation(volume_node.GetScene(), volume_node)
-        name = roi_node.GetName() if roi_node is not None else "MedSAM2"
+        name = prompt_node.GetName() if prompt_node is not None else "MedSAM2"
         return segmentation_node, segment_writer.get_or_create_segment(segmentation_node, name, segment_id)
+
+    @staticmethod
+    def _user_slices(volume_node, segmentation_node, segment_id, axis: int, start, end) -> dict[int, np.ndarray]:
+        """The segment's user slices in the range that still hold a mask, as mask prompts (index → mask)."""
+        count = roi_box.volume_shape(volume_node)[axis]
+        first, last = 0 if start is None else start, count - 1 if end is None else end
+        prompts = {}
+        for index in slice_sources.read(segmentation_node, segment_id).user_slices(axis):
+            if first <= index <= last:
+                mask = segment_writer.read_slice(segmentation_node, segment_id, volume_node, axis, index)
+                if mask.any():
+                    prompts[index] = mask
+        return prompts
+
+    @staticmethod
+    def _dependent_range(volume_node, segmentation_node, segment_id, axis: int, key_index: int) -> tuple[int, int]:
+        """What a correction on `key_index` changes: up to the user's nearest slices on each side, or where
+        there is none, to the end of what the segment has on that side (the volume's end if nothing)."""
+        sources = slice_sources.read(segmentation_node, segment_id)
+        below, above = sources.neighbours(axis, key_index)
+        extent = sources.extent(axis)
+        last = roi_box.volume_shape(volume_node)[axis] - 1
+        if below is None:
+            below = extent[0] if extent and extent[0] < key_index else 0
+        if above is None:
+            above = extent[1] if extent and extent[1] > key_index else last
+        return below, above
 
 
 class _StreamWriter:
-    """Collects streamed slices and writes them in batches; the undo state is saved before the first write."""
+    """Writes streamed slices of one or more objects into their segments in batches, and records which slices
+    are the user's and which predicted. The undo state is saved before the first write; the user's mask
+    slices (conditioning) are never written. Without `allow_overlap`, a voxel an earlier object of the list
+    holds on a slice is left out of later objects' masks there."""
 
-    def __init__(self, history, segmentation_node, segment_id, volume_node, axis: int, skip: int | None):
-        self.history, self.skip = history, skip
-        self.target = (segmentation_node, segment_id, volume_node, axis)
-        self.pending: dict[int, np.ndarray] = {}
-        self.written: list[int] = []
+    def __init__(self, history, segmentation_node, targets, volume_node, axis: int, allow_overlap: bool,
+                 on_progress=None):
+        self.history, self.segmentation_node, self.volume_node, self.axis = history, segmentation_node, volume_node, axis
+        self.targets = targets  # [(segment ID, key slice, {index: box or mask})]
+        self.allow_overlap, self.on_progress = allow_overlap, on_progress
+        self.pending: dict[int, dict[int, np.ndarray]] = {n: {} for n in range(len(targets))}
+        self.held: dict[int, dict[int, np.ndarray]] = {}  # slice → object → its mask (for the overlap rule)
+        self.written: dict[str, list[int]] = {segment_id: [] for segment_id, _, _ in targets}
+        self.saved = False
         self.last_write = time.monotonic()
 
-    def add(self, index: int, mask: np.ndarray) -> None:
-        if index != self.skip:
-            self.pending[index] = mask
+    def arrived(self, item) -> None:
+        segment_id, _, prompts = self.targets[item.object]
+        if not isinstance(prompts.get(item.index), np.ndarray):
+            mask = item.mask
+            if not self.allow_overlap:
+                earlier = [m for n, m in self.held.get(item.index, {}).items() if n < item.object]
+                for other in earlier:
+                    mask = mask & ~other
+                self.held.setdefault(item.index, {})[item.object] = mask
+            self.pending[item.object][item.index] = mask
+        if self.on_progress is not None:
+            self.on_progress(item.completed, item.total)
         if time.monotonic() - self.last_write >= WRITE_INTERVAL_SECONDS:
             self.flush()
 
     def flush(self) -> None:
-        if not self.pending:
+        if not any(self.pending.values()):
             return
-        if not self.written:
+        if not self.saved:
             self.history.save_state()
-        segmentation_node, segment_id, volume_node, axis = self.target
-        segment_writer.write_slices(segmentation_node, segment_id, volume_node, axis, self.pending)
-        self.written.extend(i for i in self.pending if i not in self.written)
-        self.pending = {}
+            self.saved = True
+        for number, masks in self.pending.items():
+            if not masks:
+                continue
+            segment_id, key_index, _ = self.targets[number]
+            segment_writer.write_slices(self.segmentation_node, segment_id, self.volume_node, self.axis, masks)
+            written = self.written[segment_id]
+            written.extend(i for i in masks if i not in written)
+            sources = slice_sources.read(self.segmentation_node, segment_id)
+            sources.mark(self.axis, user=[key_index] if key_index in masks else (), predicted=masks)
+            slice_sources.write(self.segmentation_node, segment_id, sources)
+        self.pending = {n: {} for n in self.pending}
         self.last_write = time.monotonic()
+
+    def finish(self) -> dict[str, list[int]]:
+        """Write what is left (also after a cancel or a failure: finished work is kept); segment ID → slices."""
+        self.flush()
+        if self.saved:  # the key slice of a "from this slice" propagation is the user's, though never written
+            for segment_id, key_index, prompts in self.targets:
+                sources = slice_sources.read(self.segmentation_node, segment_id)
+                sources.mark(self.axis, user=[i for i, p in prompts.items() if isinstance(p, np.ndarray)])
+                slice_sources.write(self.segmentation_node, segment_id, sources)
+        return self.written
 
 
 def check_volume_node(volume_node) -> None:
@@ -262,6 +379,21 @@ def check_volume_node(volume_node) -> None:
     if volume_node.GetScene() is None:
         raise BadInputError(f"volume '{volume_node.GetName()}' is no longer in the scene; select a loaded volume")
     roi_box.volume_shape(volume_node)  # refuses a node without voxels
+
+
+def _finish_with(request: Request, writer: _StreamWriter, result: Request, segment_id: str | None = None) -> None:
+    """End `result` when the propagation ends: with the slices written (of `segment_id`, or per segment), or with
+    the error, after writing what had arrived (completed work is kept on cancel or crash)."""
+
+    def finished(_) -> None:
+        written = writer.finish()
+        result.finish(written if segment_id is None else written[segment_id])
+
+    def failed(error: MedSAM2Error) -> None:
+        writer.finish()
+        result.fail(error)
+
+    request.then(_guarded(finished, result), _guarded(failed, result))
 
 
 def _guarded(callback, result: Request):
