@@ -17,7 +17,12 @@ import qt
 import vtk
 
 import slicer
-from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import (
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+)
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
@@ -121,6 +126,7 @@ class MedSAM2HITLParameterNode:
     segmentationNode: vtkMRMLSegmentationNode
     segmentId: str = ""
     roiNode: vtkMRMLMarkupsROINode
+    pointsNode: vtkMRMLMarkupsFiducialNode
     axis: Axis = Axis.AXIAL
     rangeMode: RangeMode = RangeMode.WHOLE
     rangeStart: Annotated[int, Minimum(0)] = 0
@@ -145,6 +151,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._lastSliceNode = None
         self._roiId = None  # the ROI the panel last showed: switching ROIs switches objects (segments)
+        self._clickIsPositive = True  # the sign of the click being placed
         self._shortcuts = []
         self._running = None  # (token, start time, request) while a request is in flight
         self._download = None
@@ -183,6 +190,9 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentSliceButton.clicked.connect(self.onSegmentSlice)
         self.ui.propagateButton.clicked.connect(self.onPropagate)
         self.ui.propagateFromSliceButton.clicked.connect(self.onPropagateFromSlice)
+        self.ui.propagateAllButton.clicked.connect(self.onPropagateAll)
+        self.ui.addPositiveClickButton.clicked.connect(lambda: self.onPlaceClick(True))
+        self.ui.addNegativeClickButton.clicked.connect(lambda: self.onPlaceClick(False))
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.undoButton.clicked.connect(lambda: self.onHistory(self.logic.undo))
         self.ui.redoButton.clicked.connect(lambda: self.onHistory(self.logic.redo))
@@ -320,6 +330,9 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if switched and p.segmentationNode:  # one object per ROI: its segment is the one named after it
                 segmentation = p.segmentationNode.GetSegmentation()
                 p.segmentId = segmentation.GetSegmentIdBySegmentName(p.roiNode.GetName()) if p.roiNode else ""
+            if switched:  # ... and its clicks the point list named after it
+                name = f"{p.roiNode.GetName()} clicks" if p.roiNode else None
+                p.pointsNode = slicer.mrmlScene.GetFirstNode(name, "vtkMRMLMarkupsFiducialNode") if name else None
         self.ui.segmentSelector.setCurrentNode(p.segmentationNode)
         self._showInSegmentEditor(p)
         if p.segmentId and self.ui.segmentSelector.currentSegmentID() != p.segmentId:
@@ -340,12 +353,16 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentSliceButton.enabled = idle and hasRoi
         self.ui.propagateButton.enabled = idle and hasRoi
         self.ui.propagateFromSliceButton.enabled = idle and hasSegment
+        self.ui.propagateAllButton.enabled = idle and hasVolume and bool(p.segmentationNode)
+        self.ui.addPositiveClickButton.enabled = self.ui.addNegativeClickButton.enabled = idle and hasVolume
         self.ui.cancelButton.enabled = not idle
         self.ui.computeCollapsibleButton.enabled = idle  # switching where the model runs waits for the result
         segmentation = p.segmentationNode if p else None
         self.ui.undoButton.enabled = idle and self.logic.canUndo(segmentation)
         self.ui.redoButton.enabled = idle and self.logic.canRedo(segmentation)
         self.ui.downloadButton.text = _("Cancel download") if self._download else _("Download")
+        hasVoxels = hasSegment and p.inputVolume.GetImageData() is not None
+        self.ui.sliceSourcesLabel.text = self.logic.describeSliceSources(p) if hasVoxels else ""
 
     def onSegmentSelected(self, segmentId) -> None:
         if self._parameterNode and self._parameterNode.segmentId != (segmentId or ""):
@@ -464,6 +481,29 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if all(size > 0 for size in roi.GetSize()):
             self.removeObserver(roi, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onRoiPlaced)
             self._setStatus(_("ROI placed; axis: {axis}.").format(axis=self._parameterNode.axis.label()))
+
+    def onPlaceClick(self, positive: bool) -> None:
+        """One click in a view: a positive or negative point of the object, then its slice is segmented again."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to start placing a click."), waitCursor=True):
+            points = self.logic.startClickPlacement(self._parameterNode)
+            self.removeObserver(points, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onClickPlaced)
+            self.addObserver(points, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onClickPlaced)
+            self._clickIsPositive = positive
+            self._setStatus(_("Click on what belongs to the object.") if positive else
+                            _("Click on what the mask should leave out."))
+
+    def onClickPlaced(self, points, event) -> None:
+        self.removeObserver(points, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onClickPlaced)
+        self._followView()
+        last = points.GetNumberOfControlPoints() - 1
+        points.SetNthControlPointLabel(last, "+" if self._clickIsPositive else "-")
+        self._launch(_("Failed to segment the slice from the clicks."), lambda mine: self.logic.segmentSlice(
+            self._parameterNode, withClicks=True, onDone=mine(self._onSegmentDone), onError=mine(self._onError)))
+
+    def onPropagateAll(self) -> None:
+        self._launch(_("Failed to propagate the objects."), lambda mine: self.logic.propagateAll(
+            self._parameterNode, onProgress=mine(self._onProgress), onDone=mine(self._onPropagateDone),
+            onError=mine(self._onError)))
 
     def onSegmentSlice(self) -> None:
         self._launch(_("Failed to segment the slice."), lambda mine: self.logic.segmentSlice(
@@ -592,7 +632,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 done=completed, total=total, seconds=elapsed))
 
     def _onPropagateDone(self, written) -> None:
-        slices = len(written)
+        slices = len(written) if isinstance(written, list) else sum(len(w) for w in written.values())
         elapsed = self._finish()
         perSlice = elapsed / slices if slices else 0.0
         self._setStatus(_("Propagated {count} slices in {seconds:.1f} s ({perSlice:.2f} s/slice).").format(
@@ -724,12 +764,61 @@ class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):
         if onError:
             onError(error)
 
-    def segmentSlice(self, p, onDone=None, onError=None):
-        """Segment the slice through the ROI centre; result (segmentation node, segment ID)."""
-        self._prepare(p, needRoi=True, onError=onError)
+    def segmentSlice(self, p, withClicks=False, onDone=None, onError=None):
+        """Segment the slice through the ROI centre from its box; `withClicks`: the slice of the last click, from
+        the clicks there (with the ROI's box when the ROI is on that slice). Result (segmentation, segment ID)."""
+        from MedSAM2HITLLib import point_prompts
+
+        self._prepare(p, needRoi=not withClicks, onError=onError)
+        roi = p.roiNode
+        if withClicks and roi is not None:
+            axis = self.core.array_axis(p.inputVolume, p.axis.value)
+            clicked = point_prompts.latest_point_slice(p.inputVolume, p.pointsNode, axis)
+            roi = roi if self.core.key_slice(p.inputVolume, roi, axis) == clicked else None
         return self.core.segment_slice(
-            p.inputVolume, p.roiNode, p.segmentationNode, segment_id=p.segmentId, axis=p.axis.value,
-            window=p.intensity.value, on_done=onDone, on_error=onError)
+            p.inputVolume, roi, p.segmentationNode, segment_id=p.segmentId, axis=p.axis.value,
+            window=p.intensity.value, points_node=p.pointsNode if withClicks else None, on_done=onDone,
+            on_error=onError)
+
+    def propagateAll(self, p, onProgress=None, onDone=None, onError=None):
+        """Every object in one pass: each ROI of the scene with a segment of its name in the segmentation."""
+        self._prepare(p, needRoi=False, onError=onError)
+        segmentation = p.segmentationNode.GetSegmentation()
+        objects = []
+        for roi in slicer.util.getNodesByClass("vtkMRMLMarkupsROINode"):
+            segmentId = segmentation.GetSegmentIdBySegmentName(roi.GetName())
+            if segmentId:
+                objects.append((roi, segmentId))
+        if not objects:
+            raise ValueError(_("No ROI has a segment of its name: place an ROI per object and segment it first."))
+        custom = p.rangeMode == RangeMode.CUSTOM
+        return self.core.propagate_objects(
+            p.inputVolume, p.segmentationNode, objects, axis=p.axis.value, start=p.rangeStart if custom else None,
+            end=p.rangeEnd if custom else None, window=p.intensity.value, on_progress=onProgress, on_done=onDone,
+            on_error=onError)
+
+    def describeSliceSources(self, p) -> str:
+        """The selected segment's slices along the panel's axis: the user's and the predicted ones."""
+        from MedSAM2HITLLib import roi_box
+
+        axis = roi_box.array_axis_for_view(p.inputVolume, p.axis.value)
+        sources = self.core.slice_sources(p.segmentationNode, p.segmentId)
+        return _("Slices: {sources}").format(sources=sources.describe(axis))
+
+    def startClickPlacement(self, p):
+        """The object's point list (made on first use, named after its ROI or segment), in place mode for one click."""
+        from MedSAM2HITLLib.placement import start_placement
+
+        if not p.inputVolume:
+            raise ValueError(_("Select a volume first."))
+        if not p.pointsNode:
+            name = p.roiNode.GetName() if p.roiNode else "MedSAM2"
+            points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
+                                                        slicer.mrmlScene.GenerateUniqueName(f"{name} clicks"))
+            points.CreateDefaultDisplayNodes()
+            p.pointsNode = points
+        start_placement(p.pointsNode)
+        return p.pointsNode
 
     def propagate(self, p, fromSegment=False, keyIndex=None, onProgress=None, onDone=None, onError=None):
         """Propagate from the ROI's box or (fromSegment) the segment's mask on keyIndex; result: slices written."""
@@ -767,12 +856,12 @@ class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def startRoiPlacement():
-        """A new box ROI that the next two clicks in a view define (see MedSAM2HITLLib.roi_placement)."""
-        from MedSAM2HITLLib.roi_placement import start_roi_placement
+        """A new box ROI that the next two clicks in a view define (see MedSAM2HITLLib.placement)."""
+        from MedSAM2HITLLib.placement import start_placement
 
         roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", slicer.mrmlScene.GenerateUniqueName("ROI"))
         roi.CreateDefaultDisplayNodes()
-        start_roi_placement(roi)
+        start_placement(roi)
         return roi
 
     def cancel(self) -> None:
@@ -989,6 +1078,13 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         self.assertGreater(dice(mask3d, reference3d), 0.95, "the panel's propagation differs from the engine's")
         if accurate:
             self.assertGreater(dice(mask3d[first:last + 1], truth[first:last + 1]), 0.8)  # the engine: 0.95
+        self.assertIn(f"yours: {key} ", widget.ui.sliceSourcesLabel.text)  # the box's slice is the user's
+
+        widget.ui.addNegativeClickButton.click()  # the object's point list, created and waiting for one click
+        self.assertIsNotNone(p.pointsNode)
+        self.assertEqual(selection.GetActivePlaceNodeClassName(), "vtkMRMLMarkupsFiducialNode")
+        self.assertEqual(selection.GetActivePlaceNodeID(), p.pointsNode.GetID())
+        interaction.SetCurrentInteractionMode(interaction.ViewTransform)
 
         widget.ui.undoButton.click()
         np.testing.assert_array_equal(self._segmentArray(p), mask2d)

@@ -1,4 +1,5 @@
-"""Placing a box ROI with clicks in a slice view: the clicks must land in this ROI, not in a new point list.
+"""Placing a markup with clicks in a slice view (a box ROI, or a click in an object's point list): the clicks
+must land in this node, not in a new point list.
 
 `vtkSlicerMarkupsLogic.StartPlaceMode` sets the selection node's place class to point lists, so after
 `SetActiveList(roi)` the next click starts a new point list and the ROI stays empty. Slicer's place widget
@@ -12,14 +13,15 @@ SELECTION_NODE_ID = "vtkMRMLSelectionNodeSingleton"
 INTERACTION_NODE_ID = "vtkMRMLInteractionNodeSingleton"
 
 
-def start_roi_placement(roi) -> None:
-    """Make `roi` the node that the next clicks in a view define (two clicks: opposite corners)."""
-    scene = roi.GetScene()
+def start_placement(node) -> None:
+    """Make `node` the one the next clicks in a view define (an ROI: two clicks, opposite corners; a point list:
+    one click, one point)."""
+    scene = node.GetScene()
     selection = scene.GetNodeByID(SELECTION_NODE_ID) if scene else None
     interaction = scene.GetNodeByID(INTERACTION_NODE_ID) if scene else None
     if selection is None or interaction is None:
-        raise RuntimeError("the scene has no selection or interaction node: add the ROI to Slicer's scene first")
-    selection.SetReferenceActivePlaceNodeClassName(roi.GetClassName())
-    selection.SetReferenceActivePlaceNodeID(roi.GetID())
-    interaction.SetPlaceModePersistence(0)  # back to view mode once the ROI is defined
+        raise RuntimeError("the scene has no selection or interaction node: add the markup to Slicer's scene first")
+    selection.SetReferenceActivePlaceNodeClassName(node.GetClassName())
+    selection.SetReferenceActivePlaceNodeID(node.GetID())
+    interaction.SetPlaceModePersistence(0)  # back to view mode once the ROI or the point is placed
     interaction.SetCurrentInteractionMode(interaction.Place)

@@ -257,51 +257,96 @@ class ServiceTransport(SubprocessTransport):
 
     def _on_segment_2d(self, frame) -> None:
         f = frame.fields
-        body = {"view": VIEW_OF_AXIS[f["axis"]], "slice": f["index"], "box": f.get("box"),
-                "window": f.get("window", "mr")}
-        reply = self._on_job(f["volume_id"], lambda job: self.api.call(
-            "POST", f"/api/v1/jobs/{job}/segment-2d", body, timeout=SLICE_SECONDS))
+        view = VIEW_OF_AXIS[f["axis"]]
+        body = {"view": view, "slice": f["index"], "box": f.get("box"), "window": f.get("window", "mr")}
+        if f.get("points"):
+            body["points"] = f["points"]
+
+        def segment(job: str) -> dict:
+            if f.get("points"):  # the clicks correct the client's current mask of the slice: the job gets it first
+                current = frame.arrays.get("mask")
+                if current is None:
+                    current = np.zeros(self._slice_shape(f["volume_id"], f["axis"]), dtype=bool)
+                self._put_slice(job, view, f["index"], current)
+            return self.api.call("POST", f"/api/v1/jobs/{job}/segment-2d", body, timeout=SLICE_SECONDS)
+
+        reply = self._on_job(f["volume_id"], segment)
         mask = mask_codec.decode(reply["mask"], tuple(reply["mask"]["shape"]))
         self._reply("done", frame.id, {"seconds": reply["seconds"]}, {"mask": mask})
 
     def _on_propagate(self, frame) -> None:
+        """The service propagates one object per request: several objects run one after another."""
         f = frame.fields
-        axis, count = f["axis"], self.volumes[f["volume_id"]].shape[f["axis"]]
-        body = {"view": VIEW_OF_AXIS[axis], "slice": f["key_index"], "window": f.get("window", "mr"),
-                "range": "custom", "start": 0 if f.get("start") is None else f["start"],
-                "end": count - 1 if f.get("end") is None else f["end"],
-                "largest_component": bool(f.get("largest_component"))}
-        if "prompt" in frame.arrays:
-            body["mask"] = mask_codec.encode(frame.arrays["prompt"])
-        else:
-            body["box"] = f["box"]
-        started = self._on_job(f["volume_id"], lambda job: {**self.api.call(
-            "POST", f"/api/v1/jobs/{job}/propagate", body), "job": job})
-        self.running[frame.id] = started["job"]
         completed: list[int] = []
+        done_before = 0
         try:
-            for kind, data in self.api.events(started["job"], started["events_after"]):
-                if data.get("propagation") != started["propagation"]:
-                    continue
-                if kind == "slice":
-                    if data["slice"] not in completed:
-                        completed.append(data["slice"])
-                    shape = tuple(n for a, n in enumerate(self.volumes[f["volume_id"]].shape) if a != axis)
-                    self._reply("slice", frame.id, {"index": data["slice"], "completed": data["done"],
-                                                    "total": data["total"]},
-                                {"mask": mask_codec.decode(data["mask"], shape)})
-                elif kind == "done":
-                    self._reply("done", frame.id, {"completed": completed})
+            for number, described in enumerate(f["objects"]):
+                outcome = self._propagate_object(frame, number, described, completed, done_before)
+                if outcome is not None:
+                    self._reply(*outcome)
                     return
-                elif kind == "cancelled":
-                    self._reply("cancelled", frame.id, {"completed": completed})
-                    return
-                elif kind == "error":
-                    kind_of = data.get("kind") if data.get("kind") in ("bad_input", "out_of_memory") else "internal"
-                    self._reply("error", frame.id, {"kind": kind_of, "message": data.get("message", "failed")})
-                    return
+                done_before += self._range_length(f)
+            self._reply("done", frame.id, {"completed": completed})
         finally:
             self.running.pop(frame.id, None)
+
+    def _propagate_object(self, frame, number: int, described: dict, completed: list[int], done_before: int):
+        """Run one object's propagation, relaying its slices; a final reply (type, id, fields) if it ended early.
+
+        The event stream ends only in one of these events, or by raising when the connection is lost."""
+        f = frame.fields
+        axis, volume_id = f["axis"], f["volume_id"]
+        view, total = VIEW_OF_AXIS[axis], self._range_length(f) * len(f["objects"])
+        count = self.volumes[volume_id].shape[axis]
+        masks = {index: frame.arrays[f"mask{number}_{index}"] for index in described.get("masks") or []}
+        boxes = {box[0]: box[1:] for box in described.get("boxes") or []}
+        key = min(boxes) if boxes else min(masks)
+        body = {"view": view, "slice": key, "window": f.get("window", "mr"), "range": "custom",
+                "start": 0 if f.get("start") is None else f["start"],
+                "end": count - 1 if f.get("end") is None else f["end"],
+                "largest_component": bool(f.get("largest_component")),
+                "conditioning": sorted(index for index in masks if index != key)}
+        if key in boxes:
+            body["box"] = boxes[key]
+        else:
+            body["mask"] = mask_codec.encode(masks[key])
+
+        def start(job: str) -> dict:
+            for index in body["conditioning"]:  # the user's slices live in the job's labels while it propagates
+                self._put_slice(job, view, index, masks[index])
+            return {**self.api.call("POST", f"/api/v1/jobs/{job}/propagate", body), "job": job}
+
+        started = self._on_job(volume_id, start)
+        self.running[frame.id] = started["job"]
+        shape = self._slice_shape(volume_id, axis)
+        for kind, data in self.api.events(started["job"], started["events_after"]):
+            if data.get("propagation") != started["propagation"]:
+                continue
+            if kind == "slice":
+                if data["slice"] not in completed:
+                    completed.append(data["slice"])
+                self._reply("slice", frame.id, {"index": data["slice"], "completed": done_before + data["done"],
+                                                "total": total, "object": number},
+                            {"mask": mask_codec.decode(data["mask"], shape)})
+            elif kind == "done":
+                return None
+            elif kind == "cancelled":
+                return "cancelled", frame.id, {"completed": completed}
+            elif kind == "error":
+                kind_of = data.get("kind") if data.get("kind") in ("bad_input", "out_of_memory") else "internal"
+                return "error", frame.id, {"kind": kind_of, "message": data.get("message", "failed")}
+
+    def _range_length(self, fields: dict) -> int:
+        count = self.volumes[fields["volume_id"]].shape[fields["axis"]]
+        start = 0 if fields.get("start") is None else fields["start"]
+        return (count - 1 if fields.get("end") is None else fields["end"]) - start + 1
+
+    def _slice_shape(self, volume_id: str, axis: int) -> tuple[int, int]:
+        return tuple(n for a, n in enumerate(self.volumes[volume_id].shape) if a != axis)
+
+    def _put_slice(self, job: str, view: str, index: int, mask: np.ndarray) -> None:
+        self.api.call("PUT", f"/api/v1/jobs/{job}/slices",
+                      {"view": view, "slice": index, "mask": mask_codec.encode(mask)}, timeout=SLICE_SECONDS)
 
     def _cancel(self, request_id) -> None:
         job_id = self.running.get(request_id)
