@@ -223,21 +223,21 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
                 "created": float(record["created"]), "expires": float(record["expires"]),
                 "volume": json.loads(geometry) if geometry else json.loads(record["header"])}
 
-    @router.post("/jobs/{job_id}/segment-2d")
-    def segment_2d(body: Segment2D, record: dict = Job) -> dict:
-        """Segment one slice from a box: the mask comes back run-length encoded (see the README)."""
+    def call_when_idle(record: dict, task: str, body) -> dict:
+        """Run a short task on the job's worker and return its reply; 409 while a propagation holds the job."""
         if store.holder(record["id"]):
             raise HTTPException(409, "a propagation is running on this job; wait for it or cancel it")
-        reply = dispatcher.call(record["id"], "medsam2hitl.segment_2d", checked(body, record))
-        return raise_failure(reply)
+        return raise_failure(dispatcher.call(record["id"], task, checked(body, record)))
+
+    @router.post("/jobs/{job_id}/segment-2d")
+    def segment_2d(body: Segment2D, record: dict = Job) -> dict:
+        """Segment one slice from a box and/or clicks: the mask comes back run-length encoded (see the README)."""
+        return call_when_idle(record, "medsam2hitl.segment_2d", body)
 
     @router.put("/jobs/{job_id}/slices")
     def write_slice(body: SliceWrite, record: dict = Job) -> dict:
         """Replace one slice of the job's labels with the client's mask (empty clears it): an undo or an edit."""
-        if store.holder(record["id"]):
-            raise HTTPException(409, "a propagation is running on this job; wait for it or cancel it")
-        reply = dispatcher.call(record["id"], "medsam2hitl.write_slice", checked(body, record))
-        return raise_failure(reply)
+        return call_when_idle(record, "medsam2hitl.write_slice", body)
 
     @router.post("/jobs/{job_id}/propagate", status_code=202)
     def propagate(body: Propagate, record: dict = Job) -> dict:

@@ -51,22 +51,41 @@ class Prompt(BaseModel):
         return self
 
 
+Click = Annotated[list[Finite], Field(min_length=3, max_length=3)]
+
+
 class Segment2D(Prompt):
+    """A box and/or clicks [x, y, 1 | 0] (voxel indices on `slice`); clicks correct the slice's current mask."""
+
+    points: Annotated[list[Click], Field(max_length=64)] | None = None
+
     @model_validator(mode="after")
-    def _needs_box(self):
-        if self.box is None and self.box_ras is None:
-            raise ValueError("give a 'box' with its 'slice', or a 'box_ras'")
+    def _needs_a_prompt(self):
+        if self.box is None and self.box_ras is None and not self.points:
+            raise ValueError("give a 'box' with its 'slice', a 'box_ras', or 'points' with their 'slice'")
+        if self.points:
+            if self.slice is None:
+                raise ValueError("'points' need the 'slice' they are clicked on")
+            if self.box_ras is not None:
+                raise ValueError("'points' go with a 'box' on their 'slice', not with a 'box_ras'")
+            if any(label not in (0, 1) for _, _, label in self.points):
+                raise ValueError("each point is [x, y, label] with label 1 (positive) or 0 (negative)")
         return self
 
 
 class Propagate(Prompt):
-    """Without a box, the key slice's mask prompts: `mask` as sent, or the job's current mask on `slice`."""
+    """Without a box, the key slice's mask prompts: `mask` as sent, or the job's current mask on `slice`.
+
+    `conditioning`: more slices (same view) whose current masks in the job condition the tracking too and are
+    kept exactly: the user's corrected slices.
+    """
 
     mask: Mask | None = None
     range: Literal["whole", "box", "custom"] = "whole"
     start: Annotated[int, Field(ge=0)] | None = None
     end: Annotated[int, Field(ge=0)] | None = None
     largest_component: bool = False
+    conditioning: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1024)] | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self):
@@ -102,6 +121,10 @@ def check_against_volume(body: Prompt | SliceWrite, geometry: dict | None) -> No
         if mask.shape != shape:
             raise BadInputError(f"the mask has shape {mask.shape}, the {body.view} slices have {shape}")
     if isinstance(body, Propagate):
+        outside = [i for i in body.conditioning or [] if i >= count]
+        if outside:
+            raise BadInputError(f"conditioning slice {outside[0]} is outside the volume: the {body.view} view has "
+                                f"slices 0..{count - 1}")
         if body.range == "custom":
             if body.start is None or body.end is None:
                 raise BadInputError("range 'custom' needs 'start' and 'end'")

@@ -107,16 +107,19 @@ def load_job(job_id: str) -> dict:
 def segment_2d(job_id: str, params: dict) -> dict:
     volume = _opened(job_id)
     engine = session.engine_for(job_id, volume)
-    prompt = _prompt(volume, params, need_box=True)
-    cached = engine.is_cached(prompt["axis"], prompt["index"], params.get("window", "mr"))
+    points = params.get("points") or None
+    prompt = _prompt(volume, params, need_box=not points)
+    axis, index = prompt["axis"], prompt["index"]
+    cached = engine.is_cached(axis, index, params.get("window", "mr"))
+    current = np.take(volume.labels, index, axis=axis) > 0 if points else None  # what the clicks correct
     started = time.perf_counter()
-    mask = engine.segment_slice(prompt["axis"], prompt["index"], prompt["box"], params.get("window", "mr"))
+    mask = engine.segment_slice(axis, index, prompt["box"], params.get("window", "mr"), points, current)
     seconds = time.perf_counter() - started
     _write(volume.labels, prompt["axis"], prompt["index"], mask)
     _save(job_id, volume)
-    return {"view": params["view"], "array_axis": prompt["axis"], "slice": prompt["index"],
-            "box": list(prompt["box"]), "seconds": round(seconds, 4), "embedding_cached": cached,
-            "mask": mask_codec.encode(mask)}
+    return {"view": params["view"], "array_axis": axis, "slice": index,
+            "box": None if prompt["box"] is None else list(prompt["box"]), "seconds": round(seconds, 4),
+            "embedding_cached": cached, "mask": mask_codec.encode(mask)}
 
 
 @app.task(name="medsam2hitl.write_slice")
@@ -150,15 +153,17 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
         prompt = _prompt(volume, params, need_box=False)
         axis, key = prompt["axis"], prompt["index"]
         user_mask = prompt.get("mask")
+        conditioning = _conditioning(volume, axis, params.get("conditioning") or [], key)
         if user_mask is not None:  # "from this slice": the user's slice stays exactly as drawn
             _write(volume.labels, axis, key, user_mask)
         start, end = prompt["start"], prompt["end"]
         store.set_state(job_id, "running", done=0, total=end - start + 1, error="")
         slices = engine.propagate(axis, key, user_mask if user_mask is not None else prompt["box"], start, end,
                                   params.get("window", "mr"), bool(params.get("largest_component")),
-                                  lambda: store.cancel_requested(job_id, propagation_id))
+                                  lambda: store.cancel_requested(job_id, propagation_id), conditioning)
+        kept = set(conditioning) | ({key} if user_mask is not None else set())
         for item in slices:
-            if not (user_mask is not None and item.index == key):
+            if item.index not in kept:
                 _write(volume.labels, axis, item.index, item.mask)
             if item.index not in completed:
                 completed.append(item.index)
@@ -248,6 +253,22 @@ def _replay(job_id: str, volume, after: str) -> int:
             replayed += 1
         volume.last_event = entry_id
     return replayed
+
+
+def _conditioning(volume, axis: int, slices: list[int], key: int) -> dict[int, np.ndarray]:
+    """The job's current masks of the user's corrected slices (index → mask); each must hold one."""
+    masks = {}
+    for index in slices:
+        if index == key:
+            continue
+        if not 0 <= index < volume.labels.shape[axis]:
+            raise BadInputError(f"conditioning slice {index} is outside the volume: this view has slices "
+                                f"0..{volume.labels.shape[axis] - 1}")
+        mask = np.take(volume.labels, index, axis=axis) > 0
+        if not mask.any():
+            raise BadInputError(f"conditioning slice {index} has no mask: draw it (PUT .../slices) first")
+        masks[index] = mask
+    return masks
 
 
 def _write(labels: np.ndarray, axis: int, index: int, mask: np.ndarray) -> None:
