@@ -76,6 +76,8 @@ class Schedule:
     interaction_lr: float = 2e-4
     interaction_frames: int = 6
     second_condition: float = 0.6  # phase-3 tracking samples with a second conditioning slice at the clip's far end
+    correction_steps: int = 800  # stage 3 (phase 3 again), fine-tuning stage 2's weights
+    far_leaks: bool = False  # leaks into any object on the slice, of any size (stage 3; stage 2: neighbours only)
 
 
 def small_config():
@@ -462,21 +464,25 @@ def _near(target: np.ndarray, margin: float) -> np.ndarray:
     return near
 
 
-def corrupted_mask(kind: str, target: np.ndarray, others: list[np.ndarray], rng: np.random.Generator):
+def corrupted_mask(kind: str, target: np.ndarray, others: list[np.ndarray], rng: np.random.Generator,
+                   far_leaks: bool = False):
     """(previous mask, the region a correcting click goes in) for a leak or a miss, or None if this slice has none.
 
-    A leak adds a whole neighbouring object (a leaked distractor) or a bulge outside the target; a miss cuts a
-    bite out of the target.
+    A leak adds a whole neighbouring object (a leaked distractor; with `far_leaks` any object on the slice, so a
+    leak larger than the target is common) or a bulge outside the target; a miss cuts a bite out of the target.
+    Neither stage taught negative clicks to remove a whole leaked distractor on held-out phantoms (see
+    Testing/Data/README.md).
     """
     radius = np.sqrt(target.sum() / np.pi)
     edge = target & ~np.roll(target, 1, 0) | target & ~np.roll(target, 1, 1)
     if kind == "leak":
         near = _near(target, 0.8)
-        neighbours = [o for o in others if (o & near).any()]
+        neighbours = [o for o in others if o.any() and (far_leaks or (o & near).any())]
         if neighbours and rng.random() < 0.7:
             wrong = neighbours[int(rng.integers(len(neighbours)))]
         else:
-            wrong = _disc(target.shape, _pixel(edge, rng), radius * rng.uniform(0.4, 0.9)) & ~target
+            bulge = rng.uniform(0.5, 1.3) if far_leaks else rng.uniform(0.4, 0.9)
+            wrong = _disc(target.shape, _pixel(edge, rng), radius * bulge) & ~target
         wrong &= ~np.logical_or.reduce([target, *others])
         if wrong.sum() < 6:
             return None
@@ -516,7 +522,7 @@ def interaction_key_step(model, pool: PhantomPool, schedule: Schedule, rng: np.r
         others = [o[index] for o in objects if o is not obj]
         points, point_labels, previous = [], [], None
         if kind in ("leak", "miss"):
-            corrupted = corrupted_mask(kind, target, others, rng)
+            corrupted = corrupted_mask(kind, target, others, rng, schedule.far_leaks)
             if corrupted is None:
                 continue
             previous, wrong = corrupted
@@ -563,13 +569,20 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None = None) -> Path:
-    """Stage 1 (phases 1 and 2) from random weights, or with `init` (stage 1's checkpoint) stage 2 (phase 3)."""
+def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None = None, stage: int = 1) -> Path:
+    """Stage 1 (phases 1 and 2) from random weights; stage 2 (phase 3) from stage 1's checkpoint `init`; stage
+    3 (phase 3 with far leaks) from stage 2's."""
+    import dataclasses
+
     import torch
 
     from MedSAM2HITLLib.model import build_predictor, save_checkpoint
 
-    seed = SEED if init is None else SEED + 1
+    if (init is None) != (stage == 1):
+        raise ValueError("stage 1 starts from random weights; stages 2 and 3 need the previous stage's checkpoint")
+    seed = SEED + stage - 1
+    if stage == 3:
+        schedule = dataclasses.replace(schedule, interaction_steps=schedule.correction_steps, far_leaks=True)
     torch.set_num_threads(THREADS)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -582,7 +595,7 @@ def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None 
         # Inference's rules for the memory bank (object pointers from past slices only, masks from prompts
         # binarised), so that tracking between two conditioning slices learns what the engine will run.
         model.training = False
-    pool = PhantomPool(schedule.pool, rng, varied=init is not None)
+    pool = PhantomPool(schedule.pool, rng, varied=stage > 1)
     groups: dict[tuple[bool, bool], list] = {}
     for name, parameter in model.named_parameters():
         decays = parameter.ndim > 1 and "pos_embed" not in name
@@ -599,8 +612,9 @@ def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None 
     phases = [
         ("key", schedule.key_steps, schedule.key_lr, key_slice_step),
         ("track", schedule.track_steps, schedule.track_lr, tracking_with_key_rehearsal),
-    ] if init is None else [
-        ("interaction", schedule.interaction_steps, schedule.interaction_lr, interaction_step),
+    ] if stage == 1 else [
+        ("interaction" if stage == 2 else "corrections", schedule.interaction_steps, schedule.interaction_lr,
+         interaction_step),
     ]
     for name, steps, peak, step_fn in phases:
         for step in range(steps):
@@ -630,22 +644,26 @@ def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DATA / "phantom_sam2.pt", help="checkpoint to write")
-    parser.add_argument("--stage", choices=("1", "2", "all"), default="all",
-                        help="1: phases 1-2 from random weights; 2: phase 3 from --init; all: both (about 45 min)")
-    parser.add_argument("--init", type=Path, help="stage 1's checkpoint, for --stage 2")
+    parser.add_argument("--stage", choices=("1", "2", "3", "all"), default="all",
+                        help="1: phases 1-2 from random weights; 2 and 3: phase 3 from --init, the previous "
+                             "stage's checkpoint; all: the three in turn (about 70 min)")
+    parser.add_argument("--init", type=Path, help="the previous stage's checkpoint, for --stage 2 or 3")
     parser.add_argument("--key-steps", type=int, default=Schedule.key_steps)
     parser.add_argument("--track-steps", type=int, default=Schedule.track_steps)
     parser.add_argument("--interaction-steps", type=int, default=Schedule.interaction_steps)
+    parser.add_argument("--correction-steps", type=int, default=Schedule.correction_steps)
     args = parser.parse_args()
     schedule = Schedule(key_steps=args.key_steps, track_steps=args.track_steps,
-                        interaction_steps=args.interaction_steps)
-    if args.stage == "2" and args.init is None:
-        parser.error("--stage 2 needs --init, the checkpoint stage 1 wrote")
-    stage_1 = args.out.with_name(args.out.stem + "_stage1.pt") if args.stage == "all" else args.out
-    if args.stage in ("1", "all"):
-        train(schedule, stage_1)
-    if args.stage in ("2", "all"):
-        train(schedule, args.out, init=stage_1 if args.stage == "all" else args.init)
+                        interaction_steps=args.interaction_steps, correction_steps=args.correction_steps)
+    if args.stage != "all":
+        if (args.init is None) != (args.stage == "1"):
+            parser.error("--stage 2 and 3 need --init, the checkpoint the previous stage wrote (stage 1 none)")
+        train(schedule, args.out, init=args.init, stage=int(args.stage))
+        return
+    previous = None
+    for stage in (1, 2, 3):
+        out = args.out if stage == 3 else args.out.with_name(f"{args.out.stem}_stage{stage}.pt")
+        previous = train(schedule, out, init=previous, stage=stage)
 
 
 if __name__ == "__main__":
