@@ -80,8 +80,6 @@ def bench_2d(checkpoint: Path, repeats: int) -> list[tuple]:
 
 def propagation_speed(checkpoint: Path, slices: int, rounds: int) -> list[tuple]:
     """Seconds per slice, engine vs bare video predictor on the same frames, interleaved in one process."""
-    import time
-
     import numpy as np
     import torch
 

@@ -144,3 +144,56 @@ def test_a_written_slice_replaces_what_downloads_are_made_of(service):
         wrong = client.put(f"/api/v1/jobs/{job_id}/slices", json={
             "view": "axial", "slice": key, "mask": mask_codec.encode(drawn)})
         assert wrong.status_code == 400 and "the axial slices have" in wrong.json()["detail"]
+
+
+def test_clicks_and_corrected_slices_through_the_api(service):
+    """A click gives the object a box gives; a corrected slice PUT into the job conditions the propagation
+    (`conditioning`) and is kept exactly as sent; bad clicks and an empty conditioning slice are refused."""
+    from evaluate_phantom_model import inside_point
+
+    from MedSAM2HITLLib import mask_codec
+
+    case = Upload(91)
+    shape = SIZE[1:]
+    with service.client() as client:
+        job_id = create_job(client, case.data)
+        boxed = client.post(f"/api/v1/jobs/{job_id}/segment-2d", json={"box_ras": case.box_ras, "window": "abdomen"})
+        assert boxed.status_code == 200, boxed.text
+        key, by_box = boxed.json()["slice"], mask_codec.decode(boxed.json()["mask"], shape)
+        cleared = client.put(f"/api/v1/jobs/{job_id}/slices", json={
+            "view": "axial", "slice": key, "mask": mask_codec.encode(np.zeros(shape, bool))})
+        assert cleared.status_code == 200, cleared.text
+        click = [*inside_point(by_box), 1]
+        clicked = client.post(f"/api/v1/jobs/{job_id}/segment-2d", json={
+            "view": "axial", "slice": key, "points": [click], "window": "abdomen"})
+        assert clicked.status_code == 200, clicked.text
+        assert clicked.json()["box"] is None
+        assert dice(mask_codec.decode(clicked.json()["mask"], shape), by_box) >= 0.8
+
+        present = np.flatnonzero(case.phantom.mask.any(axis=(1, 2)))
+        unmarked = next(i for i in range(SIZE[0]) if i not in present)
+        for where, points, status, message in ((key, [[*click[:2], 2]], 422, "label 1 (positive) or 0"),
+                                               (key, [[500, 5, 1]], 400, "outside the slice"),
+                                               (unmarked, [[*click[:2], 0]], 400, "at least one positive click")):
+            refused = client.post(f"/api/v1/jobs/{job_id}/segment-2d", json={
+                "view": "axial", "slice": int(where), "points": points, "window": "abdomen"})
+            assert refused.status_code == status and message in refused.text, refused.text
+
+        corrected = int(present[-3])
+        drawn = case.phantom.mask[corrected]
+        assert client.put(f"/api/v1/jobs/{job_id}/slices", json={
+            "view": "axial", "slice": corrected, "mask": mask_codec.encode(drawn)}).status_code == 200
+        empty = client.post(f"/api/v1/jobs/{job_id}/propagate", json={
+            "box_ras": case.box_ras, "window": "abdomen", "conditioning": [unmarked]})
+        assert empty.status_code == 202
+        events = read_events(client, job_id, empty.json()["events_after"])
+        assert events[-1][0] == "error" and "has no mask" in events[-1][1]["message"]
+
+        started = client.post(f"/api/v1/jobs/{job_id}/propagate", json={
+            "box_ras": case.box_ras, "window": "abdomen", "conditioning": [corrected]})
+        assert started.status_code == 202, started.text
+        events = read_events(client, job_id, started.json()["events_after"])
+        assert events[-1][0] == "done", events[-1]
+        labels = np.asarray(download(client, job_id).dataobj) > 0  # the file's (i, j, k)
+        assert np.array_equal(labels[:, :, corrected].T, drawn)
+        assert dice(labels, case.truth) >= 0.8

@@ -242,3 +242,40 @@ def test_switching_between_this_computer_and_the_service_keeps_one_undo_history(
         assert np.array_equal(case.exported(segmentation, tmp_path), propagated)
     finally:
         logic.stop_worker()
+
+
+def test_clicks_and_several_objects_on_the_service(service, logic, tmp_path):
+    """A positive click alone, then two ROIs in one propagation: the transport runs the objects one after
+    another on the service and the segments come back as locally (each on its object, none overlapping)."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "Testing" / "Training"))
+    from evaluate_phantom_model import dice, inside_point
+
+    from MedSAM2HITLLib.point_prompts import add_point
+    from MedSAM2HITLLib.segment_writer import create_segmentation, read_segment
+
+    case = Case(tmp_path, seed=9, grid="identity", axis=0)
+    phantom = case.phantom
+    logic.load_model(PHANTOM_CHECKPOINT).wait(60)
+    clicks = case.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Object clicks")
+    x, y = inside_point(phantom.mask[case.key])  # identity grid: RAS (x, y, z) = file (i, j, k) = phantom [k, j, i]
+    add_point(clicks, (x, y, case.key), positive=True)
+    segmentation, segment_id = logic.segment_slice(case.volume, None, None, points_node=clicks,
+                                                   window="abdomen").wait(60)
+    assert dice(read_segment(segmentation, segment_id, case.volume)[case.key], phantom.mask[case.key]) >= 0.8
+
+    segmentation = create_segmentation(case.scene, case.volume)
+    objects = [(case.roi(), None)]
+    for number, other in enumerate(phantom.distractors[:1], 2):
+        k = int(np.argmax(other.sum(axis=(1, 2))))
+        rows, cols = np.nonzero(other[k])
+        objects.append((case.roi((np.array([cols.min() - 1, rows.min() - 1, k]),
+                                  np.array([cols.max() + 1, rows.max() + 1, k])), name=f"Object {number}"), None))
+    written = logic.propagate_objects(case.volume, segmentation, objects, axis="axial", window="abdomen").wait(300)
+    masks = [read_segment(segmentation, segment_id, case.volume) for segment_id in written]
+    assert len(masks) == 2 and (np.sum(masks, axis=0) <= 1).all()
+    for mask, truth in zip(masks, phantom.objects):
+        assert dice(mask, truth) >= 0.75

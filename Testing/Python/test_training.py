@@ -1,7 +1,7 @@
 """The phantom generator and the fixture's training script: reproducible, well-formed, loadable output.
 
 The fixture model is committed, so CI never retrains it; these tests keep the script that made it runnable
-and deterministic (a few steps of each phase, twice) and the phantoms it learns from as documented.
+and deterministic (a few steps of each stage, twice) and the phantoms it learns from as documented.
 """
 
 from __future__ import annotations
@@ -63,3 +63,31 @@ def test_training_is_deterministic_and_writes_a_checkpoint_the_loader_accepts(tm
     loaded = load_model(first, device="cpu")  # strict: the yaml beside it must describe these weights
     assert loaded.image_size == training.IMAGE_SIZE
     assert loaded.config == first.with_suffix(".yaml")
+
+    schedule = training.Schedule(interaction_steps=2, correction_steps=2, pool=4, warmup=1)
+    later = [training.train(schedule, tmp_path / name / "model.pt", log_every=1000, init=first, stage=2)
+             for name in ("second_a", "second_b")]
+    later.append(training.train(schedule, tmp_path / "third" / "model.pt", log_every=1000, init=later[0], stage=3))
+    stage_2, again, stage_3 = (torch.load(path, map_location="cpu")["model"] for path in later)
+    assert all(torch.equal(stage_2[k], again[k]) for k in stage_2)  # stages 2 and 3 are deterministic too
+    assert any(not torch.equal(weights[k], stage_2[k]) for k in weights)
+    assert any(not torch.equal(stage_2[k], stage_3[k]) for k in stage_2)
+    load_model(later[2], device="cpu")
+
+
+def test_long_shapes_and_thick_slices():
+    """Elongated objects reach 1:5 in plane, tubes cross most slices; thick slices average intensities and keep
+    the masks by majority, and older phantoms do not change (no `shapes` given)."""
+    from phantoms import LONG_SHAPES, thick_slices
+
+    bars = make_phantom(3, size=(60, 96, 96), shapes=("elongated",), distractors=0)
+    tube = make_phantom(3, size=(60, 96, 96), shapes=("tube",), distractors=0)
+    key = bars.key_index
+    rows, cols = np.nonzero(bars.mask[key])
+    extent = np.linalg.svd(np.stack([rows, cols]).T - [rows.mean(), cols.mean()], compute_uv=False)
+    assert extent[0] / extent[1] >= 1.9  # a bar, not a disc
+    assert np.count_nonzero(tube.mask.any(axis=(1, 2))) >= 0.7 * 60
+    thick = thick_slices(tube, 3)
+    assert thick.volume.shape == (20, 96, 96) and thick.volume.dtype == tube.volume.dtype
+    assert np.array_equal(thick.mask[5], tube.mask[15:18].mean(axis=0) >= 0.5)
+    assert set(LONG_SHAPES) == {"elongated", "tube"}
