@@ -108,7 +108,7 @@ def segment_2d(job_id: str, params: dict) -> dict:
     volume = _opened(job_id)
     engine = session.engine_for(job_id, volume)
     points = params.get("points") or None
-    prompt = _prompt(volume, params, need_box=not points)
+    prompt = _prompt(volume, params, need_box=not points, key_mask=False)
     axis, index = prompt["axis"], prompt["index"]
     cached = engine.is_cached(axis, index, params.get("window", "mr"))
     current = np.take(volume.labels, index, axis=axis) > 0 if points else None  # what the clicks correct
@@ -277,8 +277,9 @@ def _write(labels: np.ndarray, axis: int, index: int, mask: np.ndarray) -> None:
     labels[tuple(region)] = mask.astype(np.uint8)
 
 
-def _prompt(volume, params: dict, need_box: bool) -> dict:
-    """Axis, key slice, box (or mask) and range of a request, from RAS corners or voxel indices."""
+def _prompt(volume, params: dict, need_box: bool, key_mask: bool = True) -> dict:
+    """Axis, key slice, box (or, with `key_mask`, the mask that prompts without one) and range of a request, from
+    RAS corners or voxel indices."""
     from MedSAM2HITLLib.roi_box import (array_axis_for_view, key_slice_index, roi_box, roi_from_corners,
                                         roi_slice_range)
 
@@ -302,7 +303,7 @@ def _prompt(volume, params: dict, need_box: bool) -> dict:
             raise BadInputError(f"slice {found['index']} is outside the volume: the {params['view']} view has "
                                 f"slices 0..{count - 1}")
         found["box"] = params.get("box")
-    if found["box"] is None:
+    if found["box"] is None and (need_box or key_mask):
         if need_box:
             raise BadInputError("give a 'box' (with 'slice') or a 'box_ras'")
         shape = tuple(n for a, n in enumerate(volume.array.shape) if a != axis)
