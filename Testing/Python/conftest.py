@@ -23,3 +23,16 @@ def random_checkpoint(tmp_path_factory) -> Path:
     from MedSAM2HITLLib.model import save_random_checkpoint
 
     return save_random_checkpoint(tmp_path_factory.mktemp("random_model") / "medsam2_random.pt", RANDOM_IMAGE_SIZE)
+
+
+def logic_with_model(checkpoint: Path):
+    """A SegmentationLogic whose worker has loaded `checkpoint` on the CPU; the worker stops afterwards.
+
+    For module fixtures: `yield from logic_with_model(path)`.
+    """
+    from MedSAM2HITLLib.logic import SegmentationLogic
+
+    logic = SegmentationLogic()
+    logic.load_model(checkpoint, device="cpu", threads=2).wait(120)
+    yield logic
+    logic.stop_worker()

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import DATA, REPO
+from conftest import DATA, REPO, logic_with_model
 
 sys.path.insert(0, str(REPO / "Testing" / "Training"))
 from evaluate_phantom_model import (  # noqa: E402
@@ -42,7 +42,7 @@ def engine():
 
 
 def test_a_positive_click_alone_gives_the_object(engine):
-    """Measured: mean 0.94, 11 of 12 at Dice ≥ 0.8 (one unseen-shape phantom 0.61)."""
+    """Measured: 11 of 12 at Dice ≥ 0.8 (one unseen-shape phantom about 0.6), mean above 0.9."""
     scores = np.array([click_dice(engine, held_out_phantom(s, i), f"click-{s}-{i}") for s in ("seeds", "unseen")
                        for i in range(CASES)])
     assert scores.mean() >= 0.9 and np.mean(scores >= 0.8) >= 0.9, np.round(scores, 3)
@@ -50,13 +50,14 @@ def test_a_positive_click_alone_gives_the_object(engine):
 
 def test_a_negative_click_with_the_objects_click_shrinks_a_leak(engine):
     """The mask covers the target and a whole neighbouring object; the object's positive click stays and a
-    negative click goes on the neighbour (as the panel sends a point list). Measured: 57 % of the leak removed
-    on average (19–100 %), the target kept (Dice ≥ 0.88). Issue 14 asks for ≥ 80 % each: not met yet."""
+    negative click goes on the neighbour (as the panel sends a point list). Measured: 48 % of the leak removed
+    on average (3 of 8 cases ≥ 99 %, the others 14-20 %), the target kept (Dice ≥ 0.86). Issue 14 asks for
+    ≥ 80 % each: not met yet."""
     results = [r for r in (leak_removal(engine, held_out_phantom(s, i), f"leak-{s}-{i}") for s in ("seeds", "unseen")
                            for i in range(2 * CASES)) if r is not None]
     assert len(results) >= 6
     removed, kept = np.array(results).T
-    assert removed.mean() >= 0.45 and removed.min() >= 0.1, np.round(removed, 3)
+    assert removed.mean() >= 0.4 and removed.min() >= 0.1, np.round(removed, 3)
     assert kept.min() >= 0.8, np.round(kept, 3)
 
 
@@ -89,12 +90,12 @@ def test_several_objects_in_one_pass_equal_one_by_one(engine):
         assert dice(together[n], phantom.objects[n]) >= 0.75
 
 
-@pytest.mark.parametrize("axis, target", [(0, 0.75), (1, 0.75), (2, 0.65)])
-def test_elongated_tubular_and_thick_slice_objects_along_each_axis(engine, axis, target):
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_elongated_tubular_and_thick_slice_objects_along_each_axis(engine, axis):
     """Bars (1:2 to 1:5), tubes through most slices and 3x-thick-slice volumes, propagated along `axis`.
-    Issue 14 asks for 0.75 on every axis; along array axis 2 the fixture reaches 0.69 (not met yet)."""
+    Measured on these six: mean 3D Dice 0.90, 0.77 and 0.78 along array axes 0, 1 and 2."""
     scores = [axis_dice(engine, long_phantom(i), axis, f"long-{i}-{axis}") for i in range(CASES)]
-    assert np.mean(scores) >= target, np.round(scores, 3)
+    assert np.mean(scores) >= 0.75, np.round(scores, 3)
 
 
 @pytest.mark.parametrize("points, message", [
@@ -117,12 +118,7 @@ SPACING = 1.5
 
 @pytest.fixture(scope="module")
 def logic():
-    from MedSAM2HITLLib.logic import SegmentationLogic
-
-    logic = SegmentationLogic()
-    logic.load_model(CHECKPOINT, device="cpu", threads=2).wait(120)
-    yield logic
-    logic.stop_worker()
+    yield from logic_with_model(CHECKPOINT)
 
 
 @pytest.fixture

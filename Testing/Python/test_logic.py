@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import logic_with_model
 from MedSAM2HITLLib.errors import BadInputError, PropagationCancelled
 
 SHAPE = (14, 40, 48)  # [k, j, i]
@@ -13,12 +14,7 @@ SPACING_K = 2.0
 
 @pytest.fixture(scope="module")
 def logic(random_checkpoint):
-    from MedSAM2HITLLib.logic import SegmentationLogic
-
-    logic = SegmentationLogic()
-    logic.load_model(random_checkpoint, device="cpu", threads=2).wait(120)
-    yield logic
-    logic.stop_worker()
+    yield from logic_with_model(random_checkpoint)
 
 
 @pytest.fixture

@@ -78,6 +78,8 @@ class Schedule:
     second_condition: float = 0.6  # phase-3 tracking samples with a second conditioning slice at the clip's far end
     correction_steps: int = 800  # stage 3 (phase 3 again), fine-tuning stage 2's weights
     far_leaks: bool = False  # leaks into any object on the slice, of any size (stage 3; stage 2: neighbours only)
+    repair_steps: int = 400  # stage 4: slice-only, whole-object leaks and boxes (incl. empty ones), from stage 3
+    crowded_leaks: bool = False  # leak samples on slices where another object is (stage 4: whole-object leaks)
 
 
 def small_config():
@@ -441,6 +443,7 @@ def tracking_with_key_rehearsal(model, pool: PhantomPool, schedule: Schedule, rn
 
 INTERACTIONS = ("click", "clicks", "box_clicks", "leak", "miss")
 INTERACTION_SHARES = (0.2, 0.15, 0.1, 0.4, 0.15)
+REPAIR_SHARES = (0.1, 0.15, 0.1, 0.55, 0.1)
 
 
 def _pixel(region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -504,7 +507,7 @@ def interaction_key_step(model, pool: PhantomPool, schedule: Schedule, rng: np.r
 
     from MedSAM2HITLLib.preprocessing import mask_prompt_logits
 
-    kind = str(rng.choice(INTERACTIONS, p=INTERACTION_SHARES))
+    kind = str(rng.choice(INTERACTIONS, p=REPAIR_SHARES if schedule.crowded_leaks else INTERACTION_SHARES))
     with_box = kind == "box_clicks" or (kind in ("leak", "miss") and rng.random() < 0.5)
     positives = {"click": 1, "clicks": int(rng.integers(1, 4)), "box_clicks": 1, "leak": 0, "miss": 1}[kind]
     negatives = {"click": 0, "clicks": int(rng.integers(0, 3)), "box_clicks": int(rng.integers(0, 2)), "leak": 1,
@@ -515,6 +518,10 @@ def interaction_key_step(model, pool: PhantomPool, schedule: Schedule, rng: np.r
     while len(images) < schedule.key_batch:
         volume, objects, obj = pool.pick()
         present = np.flatnonzero(obj.sum(axis=(1, 2)) >= 20)
+        if kind == "leak" and schedule.crowded_leaks:  # a slice where another object can leak in whole, if any
+            crowded = np.logical_or.reduce([o[present].sum(axis=(1, 2)) >= 20 for o in objects if o is not obj]
+                                           + [np.zeros(present.size, bool)])
+            present = present[crowded] if crowded.any() else present
         if present.size == 0:
             continue
         index = int(rng.choice(present))
@@ -552,6 +559,13 @@ def interaction_key_step(model, pool: PhantomPool, schedule: Schedule, rng: np.r
     return loss + feature_penalty(feats[-1], schedule.feature_rms), mask_loss, object_loss
 
 
+def repair_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Generator):
+    """Stage 4 step: corrections on a slice (most of them whole-object leaks) and a box batch (with boxes on
+    empty background): what stage 3 left weak, the click deciding which object stays, and box sensitivity."""
+    loss, mask_loss, object_loss = interaction_key_step(model, pool, schedule, rng)
+    return loss + key_slice_step(model, pool, schedule, rng)[0], mask_loss, object_loss
+
+
 def interaction_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Generator):
     """Phase 3 step: corrections on a slice, tracking (often between two conditioning slices), and a box batch."""
     second = bool(rng.random() < schedule.second_condition)
@@ -583,6 +597,9 @@ def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None 
     seed = SEED + stage - 1
     if stage == 3:
         schedule = dataclasses.replace(schedule, interaction_steps=schedule.correction_steps, far_leaks=True)
+    if stage == 4:
+        schedule = dataclasses.replace(schedule, interaction_steps=schedule.repair_steps, far_leaks=True,
+                                       crowded_leaks=True)
     torch.set_num_threads(THREADS)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -613,8 +630,8 @@ def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None 
         ("key", schedule.key_steps, schedule.key_lr, key_slice_step),
         ("track", schedule.track_steps, schedule.track_lr, tracking_with_key_rehearsal),
     ] if stage == 1 else [
-        ("interaction" if stage == 2 else "corrections", schedule.interaction_steps, schedule.interaction_lr,
-         interaction_step),
+        ({2: "interaction", 3: "corrections", 4: "repair"}[stage], schedule.interaction_steps,
+         schedule.interaction_lr, repair_step if stage == 4 else interaction_step),
     ]
     for name, steps, peak, step_fn in phases:
         for step in range(steps):
@@ -644,7 +661,7 @@ def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DATA / "phantom_sam2.pt", help="checkpoint to write")
-    parser.add_argument("--stage", choices=("1", "2", "3", "all"), default="all",
+    parser.add_argument("--stage", choices=("1", "2", "3", "4", "all"), default="all",
                         help="1: phases 1-2 from random weights; 2 and 3: phase 3 from --init, the previous "
                              "stage's checkpoint; all: the three in turn (about 70 min)")
     parser.add_argument("--init", type=Path, help="the previous stage's checkpoint, for --stage 2 or 3")
@@ -661,8 +678,8 @@ def main() -> None:
         train(schedule, args.out, init=args.init, stage=int(args.stage))
         return
     previous = None
-    for stage in (1, 2, 3):
-        out = args.out if stage == 3 else args.out.with_name(f"{args.out.stem}_stage{stage}.pt")
+    for stage in (1, 2, 3, 4):
+        out = args.out if stage == 4 else args.out.with_name(f"{args.out.stem}_stage{stage}.pt")
         previous = train(schedule, out, init=previous, stage=stage)
 
 
