@@ -325,13 +325,16 @@ class _StreamWriter:
     def arrived(self, item) -> None:
         segment_id, _, prompts = self.targets[item.object]
         if not isinstance(prompts.get(item.index), np.ndarray):
-            mask = item.mask
-            if not self.allow_overlap:
-                earlier = [m for n, m in self.held.get(item.index, {}).items() if n < item.object]
-                for other in earlier:
-                    mask = mask & ~other
-                self.held.setdefault(item.index, {})[item.object] = mask
-            self.pending[item.object][item.index] = mask
+            if self.allow_overlap:
+                self.pending[item.object][item.index] = item.mask
+            else:  # objects reach a slice in any order (other passes): each later one loses what earlier ones hold
+                masks = self.held.setdefault(item.index, {})
+                masks[item.object] = item.mask
+                taken = np.zeros_like(item.mask)
+                for number in sorted(masks):
+                    if number >= item.object:
+                        self.pending[number][item.index] = masks[number] & ~taken
+                    taken |= masks[number]
         if self.on_progress is not None:
             self.on_progress(item.completed, item.total)
         if time.monotonic() - self.last_write >= WRITE_INTERVAL_SECONDS:
