@@ -111,6 +111,13 @@ def box_and_segment(page: Page, case: Case, view: str) -> None:
     expect(page.locator("#message")).to_contain_text("segmented", timeout=60_000)
 
 
+def start_propagation(page: Page) -> None:
+    """Enter, and wait until the service has accepted the propagation (its 202): the tests act right after."""
+    with page.expect_response(lambda r: r.url.endswith("/propagate") and r.request.method == "POST") as started:
+        page.keyboard.press("Enter")
+    assert started.value.status == 202
+
+
 def shown_slices(page: Page, case: Case) -> set[int]:
     """File slices (along the case's slice axis) with mask voxels in the page's drawing."""
     in_file_order = nib.orientations.apply_orientation(
@@ -170,9 +177,7 @@ def test_cancel_keeps_finished_slices_then_undo_and_redo(page, tmp_path):
     case = Case(tmp_path, 2101, "identity", size=LONG)
     upload(page, case)
     box_and_segment(page, case, "axial")
-    with page.expect_response(lambda r: r.url.endswith("/propagate") and r.request.method == "POST") as started:
-        page.keyboard.press("Enter")
-    assert started.value.status == 202
+    start_propagation(page)
     page.keyboard.press("Escape")  # at once: the fixture model is fast and the events arrive in bursts
     expect(page.locator("#message")).to_contain_text("cancelled", timeout=60_000)
     kept = shown_slices(page, case)
@@ -276,9 +281,7 @@ def test_a_connection_lost_mid_propagation_resumes_where_it_stopped(page, servic
     case = Case(tmp_path, 2104, "identity", size=LONG)
     upload(page, case)
     box_and_segment(page, case, "axial")
-    with page.expect_response(lambda r: r.url.endswith("/propagate") and r.request.method == "POST") as started:
-        page.keyboard.press("Enter")
-    assert started.value.status == 202
+    start_propagation(page)
     service.kill("api")  # at once: the worker goes on, the page's event stream is cut within its first slices
     try:
         expect(page.locator("#message")).to_contain_text("reconnecting and resuming", timeout=15_000)
