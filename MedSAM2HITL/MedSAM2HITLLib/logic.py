@@ -88,9 +88,7 @@ class SegmentationLogic:
         def write(mask: np.ndarray) -> None:
             self.history(segmentation_node).save_state()
             segment_writer.write_slice(segmentation_node, segment_id, volume_node, axis_index, index, mask)
-            sources = slice_sources.read(segmentation_node, segment_id)
-            sources.mark(axis_index, user=[index])
-            slice_sources.write(segmentation_node, segment_id, sources)
+            slice_sources.record(segmentation_node, segment_id, axis_index, user=[index])
             result.finish((segmentation_node, segment_id))
 
         volume_id = self._send_volume(volume_node)
@@ -353,9 +351,8 @@ class _StreamWriter:
             segment_writer.write_slices(self.segmentation_node, segment_id, self.volume_node, self.axis, masks)
             written = self.written[segment_id]
             written.extend(i for i in masks if i not in written)
-            sources = slice_sources.read(self.segmentation_node, segment_id)
-            sources.mark(self.axis, user=[key_index] if key_index in masks else (), predicted=masks)
-            slice_sources.write(self.segmentation_node, segment_id, sources)
+            slice_sources.record(self.segmentation_node, segment_id, self.axis,
+                                 user=[key_index] if key_index in masks else (), predicted=masks)
         self.pending = {n: {} for n in self.pending}
         self.last_write = time.monotonic()
 
@@ -364,9 +361,8 @@ class _StreamWriter:
         self.flush()
         if self.saved:  # the key slice of a "from this slice" propagation is the user's, though never written
             for segment_id, key_index, prompts in self.targets:
-                sources = slice_sources.read(self.segmentation_node, segment_id)
-                sources.mark(self.axis, user=[i for i, p in prompts.items() if isinstance(p, np.ndarray)])
-                slice_sources.write(self.segmentation_node, segment_id, sources)
+                slice_sources.record(self.segmentation_node, segment_id, self.axis,
+                                     user=[i for i, p in prompts.items() if isinstance(p, np.ndarray)])
         return self.written
 
 

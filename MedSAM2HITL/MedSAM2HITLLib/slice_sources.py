@@ -86,9 +86,12 @@ def read(segmentation_node, segment_id: str) -> SliceSources:
     return SliceSources.from_json(str(value))
 
 
-def write(segmentation_node, segment_id: str, sources: SliceSources) -> None:
+def record(segmentation_node, segment_id: str, axis: int, user=(), predicted=()) -> None:
+    """Add a write to the segment's record (see SliceSources.mark); call it inside the write's undo step."""
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     if segment is not None:
+        sources = read(segmentation_node, segment_id)
+        sources.mark(axis, user=user, predicted=predicted)
         segment.SetTag(TAG, sources.to_json())
 
 
