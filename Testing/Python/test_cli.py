@@ -176,7 +176,10 @@ def test_ctrl_c_during_propagation_writes_nothing_unless_asked(volume_file, rand
     args = [sys.executable, "-m", "MedSAM2HITLLib.cli", "segment", str(volume_file), "--box-ras", *box_on_slice(3),
             "--propagate", "--checkpoint", str(random_checkpoint), "--device", "cpu", "--threads", "1",
             "-o", str(out), "--labelmap", str(labelmap)] + (["--keep-partial"] if keep_partial else [])
-    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=_env())
+    # A shell's background job (nohup ... &) starts with SIGINT ignored, and children inherit that: give the CLI
+    # the default disposition a terminal's Ctrl+C meets.
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=_env(),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
     reader.start()
