@@ -23,7 +23,7 @@ from service_fixtures import Service, wait_for
 from web_viewer_fixtures import canvas_point, drag, drawing, launch, ras_order, show_slice
 
 sys.path.insert(0, str(REPO / "Testing" / "Training"))
-from evaluate_phantom_model import dice  # noqa: E402
+from evaluate_phantom_model import dice, inside_point  # noqa: E402
 from phantoms import make_phantom  # noqa: E402
 from test_end_to_end import GRIDS  # noqa: E402
 
@@ -79,16 +79,17 @@ class Case:
         self.array_axis, self.phantom = array_axis, phantom
         self.corners = self.box_corners(self.key, phantom.box())
 
+    def page_voxel(self, index: int, x: int, y: int) -> list[int]:
+        """The page's voxel of pixel (x, y) on the phantom's slice `index` (x is its last axis, y its middle one)."""
+        in_plane = [a for a in range(3) if a != self.file_axis]  # file axes of the slice, fastest first
+        file = [0, 0, 0]
+        file[self.file_axis], file[in_plane[0]], file[in_plane[1]] = index, x, y
+        return self.voxel(file)
+
     def box_corners(self, index: int, box: tuple[int, int, int, int]) -> list:
         """The page's voxels of a box (x0, y0, x1, y1 on the phantom's slice `index`) with a 2-voxel margin."""
-        x0, y0, x1, y1 = box  # on the phantom's slice: x is its last axis, y its middle one
-        in_plane = [a for a in range(3) if a != self.file_axis]  # file axes of the slice, fastest first
-        corners = []
-        for x, y in ((x0 - 2, y0 - 2), (x1 + 2, y1 + 2)):
-            file = [0, 0, 0]
-            file[self.file_axis], file[in_plane[0]], file[in_plane[1]] = index, x, y
-            corners.append(self.voxel(file))
-        return corners
+        x0, y0, x1, y1 = box
+        return [self.page_voxel(index, x0 - 2, y0 - 2), self.page_voxel(index, x1 + 2, y1 + 2)]
 
     def object_truth(self, n: int) -> np.ndarray:
         """Object n of the phantom (0: the target) in the file's (i, j, k)."""
@@ -251,6 +252,45 @@ def test_a_second_object_gets_its_own_label_and_download(page, tmp_path):
     labels = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page))).dataobj) > 0
     assert set(np.flatnonzero(labels.any(axis=(0, 1))).tolist()) == {index}  # object 2's download: its own slice
     assert not (labels & (case.truth > 0)).any()
+
+
+def click(page: Page, voxel: list[int], tool: str) -> list[int]:
+    """A click with the tool ("positive" or "negative") on an axial voxel; the labels of the clicks the page sent
+    for its slice."""
+    page.click(f"[data-tool='{tool}']")
+    show_slice(page, voxel)
+    with page.expect_request(lambda r: r.url.endswith("/segment-2d")) as sent:
+        page.mouse.click(*canvas_point(page, voxel, 0))
+    expect(page.locator("#message")).to_contain_text("click(s) in", timeout=60_000)
+    return [label for _, _, label in sent.value.post_data_json["points"]]
+
+
+def test_clicks_segment_their_slice_and_undo_takes_one_back(page, tmp_path):
+    """+ Click on the object segments that slice from the click alone; a − click beside it goes with the first
+    (the service corrects the slice's current mask with both); undo takes the last click and its mask back."""
+    case = Case(tmp_path, 2110, "flipped")
+    target = case.phantom.mask[case.key]
+    upload(page, case)
+    assert click(page, case.page_voxel(case.key, *inside_point(target)), "positive") == [1]
+    first = drawing(page) > 0
+    assert shown_slices(page, case) == {case.key}
+    assert dice(first, case.to_ras(case.truth > 0) & key_slice(case)) >= 0.8
+
+    x0, y0, x1, y1 = case.phantom.box()
+    outside = (min(x1 + 4, target.shape[1] - 1), (y0 + y1) // 2)  # beside the object, on no object
+    assert not any(o[case.key][outside[1], outside[0]] for o in case.phantom.objects)
+    negative = case.page_voxel(case.key, *outside)
+    assert click(page, negative, "negative") == [1, 0]
+    second = drawing(page) > 0
+    assert not second[tuple(negative)] and dice(second, case.to_ras(case.truth > 0) & key_slice(case)) >= 0.8
+    assert page.evaluate("[...viewer.state.objects[0].clicks.values()].map((c) => c.length)") == [2]
+    labels = case.to_ras(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page))).dataobj) > 0)
+    assert np.array_equal(labels, second)  # what the service holds is what the page shows
+
+    page.keyboard.press("Control+z")
+    expect(page.locator("#message")).to_contain_text("undo: − click")
+    assert np.array_equal(drawing(page) > 0, first)
+    assert page.evaluate("[...viewer.state.objects[0].clicks.values()].map((c) => c.length)") == [1]
 
 
 def slice_mask(case: Case, index: int) -> np.ndarray:

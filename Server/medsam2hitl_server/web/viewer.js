@@ -8,7 +8,8 @@ const CT_WINDOWS = { abdomen: [400, 40], lung: [1500, -600], brain: [80, 40], me
 
 const state = {
   bytes: null, name: "", grid: null, views: null,
-  objects: [],   // {job, labels (file order, 0/1)} per object; object n is pen value n + 1 (red, green, ...)
+  objects: [],   // {job, labels (file order, 0/1), clicks ("axis:slice" → [[x, y, 1 | 0]])} per object;
+                 // object n is pen value n + 1 (red, green, ...)
   active: 0, box: null, tool: "box", running: null, history: [], future: [],
 };
 
@@ -82,7 +83,7 @@ async function addObject() {
     }
     if (status.state === "failed") throw new ApiError(400, status.error || "the service could not load the volume");
     state.views = status.volume.views;
-    state.objects.push({ job: job.id, labels: new Uint8Array(state.grid.size) });
+    state.objects.push({ job: job.id, labels: new Uint8Array(state.grid.size), clicks: new Map() });
     state.active = state.objects.length - 1;
     $("objects").innerHTML = state.objects.map((_, n) => `<option value="${n}">object ${n + 1}</option>`).join("");
     $("objects").value = String(state.active);
@@ -183,9 +184,10 @@ async function sendSlices(entry, which) {
   }
 }
 
-/** Put an entry's slices back on the page and on the service. */
+/** Put an entry's slices (and clicks) back on the page and on the service. */
 async function restore(entry, which) {
   const object = state.objects[entry.object];
+  if (entry.clicks) object.clicks.set(entry.clicks.key, entry.clicks[which]);
   for (const [key, mask] of entry[which]) {
     const [axis, index] = key.split(":").map(Number);
     state.grid.writeSlice(object.labels, axis, index, mask);
@@ -293,13 +295,14 @@ function propagateBox() {
   return propagate({ view, slice, box, ...range }, `propagate from ${view} slice ${slice}`);
 }
 
-/** The view (name, array axis) and slice under the crosshair on the view being shown. */
+/** The view (name, array axis), slice and pixel (x: column, y: row) under the crosshair on the view shown. */
 function currentSlice() {
   const axCorSag = nv.opts.sliceType === SLICE_TYPE.MULTIPLANAR ? (state.box ? 2 - state.box.axis : 0) : nv.opts.sliceType;
   const axis = state.grid.arrayAxisOfView(Math.min(axCorSag, 2));
   const file = state.grid.rasToFile(Array.from(nv.frac2vox(nv.scene.crosshairPos)));
   const view = Object.keys(state.views).find((name) => state.views[name].array_axis === axis);
-  return { view, axis, slice: file[2 - axis] };
+  const [rowAxis, colAxis] = [0, 1, 2].filter((a) => a !== axis);
+  return { view, axis, slice: file[2 - axis], x: file[2 - colAxis], y: file[2 - rowAxis] };
 }
 
 function propagateFromHere() {
@@ -326,21 +329,60 @@ async function cancel() {
   }
 }
 
-// ---- pen and eraser ----
+// ---- clicks ----
+
+const CLICK_LABELS = { positive: 1, negative: 0 };
+
+/** A click where the crosshair is: that slice is segmented again from all the object's clicks on it, the box
+ * when it is on that slice, and (on the service) the slice's current mask, which the clicks correct. */
+async function addClick(label) {
+  const { view, axis, slice, x, y } = currentSlice();
+  const object = state.objects[state.active];
+  const key = `${axis}:${slice}`;
+  const before = object.clicks.get(key) || [];
+  const points = [...before, [x, y, label]];
+  const box = state.box && state.box.axis === axis && state.box.slice === slice ? state.box.box : undefined;
+  state.running = "segment";
+  refreshButtons();
+  say(`segmenting ${view} slice ${slice} from ${points.length} click(s)…`);
+  try {
+    const reply = await api.segment(object.job, { view, slice, points, box, window: $("window").value });
+    const entry = openEntry(`${label ? "+" : "−"} click on ${view} slice ${slice}`);
+    entry.clicks = { key, before, after: points };
+    object.clicks.set(key, points);
+    applySlice(entry, axis, reply.slice, decodeMask(reply.mask));
+    closeEntry(entry);
+    redraw();
+    say(`segmented ${view} slice ${reply.slice} from ${points.length} click(s) in ${reply.seconds} s`);
+  } catch (error) {
+    failed(error);
+  }
+  state.running = null;
+  refreshButtons();
+}
+
+// ---- tools: box, clicks, pen and eraser ----
 
 function setTool(tool) {
   state.tool = tool;
-  nv.setDrawingEnabled(tool !== "box");
-  // NiiVue draws where its crosshair goes: the pen needs the left button on the crosshair, the box does not
+  const drawing = tool === "pen" || tool === "eraser";
+  nv.setDrawingEnabled(drawing);
+  // NiiVue draws where its crosshair goes, and clicks go where it is: those tools need the left button on the
+  // crosshair, the box does not
   nv.opts.mouseEventConfig.leftButton.primary = tool === "box" ? DRAG_MODE.callbackOnly : DRAG_MODE.crosshair;
-  if (tool !== "box") nv.setPenValue(tool === "pen" ? state.active + 1 : 0, false);
+  if (drawing) nv.setPenValue(tool === "pen" ? state.active + 1 : 0, false);
   outline.hidden = true;
   refreshButtons();
 }
 
-/** After a pen or eraser stroke: the shown slice of the drawing becomes the active object's slice. */
+/** After a click, or a pen or eraser stroke: a click segments its slice again; a stroke's slice of the drawing
+ * becomes the active object's slice. */
 nv.onMouseUp = () => {
   if (!ready() || state.tool === "box") return;
+  if (state.tool in CLICK_LABELS) {
+    if (!state.running) addClick(CLICK_LABELS[state.tool]);
+    return;
+  }
   const { view, axis, slice } = currentSlice();
   const entry = openEntry(`${state.tool} on ${view} slice ${slice}`);
   applySlice(entry, axis, slice, state.grid.drawnSlice(nv.drawBitmap, axis, slice, state.active + 1));
@@ -395,7 +437,8 @@ $("download-nii").addEventListener("click", () => download("nii.gz"));
 $("download-seg").addEventListener("click", () => download("seg.nrrd"));
 
 const KEYS = { s: segment, Enter: propagateBox, f: propagateFromHere, Escape: cancel, b: () => setTool("box"),
-  p: () => setTool("pen"), e: () => setTool("eraser"), n: addObject, 1: () => setView(0), 2: () => setView(1),
+  p: () => setTool("pen"), e: () => setTool("eraser"), "+": () => setTool("positive"), "-": () => setTool("negative"),
+  n: addObject, 1: () => setView(0), 2: () => setView(1),
   3: () => setView(2), 4: () => setView(3) };
 document.addEventListener("keydown", (e) => {
   if (e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement) return;
