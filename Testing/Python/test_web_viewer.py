@@ -293,6 +293,30 @@ def test_clicks_segment_their_slice_and_undo_takes_one_back(page, tmp_path):
     assert page.evaluate("[...viewer.state.objects[0].clicks.values()].map((c) => c.length)") == [1]
 
 
+def test_a_propagation_uses_and_keeps_the_users_other_slices(page, tmp_path):
+    """A box segmented on the key slice, then a click on another slice of the object and Propagate from there:
+    the key slice goes along as a conditioning slice, and both come back exactly as they were."""
+    case = Case(tmp_path, 2104, "identity")
+    upload(page, case)
+    box_and_segment(page, case, "axial")
+    present = np.flatnonzero(case.phantom.mask.sum(axis=(1, 2)) >= 30)
+    other = int(round(case.key + 0.6 * (present[-1] - case.key)))
+    assert other != case.key
+    click(page, case.page_voxel(other, *inside_point(case.phantom.mask[other])), "positive")
+    drawn = drawing(page) > 0
+    assert shown_slices(page, case) == {case.key, other}
+    with page.expect_request(lambda r: r.url.endswith("/propagate")) as sent:
+        page.keyboard.press("f")
+    assert sent.value.post_data_json["slice"] == other and sent.value.post_data_json["conditioning"] == [case.key]
+    expect(page.locator("#message")).to_contain_text("propagated", timeout=180_000)
+    after = drawing(page) > 0
+    for index in (case.key, other):
+        assert np.array_equal(after & slice_mask(case, index), drawn & slice_mask(case, index)), index
+    assert dice(after, case.to_ras(case.truth > 0)) >= 0.8
+    labels = case.to_ras(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page))).dataobj) > 0)
+    assert np.array_equal(labels, after)
+
+
 def slice_mask(case: Case, index: int) -> np.ndarray:
     """The voxels of file slice `index` along the case's slice axis, in NiiVue's RAS order."""
     selected = np.zeros(case.truth.shape, bool)

@@ -8,8 +8,8 @@ const CT_WINDOWS = { abdomen: [400, 40], lung: [1500, -600], brain: [80, 40], me
 
 const state = {
   bytes: null, name: "", grid: null, views: null,
-  objects: [],   // {job, labels (file order, 0/1), clicks ("axis:slice" → [[x, y, 1 | 0]])} per object;
-                 // object n is pen value n + 1 (red, green, ...)
+  objects: [],   // {job, labels (file order, 0/1), clicks ("axis:slice" → [[x, y, 1 | 0]]), userSlices (the
+                 // "axis:slice" the user made: they condition propagations)} per object; object n is pen value n + 1
   active: 0, box: null, tool: "box", running: null, history: [], future: [],
 };
 
@@ -83,7 +83,7 @@ async function addObject() {
     }
     if (status.state === "failed") throw new ApiError(400, status.error || "the service could not load the volume");
     state.views = status.volume.views;
-    state.objects.push({ job: job.id, labels: new Uint8Array(state.grid.size), clicks: new Map() });
+    state.objects.push({ job: job.id, labels: new Uint8Array(state.grid.size), clicks: new Map(), userSlices: new Set() });
     state.active = state.objects.length - 1;
     $("objects").innerHTML = state.objects.map((_, n) => `<option value="${n}">object ${n + 1}</option>`).join("");
     $("objects").value = String(state.active);
@@ -164,8 +164,25 @@ function applySlice(entry, axis, index, mask) {
   paint(axis, index);
 }
 
+/** Note a slice the user made (a box or clicks segmented there, a stroke, a slice propagated from). */
+function markUserSlice(entry, axis, index) {
+  const key = `${axis}:${index}`;
+  const userSlices = state.objects[entry.object].userSlices;
+  entry.user.push({ key, had: userSlices.has(key) });
+  userSlices.add(key);
+}
+
+/** The user's slices along `axis` in start..end (all when no range) that have a mask, but `key`. */
+function conditioningSlices(axis, key, start = -Infinity, end = Infinity) {
+  const object = state.objects[state.active];
+  return [...object.userSlices].map((k) => k.split(":").map(Number))
+    .filter(([a, i]) => a === axis && i !== key && i >= start && i <= end
+      && state.grid.readSlice(object.labels, a, i).some((v) => v))
+    .map(([, i]) => i).sort((a, b) => a - b);
+}
+
 function openEntry(label) {
-  return { label, object: state.active, before: new Map(), after: new Map() };
+  return { label, object: state.active, before: new Map(), after: new Map(), user: [] };
 }
 
 function closeEntry(entry) {
@@ -188,6 +205,10 @@ async function sendSlices(entry, which) {
 async function restore(entry, which) {
   const object = state.objects[entry.object];
   if (entry.clicks) object.clicks.set(entry.clicks.key, entry.clicks[which]);
+  for (const { key, had } of entry.user) {
+    if (which === "after" || had) object.userSlices.add(key);
+    else object.userSlices.delete(key);
+  }
   for (const [key, mask] of entry[which]) {
     const [axis, index] = key.split(":").map(Number);
     state.grid.writeSlice(object.labels, axis, index, mask);
@@ -226,6 +247,7 @@ async function segment() {
     const reply = await api.segment(state.objects[state.active].job, { view, slice, box, window: $("window").value });
     const entry = openEntry(`segment ${view} slice ${slice}`);
     applySlice(entry, axis, reply.slice, decodeMask(reply.mask));
+    markUserSlice(entry, axis, reply.slice);
     closeEntry(entry);
     redraw();
     say(`segmented ${view} slice ${reply.slice} in ${reply.seconds} s`);
@@ -238,23 +260,29 @@ async function segment() {
 
 let propagation = null;
 
-/** Run a propagation; with a `mask` its key slice stays as drawn (the service keeps it, whatever its event says). */
-async function propagate(params, label) {
+/** Run a propagation along array `axis`. The user's other slices in the range condition it too; they, and a
+ * key slice given as a `mask`, stay as drawn (the service keeps them, whatever its events say). */
+async function propagate(params, axis, label) {
   const object = state.objects[state.active];
   state.running = "propagate";
   refreshButtons();
   $("progress").value = 0;
   $("progress-text").textContent = "";
   const entry = openEntry(label);
+  const custom = params.range === "custom";
+  const conditioning = conditioningSlices(axis, params.slice, custom ? params.start : -Infinity,
+    custom ? params.end : Infinity);
+  const kept = new Set(params.mask ? [...conditioning, params.slice] : conditioning);
   propagation = new AbortController();
   try {
-    const started = await api.propagate(object.job, { ...params, window: $("window").value });
-    say("propagating…");
+    const started = await api.propagate(object.job, { ...params, conditioning, window: $("window").value });
+    if (params.mask) markUserSlice(entry, axis, params.slice);
+    say(conditioning.length ? `propagating with your slices ${conditioning.join(", ")}…` : "propagating…");
     let outcome = null;
     await followEvents(object.job, started.events_after, (event) => {
       if (event.data.propagation !== started.propagation) return;
       if (event.kind === "slice") {
-        if (!(params.mask && event.data.slice === params.slice)) {
+        if (!kept.has(event.data.slice)) {
           applySlice(entry, event.data.array_axis, event.data.slice, decodeMask(event.data.mask));
         }
         redraw();
@@ -292,7 +320,7 @@ function propagateBox() {
   if (range.range === "box") {  // the service's "box" range needs RAS corners: the box's own slice here
     Object.assign(range, { range: "custom", start: slice, end: slice });
   }
-  return propagate({ view, slice, box, ...range }, `propagate from ${view} slice ${slice}`);
+  return propagate({ view, slice, box, ...range }, state.box.axis, `propagate from ${view} slice ${slice}`);
 }
 
 /** The view (name, array axis), slice and pixel (x: column, y: row) under the crosshair on the view shown. */
@@ -315,7 +343,7 @@ function propagateFromHere() {
   }
   const range = rangeParams();
   if (range.range === "box") Object.assign(range, { range: "whole" });
-  return propagate({ view, slice, mask: encodeMask(mask, state.grid.sliceShape(axis)), ...range },
+  return propagate({ view, slice, mask: encodeMask(mask, state.grid.sliceShape(axis)), ...range }, axis,
     `propagate from corrected ${view} slice ${slice}`);
 }
 
@@ -351,6 +379,7 @@ async function addClick(label) {
     entry.clicks = { key, before, after: points };
     object.clicks.set(key, points);
     applySlice(entry, axis, reply.slice, decodeMask(reply.mask));
+    markUserSlice(entry, axis, reply.slice);
     closeEntry(entry);
     redraw();
     say(`segmented ${view} slice ${reply.slice} from ${points.length} click(s) in ${reply.seconds} s`);
@@ -386,6 +415,7 @@ nv.onMouseUp = () => {
   const { view, axis, slice } = currentSlice();
   const entry = openEntry(`${state.tool} on ${view} slice ${slice}`);
   applySlice(entry, axis, slice, state.grid.drawnSlice(nv.drawBitmap, axis, slice, state.active + 1));
+  markUserSlice(entry, axis, slice);
   closeEntry(entry);
   redraw();
   refreshButtons();
