@@ -1,6 +1,6 @@
 """Beyond one box: clicks, corrected slices that condition propagation, several objects, other axes.
 
-Engine tests use the phantom-trained fixture (stage 2 of its recipe trains exactly this) on phantoms it never
+Engine tests use the phantom-trained fixture (stages 2-5 of its recipe train exactly this) on phantoms it never
 saw; the logic tests run the same through a worker on a headless MRML scene and check what the user keeps:
 their slices exactly as drawn, which slices are theirs (saved with the segment, undone with it), one undo step.
 """
@@ -25,6 +25,7 @@ from evaluate_phantom_model import (  # noqa: E402
     inside_point,
     leak_removal,
     long_phantom,
+    twisted_phantom,
 )
 from phantoms import make_phantom  # noqa: E402
 
@@ -42,33 +43,38 @@ def engine():
 
 
 def test_a_positive_click_alone_gives_the_object(engine):
-    """Measured: 11 of 12 at Dice ≥ 0.8 (one unseen-shape phantom about 0.6), mean above 0.9."""
+    """Measured: 11 of 12 at Dice ≥ 0.8 (one phantom 0.58), mean 0.919."""
     scores = np.array([click_dice(engine, held_out_phantom(s, i), f"click-{s}-{i}") for s in ("seeds", "unseen")
                        for i in range(CASES)])
     assert scores.mean() >= 0.9 and np.mean(scores >= 0.8) >= 0.9, np.round(scores, 3)
 
 
-def test_a_negative_click_with_the_objects_click_shrinks_a_leak(engine):
-    """The mask covers the target and a whole neighbouring object; the object's positive click stays and a
-    negative click goes on the neighbour (as the panel sends a point list). Measured: 48 % of the leak removed
-    on average (3 of 8 cases ≥ 99 %, the others 14-20 %), the target kept (Dice ≥ 0.86). Issue 14 asks for
-    ≥ 80 % each: not met yet."""
-    results = [r for r in (leak_removal(engine, held_out_phantom(s, i), f"leak-{s}-{i}") for s in ("seeds", "unseen")
-                           for i in range(2 * CASES)) if r is not None]
+@pytest.mark.parametrize("object_click", [True, False], ids=["with the object's click", "alone"])
+def test_a_negative_click_removes_a_leaked_neighbour(engine, object_click):
+    """The mask covers the target and a whole neighbouring object; a negative click goes on the neighbour, with
+    the object's positive click (as the panel sends every click of the object on the slice) or alone. Measured
+    on these 8: with it, 88 % of the leak removed on average (6 cases all of it, the others 38 % and 69 %),
+    target Dice ≥ 0.87; alone, 91 % (7 cases ≥ 80 %, the other 62 %), target Dice ≥ 0.71. Before stage 5 of
+    the recipe: 48 % with the object's click, 8 % alone."""
+    results = [r for r in (leak_removal(engine, held_out_phantom(s, i), f"leak-{s}-{i}", object_click)
+                           for s in ("seeds", "unseen") for i in range(2 * CASES)) if r is not None]
     assert len(results) >= 6
     removed, kept = np.array(results).T
-    assert removed.mean() >= 0.4 and removed.min() >= 0.1, np.round(removed, 3)
-    assert kept.min() >= 0.8, np.round(kept, 3)
+    assert removed.mean() >= 0.8 and np.mean(removed >= 0.8) >= 0.6, np.round(removed, 3)
+    assert kept.min() >= (0.8 if object_click else 0.6), np.round(kept, 3)
 
 
 def test_two_corrected_slices_beat_one_and_come_back_exactly(engine):
-    """The key's box, then corrected slices near the object's ends as further conditioning slices. Measured on
-    these phantoms: 3D Dice 0.9782 → 0.9795 → 0.9809 (small: the box alone already follows them well)."""
-    runs = {n: [conditioning_dice(engine, held_out_phantom("unseen", i), f"cond-{i}", n) for i in range(CASES)]
+    """Thick-slice bars that turn and drift fast, so the shape changes much along the axis: the key's box, then
+    slices corrected 70 % of the way to each end as further conditioning slices. Measured on these six: 3D Dice
+    0.848 → 0.888 → 0.943 with 0, 1 and 2 corrected slices; with every user slice in each slice's memory, as
+    sam2 runs it, 0.848 → 0.866 → 0.913 (with the stage-4 model on 8 of them 0.814 → 0.799 → 0.842: a
+    correction on one side pulled the other side off)."""
+    runs = {n: [conditioning_dice(engine, twisted_phantom(i), f"twisted-{i}", n) for i in range(CASES)]
             for n in (0, 1, 2)}
     means = {n: np.mean([d for d, _ in runs[n]]) for n in runs}
     assert all(exact for n in (1, 2) for _, exact in runs[n])
-    assert means[2] > means[1] and means[2] > means[0], means
+    assert means[1] >= means[0] and means[2] >= means[1] + 0.02, means
 
 
 def test_several_objects_in_one_pass_equal_one_by_one(engine):
@@ -93,7 +99,8 @@ def test_several_objects_in_one_pass_equal_one_by_one(engine):
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_elongated_tubular_and_thick_slice_objects_along_each_axis(engine, axis):
     """Bars (1:2 to 1:5), tubes through most slices and 3x-thick-slice volumes, propagated along `axis`.
-    Measured on these six: mean 3D Dice 0.90, 0.77 and 0.78 along array axes 0, 1 and 2."""
+    Measured on these six: mean 3D Dice 0.92, 0.78 and 0.77 along array axes 0, 1 and 2 (the weakest case 0.74,
+    0.57 and 0.27: the bound holds on the mean only)."""
     scores = [axis_dice(engine, long_phantom(i), axis, f"long-{i}-{axis}") for i in range(CASES)]
     assert np.mean(scores) >= 0.75, np.round(scores, 3)
 

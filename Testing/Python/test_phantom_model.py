@@ -123,12 +123,12 @@ def test_box_on_another_object_segments_and_follows_that_object(engine, modality
         index = int(np.argmax(target.sum(axis=(1, 2))))
         box = phantom.box(index, target)
         mask = engine.segment_slice(0, index, box, window=phantom.window)
-        # 0.9 before issue 14's retraining; since, one object's mask is 88.5 % inside that object
-        assert np.logical_and(mask, target[index]).sum() >= 0.85 * mask.sum() > 0, f"object {number}"
+        # the least precise of the seven: 97.7 % of its mask inside its object (88.5 % before stage 5)
+        assert np.logical_and(mask, target[index]).sum() >= 0.9 * mask.sum() > 0, f"object {number}"
         key_dice.append(dice(mask, target[index]))
         found = propagate_volume(engine, 0, index, box, phantom.window)
         assert dice(found, target) >= 0.7, f"object {number}"
-        # 0.8 before issue 14's retraining; since, one MR object's propagation is 77 % inside it
-        assert np.logical_and(found, target).sum() >= 0.75 * found.sum(), f"object {number}"
-    # one low-contrast object of the CT phantom is under-segmented on its key slice (Dice 0.38, all on it)
-    assert np.mean(key_dice) >= 0.8, np.round(key_dice, 2)
+        # the least precise: 96.1 % inside its object (77 % before stage 5)
+        assert np.logical_and(found, target).sum() >= 0.8 * found.sum(), f"object {number}"
+    # key-slice Dice 0.95-0.99 since stage 5 (a low-contrast CT object was under-segmented before: 0.38-0.93)
+    assert np.mean(key_dice) >= 0.9, np.round(key_dice, 2)

@@ -112,7 +112,7 @@ def test_seed_flow_upload_segment_propagate_download(service, grid):
         assert np.allclose(result.affine, case.affine, atol=1e-4)
         labels = np.asarray(result.dataobj) > 0
         assert labels.shape == case.truth.shape
-        assert dice(labels, case.truth) >= 0.75  # a flip or shift gives ~0; 0.797 on the oblique grid since issue 14
+        assert dice(labels, case.truth) >= 0.75  # a flip or shift gives ~0; measured 0.96, 0.80, 0.79 (three phantoms)
 
 
 def test_a_written_slice_replaces_what_downloads_are_made_of(service):

@@ -1,7 +1,7 @@
 """The phantom generator and the fixture's training script: reproducible, well-formed, loadable output.
 
 The fixture model is committed, so CI never retrains it; these tests keep the script that made it runnable
-and deterministic (a few steps of each stage, twice) and the phantoms it learns from as documented.
+and deterministic (a few steps of stages 1, 2 and 5, twice) and the phantoms it learns from as documented.
 """
 
 from __future__ import annotations
@@ -64,15 +64,19 @@ def test_training_is_deterministic_and_writes_a_checkpoint_the_loader_accepts(tm
     assert loaded.image_size == training.IMAGE_SIZE
     assert loaded.config == first.with_suffix(".yaml")
 
-    schedule = training.Schedule(interaction_steps=2, correction_steps=2, pool=4, warmup=1)
+    schedule = training.Schedule(interaction_steps=2, correction_steps=2, choice_steps=2, pool=4, warmup=1)
     later = [training.train(schedule, tmp_path / name / "model.pt", log_every=1000, init=first, stage=2)
              for name in ("second_a", "second_b")]
     later.append(training.train(schedule, tmp_path / "third" / "model.pt", log_every=1000, init=later[0], stage=3))
-    stage_2, again, stage_3 = (torch.load(path, map_location="cpu")["model"] for path in later)
-    assert all(torch.equal(stage_2[k], again[k]) for k in stage_2)  # stages 2 and 3 are deterministic too
+    later += [training.train(schedule, tmp_path / name / "model.pt", log_every=1000, init=later[2], stage=5)
+              for name in ("fifth_a", "fifth_b")]
+    stage_2, again, stage_3, stage_5, again_5 = (torch.load(path, map_location="cpu")["model"] for path in later)
+    assert all(torch.equal(stage_2[k], again[k]) for k in stage_2)  # the later stages are deterministic too
+    assert all(torch.equal(stage_5[k], again_5[k]) for k in stage_5)
     assert any(not torch.equal(weights[k], stage_2[k]) for k in weights)
     assert any(not torch.equal(stage_2[k], stage_3[k]) for k in stage_2)
-    load_model(later[2], device="cpu")
+    assert any(not torch.equal(stage_3[k], stage_5[k]) for k in stage_3)
+    load_model(later[4], device="cpu")
 
 
 def test_long_shapes_and_thick_slices():
@@ -91,3 +95,20 @@ def test_long_shapes_and_thick_slices():
     assert thick.volume.shape == (20, 96, 96) and thick.volume.dtype == tube.volume.dtype
     assert np.array_equal(thick.mask[5], tube.mask[15:18].mean(axis=0) >= 0.5)
     assert set(LONG_SHAPES) == {"elongated", "tube"}
+
+
+def test_twisted_bars_turn_along_their_slices():
+    """The bar's long axis turns by 60-120° between the ends of the object (where corrections pay off)."""
+    from phantoms import TWISTED_SHAPES
+
+    for seed in range(3):
+        bar = make_phantom(seed, size=(60, 96, 96), shapes=TWISTED_SHAPES, distractors=0).mask
+        present = np.flatnonzero(bar.sum(axis=(1, 2)) >= 30)
+
+        def heading(index: int) -> float:
+            rows, cols = np.nonzero(bar[index])
+            direction = np.linalg.svd(np.stack([rows, cols]).T - [rows.mean(), cols.mean()])[2][0]
+            return float(np.arctan2(direction[0], direction[1]))
+
+        turn = abs(heading(present[0]) - heading(present[-1])) % np.pi
+        assert np.degrees(min(turn, np.pi - turn)) >= 50, seed  # 64-80° on these three

@@ -7,7 +7,7 @@ Engine.segment_slice (key-slice 2D Dice), and the same box → Engine.propagate 
 
 Then what users do after a box (`--interaction`): a positive click alone; a negative click on a leaked
 neighbouring object; one, two and three conditioning slices (the key's box, then corrected slices near the
-object's ends); elongated, tubular and thick-slice phantoms propagated along each array axis. Run from the
+object's ends; also on thick-slice twisting bars); elongated, tubular and thick-slice phantoms propagated along each array axis. Run from the
 repository root:
 
     .venv/bin/python Testing/Training/evaluate_phantom_model.py [--checkpoint Testing/Data/phantom_sam2.pt]
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "MedSAM2HITL"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from phantoms import LONG_SHAPES, TRAIN_SHAPES, Phantom, make_phantom, thick_slices  # noqa: E402
+from phantoms import LONG_SHAPES, TRAIN_SHAPES, TWISTED_SHAPES, Phantom, make_phantom, thick_slices  # noqa: E402
 
 CHECKPOINT = REPO / "Testing" / "Data" / "phantom_sam2.pt"
 EVAL_SEED_BASE = 1_000_000  # far from the training seeds (0, 1, 2, ...)
@@ -109,9 +109,10 @@ def leaked_neighbour(phantom: Phantom, gap: int = 12) -> tuple[int, np.ndarray] 
     return None
 
 
-def leak_removal(engine, phantom: Phantom, name: str) -> tuple[float, float] | None:
-    """A mask that leaked onto a neighbouring object, then the object's positive click and a negative click on
-    the neighbour, with the mask as input (what the panel sends: every click of the object on that slice).
+def leak_removal(engine, phantom: Phantom, name: str, object_click: bool = True) -> tuple[float, float] | None:
+    """A mask that leaked onto a neighbouring object, then a negative click on the neighbour, with the object's
+    positive click (`object_click`: what the panel sends, every click of the object on that slice) or alone, and
+    the mask as input.
 
     Returns (share of the leak removed, target Dice after), or None when the phantom has no close neighbour.
     """
@@ -121,7 +122,7 @@ def leak_removal(engine, phantom: Phantom, name: str) -> tuple[float, float] | N
     index, leak = found
     target = phantom.mask[index]
     engine.set_volume(phantom.volume, name)
-    clicks = [(*inside_point(target), 1), (*inside_point(leak), 0)]
+    clicks = [(*inside_point(target), 1)] * object_click + [(*inside_point(leak), 0)]
     mask = engine.segment_slice(0, index, None, phantom.window, points=clicks, mask=target | leak)
     return 1.0 - (mask & leak).sum() / leak.sum(), dice(mask & ~leak, target)
 
@@ -165,6 +166,15 @@ def long_phantom(index: int) -> Phantom:
     return thick_slices(phantom, 3) if index % 2 else phantom
 
 
+def twisted_phantom(index: int) -> Phantom:
+    """Bars that turn by 60-120° and drift fast over their slices, scanned with 3x thicker slices: the shape
+    changes much from slice to slice, as where a user must correct slices on both sides of the key."""
+    size = (96, 96, 96) if index % 2 == 0 else (120, 112, 112)
+    phantom = make_phantom(EVAL_SEED_BASE + 700 + index, size=size, modality=("ct", "mr")[index % 2],
+                           shapes=TWISTED_SHAPES)
+    return thick_slices(phantom, 3)
+
+
 def axis_dice(engine, phantom: Phantom, axis: int, name: str) -> float:
     """3D Dice propagating along array `axis` from the box on the target's largest slice along it."""
     engine.set_volume(phantom.volume, name)
@@ -178,12 +188,14 @@ def interaction_summary(engine, count: int) -> list[str]:
               for i in range(count)]
     lines.append(f"click   n={len(clicks):3d}  2D Dice mean {np.mean(clicks):.3f} min {np.min(clicks):.3f} "
                  f"(≥0.8: {np.mean(np.array(clicks) >= 0.8):.0%})")
-    leaks = [r for r in (leak_removal(engine, held_out_phantom(s, i), f"leak-{s}-{i}") for s in ("seeds", "unseen")
-                         for i in range(count)) if r is not None]
-    removed = np.array([r[0] for r in leaks])
-    lines.append(f"leak    n={len(leaks):3d}  removed mean {removed.mean():.3f} min {removed.min():.3f} "
-                 f"(≥0.8: {np.mean(removed >= 0.8):.0%})  target Dice mean {np.mean([r[1] for r in leaks]):.3f}")
-    for label, make, axis in (("unseen", lambda i: held_out_phantom("unseen", i), 0), ("long/1", long_phantom, 1)):
+    for label, object_click in (("+ and -", True), ("- alone", False)):
+        leaks = [r for r in (leak_removal(engine, held_out_phantom(s, i), f"leak-{s}-{i}", object_click)
+                             for s in ("seeds", "unseen") for i in range(count)) if r is not None]
+        removed = np.array([r[0] for r in leaks])
+        lines.append(f"leak {label} n={len(leaks):3d}  removed mean {removed.mean():.3f} min {removed.min():.3f} "
+                     f"(≥0.8: {np.mean(removed >= 0.8):.0%})  target Dice mean {np.mean([r[1] for r in leaks]):.3f}")
+    for label, make, axis in (("unseen", lambda i: held_out_phantom("unseen", i), 0), ("long/1", long_phantom, 1),
+                              ("twisted", twisted_phantom, 0)):
         for corrected in (0, 1, 2):
             runs = [conditioning_dice(engine, make(i), f"cond-{label}-{i}", corrected, axis) for i in range(count)]
             lines.append(f"{label} +{corrected} corrected n={len(runs):3d}  3D Dice mean "

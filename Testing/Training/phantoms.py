@@ -24,6 +24,7 @@ WINDOWS = {"ct": "abdomen", "mr": "mr"}  # the window each modality is made for 
 TRAIN_SHAPES = ("ellipse", "blob")
 HELD_OUT_SHAPES = ("lobed", "rounded_rectangle")
 LONG_SHAPES = ("elongated", "tube")  # in-plane aspect down to 1:5; thin and crossing most slices, running obliquely
+TWISTED_SHAPES = ("twisted",)  # a bar that turns by 60-120° and drifts fast over its slices (evaluation only)
 MIN_TARGET_SLICES = 14
 
 
@@ -138,11 +139,19 @@ def _random_shape(rng: np.random.Generator, size: tuple[int, int, int], held_out
     taper = rng.uniform(0.3, 1.0)
     if kind == "elongated":  # a bar-like cross-section, 1:2 to 1:5
         radius, aspect = rng.uniform(0.6, 1.0) * radius_range[1], rng.uniform(0.2, 0.5)
+    elif kind == "twisted":  # the cross-section changes much from end to end: corrections near the ends matter
+        radius, aspect, taper = rng.uniform(0.7, 1.0) * radius_range[1], rng.uniform(0.25, 0.45), 0.3
+        half_length = rng.uniform(0.3, 0.4) * depth
+        z_mid = rng.uniform(0.45, 0.55) * depth
+        speed = rng.uniform(0.5, 0.9)
     elif kind == "tube":  # a vessel-like cylinder through most slices, drifting so other views cut it obliquely
         radius, aspect, taper = rng.uniform(0.45, 0.8) * radius_range[0] + 1.5, rng.uniform(0.7, 1.0), 0.15
         half_length = rng.uniform(0.38, 0.48) * depth
         z_mid = rng.uniform(0.45, 0.55) * depth
         speed = rng.uniform(0.3, 0.8)
+    spin = rng.uniform(-0.03, 0.03)
+    if kind == "twisted":
+        spin = rng.choice((-1, 1)) * rng.uniform(np.pi / 3, 2 * np.pi / 3) / (2 * half_length)
     return _Shape(
         kind=kind,
         z_mid=z_mid,
@@ -153,7 +162,7 @@ def _random_shape(rng: np.random.Generator, size: tuple[int, int, int], held_out
         radii=(radius, radius * aspect),
         taper=taper,
         angle=angle,
-        spin=rng.uniform(-0.03, 0.03),
+        spin=spin,
         harmonics=tuple(harmonics),
     )
 

@@ -80,6 +80,7 @@ class Schedule:
     far_leaks: bool = False  # leaks into any object on the slice, of any size (stage 3; stage 2: neighbours only)
     repair_steps: int = 400  # stage 4: slice-only, whole-object leaks and boxes (incl. empty ones), from stage 3
     crowded_leaks: bool = False  # leak samples on slices where another object is (stage 4: whole-object leaks)
+    choice_steps: int = 700  # stage 5: a mask holding two objects, clicks saying which stays (mirrored pairs)
 
 
 def small_config():
@@ -566,6 +567,63 @@ def repair_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Gen
     return loss + key_slice_step(model, pool, schedule, rng)[0], mask_loss, object_loss
 
 
+def _two_objects(pool: PhantomPool, rng: np.random.Generator):
+    """A volume, a slice and two different objects on it (≥ 20 pixels each), in random order."""
+    while True:
+        volume, objects, _ = pool.pick()
+        present = np.stack([o.sum(axis=(1, 2)) >= 20 for o in objects])
+        crowded = np.flatnonzero(present.sum(axis=0) >= 2)
+        if crowded.size:
+            index = int(rng.choice(crowded))
+            first, second = rng.choice(np.flatnonzero(present[:, index]), 2, replace=False)
+            return volume, index, objects[int(first)][index], objects[int(second)][index]
+
+
+def choice_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Generator):
+    """Stage 5: the slice's mask holds two whole objects; the clicks say which one stays, in mirrored pairs.
+
+    Each pair is one slice and one mask input (both objects) twice: a negative click on B (with a positive
+    click on A on half of the steps) must give A, and the same clicks with the labels swapped must give B. So only the
+    labels decide: stage 4's model had learned to drop the smaller attached part whatever the label (a negative
+    click removed 48 % of a leaked neighbour). A box batch follows every step, to keep box sensitivity,
+    stage 4's corrections 30 % of them and stage 2's tracking half of them.
+    """
+    import torch
+
+    from MedSAM2HITLLib.preprocessing import mask_prompt_logits
+
+    with_positive = rng.random() < 0.5
+    with_box = rng.random() < 0.2
+    images, targets, coords, labels, masks = [], [], [], [], []
+    while len(images) < schedule.key_batch:
+        volume, index, a, b = _two_objects(pool, rng)
+        both = mask_prompt_logits(a | b, IMAGE_SIZE)
+        image = frames(volume, [index])[0]
+        for keep, drop in ((a, b), (b, a)):
+            points = [_pixel(drop, rng)] + ([_pixel(keep, rng)] if with_positive else [])
+            xy = [_to_model(p, keep.shape) for p in points]
+            point_labels = [0] + ([1] if with_positive else [])
+            if with_box:
+                xy = list(jittered_box(keep, rng).reshape(2, 2)) + xy
+                point_labels = [2, 3] + point_labels
+            coords.append(np.stack(xy))
+            labels.append(point_labels)
+            masks.append(both)
+            targets.append(resized_mask(keep))
+            images.append(image)
+    points = {"point_coords": torch.from_numpy(np.stack(coords)).float(),
+              "point_labels": torch.tensor(labels, dtype=torch.int32)}
+    logits, ious, object_logits, feats = decode_slices(model, images, points, torch.stack(masks), False)
+    loss, mask_loss, object_loss = mask_losses(logits, torch.stack(targets), ious, object_logits)
+    loss = loss + feature_penalty(feats[-1], schedule.feature_rms) + key_slice_step(model, pool, schedule, rng)[0]
+    if rng.random() < 0.3:  # the other clicks and corrections, rehearsed
+        loss = loss + interaction_key_step(model, pool, schedule, rng)[0]
+    if rng.random() < 0.5:  # and tracking, which slice-only training lets slip along the short slice axes
+        second = bool(rng.random() < schedule.second_condition)
+        loss = loss + tracking_step(model, pool, schedule, rng, second_condition=second)[0]
+    return loss, mask_loss, object_loss
+
+
 def interaction_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Generator):
     """Phase 3 step: corrections on a slice, tracking (often between two conditioning slices), and a box batch."""
     second = bool(rng.random() < schedule.second_condition)
@@ -584,8 +642,8 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None = None, stage: int = 1) -> Path:
-    """Stage 1 (phases 1 and 2) from random weights; stage 2 (phase 3) from stage 1's checkpoint `init`; stage
-    3 (phase 3 with far leaks) from stage 2's."""
+    """Stage 1 (phases 1 and 2) from random weights; each later stage from the previous stage's checkpoint
+    `init`: 2 phase 3, 3 phase 3 with far leaks, 4 repairs on single slices, 5 mirrored click choices."""
     import dataclasses
 
     import torch
@@ -593,12 +651,15 @@ def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None 
     from MedSAM2HITLLib.model import build_predictor, save_checkpoint
 
     if (init is None) != (stage == 1):
-        raise ValueError("stage 1 starts from random weights; stages 2 and 3 need the previous stage's checkpoint")
+        raise ValueError("stage 1 starts from random weights; stages 2-5 need the previous stage's checkpoint")
     seed = SEED + stage - 1
     if stage == 3:
         schedule = dataclasses.replace(schedule, interaction_steps=schedule.correction_steps, far_leaks=True)
     if stage == 4:
         schedule = dataclasses.replace(schedule, interaction_steps=schedule.repair_steps, far_leaks=True,
+                                       crowded_leaks=True)
+    if stage == 5:
+        schedule = dataclasses.replace(schedule, interaction_steps=schedule.choice_steps, far_leaks=True,
                                        crowded_leaks=True)
     torch.set_num_threads(THREADS)
     torch.manual_seed(seed)
@@ -630,8 +691,8 @@ def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None 
         ("key", schedule.key_steps, schedule.key_lr, key_slice_step),
         ("track", schedule.track_steps, schedule.track_lr, tracking_with_key_rehearsal),
     ] if stage == 1 else [
-        ({2: "interaction", 3: "corrections", 4: "repair"}[stage], schedule.interaction_steps,
-         schedule.interaction_lr, repair_step if stage == 4 else interaction_step),
+        ({2: "interaction", 3: "corrections", 4: "repair", 5: "choice"}[stage], schedule.interaction_steps,
+         schedule.interaction_lr, {4: repair_step, 5: choice_step}.get(stage, interaction_step)),
     ]
     for name, steps, peak, step_fn in phases:
         for step in range(steps):
@@ -661,10 +722,10 @@ def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DATA / "phantom_sam2.pt", help="checkpoint to write")
-    parser.add_argument("--stage", choices=("1", "2", "3", "4", "all"), default="all",
-                        help="1: phases 1-2 from random weights; 2 and 3: phase 3 from --init, the previous "
-                             "stage's checkpoint; all: the three in turn (about 70 min)")
-    parser.add_argument("--init", type=Path, help="the previous stage's checkpoint, for --stage 2 or 3")
+    parser.add_argument("--stage", choices=("1", "2", "3", "4", "5", "all"), default="all",
+                        help="1: phases 1-2 from random weights; 2-5: from --init, the previous stage's "
+                             "checkpoint; all: the five in turn (about 80 min)")
+    parser.add_argument("--init", type=Path, help="the previous stage's checkpoint, for --stage 2-5")
     parser.add_argument("--key-steps", type=int, default=Schedule.key_steps)
     parser.add_argument("--track-steps", type=int, default=Schedule.track_steps)
     parser.add_argument("--interaction-steps", type=int, default=Schedule.interaction_steps)
@@ -674,12 +735,12 @@ def main() -> None:
                         interaction_steps=args.interaction_steps, correction_steps=args.correction_steps)
     if args.stage != "all":
         if (args.init is None) != (args.stage == "1"):
-            parser.error("--stage 2 and 3 need --init, the checkpoint the previous stage wrote (stage 1 none)")
+            parser.error("--stage 2-5 need --init, the checkpoint the previous stage wrote (stage 1 none)")
         train(schedule, args.out, init=args.init, stage=int(args.stage))
         return
     previous = None
-    for stage in (1, 2, 3, 4):
-        out = args.out if stage == 4 else args.out.with_name(f"{args.out.stem}_stage{stage}.pt")
+    for stage in (1, 2, 3, 4, 5):
+        out = args.out if stage == 5 else args.out.with_name(f"{args.out.stem}_stage{stage}.pt")
         previous = train(schedule, out, init=previous, stage=stage)
 
 
