@@ -7,8 +7,8 @@ Engine.segment_slice (key-slice 2D Dice), and the same box → Engine.propagate 
 
 Then what users do after a box (`--interaction`): a positive click alone; a negative click on a leaked
 neighbouring object; one, two and three conditioning slices (the key's box, then corrected slices near the
-object's ends; also on thick-slice twisting bars); elongated, tubular and thick-slice phantoms propagated along each array axis. Run from the
-repository root:
+object's ends; also on thick-slice twisting bars); elongated, tubular and thick-slice phantoms propagated along
+each array axis. Run from the repository root:
 
     .venv/bin/python Testing/Training/evaluate_phantom_model.py [--checkpoint Testing/Data/phantom_sam2.pt]
 """

@@ -583,10 +583,10 @@ def choice_step(model, pool: PhantomPool, schedule: Schedule, rng: np.random.Gen
     """Stage 5: the slice's mask holds two whole objects; the clicks say which one stays, in mirrored pairs.
 
     Each pair is one slice and one mask input (both objects) twice: a negative click on B (with a positive
-    click on A on half of the steps) must give A, and the same clicks with the labels swapped must give B. So only the
-    labels decide: stage 4's model had learned to drop the smaller attached part whatever the label (a negative
-    click removed 48 % of a leaked neighbour). A box batch follows every step, to keep box sensitivity,
-    stage 4's corrections 30 % of them and stage 2's tracking half of them.
+    click on A on half of the steps) must give A, and the same clicks with the labels swapped must give B. So
+    only the labels decide: stage 4's model had learned to drop the smaller attached part whatever the label (a
+    negative click removed 48 % of a leaked neighbour). A box batch follows every step, to keep box
+    sensitivity, stage 4's corrections 30 % of them and stage 2's tracking half of them.
     """
     import torch
 

@@ -83,7 +83,8 @@ async function addObject() {
     }
     if (status.state === "failed") throw new ApiError(400, status.error || "the service could not load the volume");
     state.views = status.volume.views;
-    state.objects.push({ job: job.id, labels: new Uint8Array(state.grid.size), clicks: new Map(), userSlices: new Set() });
+    state.objects.push({ job: job.id, labels: new Uint8Array(state.grid.size), clicks: new Map(),
+      userSlices: new Set() });
     state.active = state.objects.length - 1;
     $("objects").innerHTML = state.objects.map((_, n) => `<option value="${n}">object ${n + 1}</option>`).join("");
     $("objects").value = String(state.active);
