@@ -305,6 +305,8 @@ def test_a_propagation_uses_and_keeps_the_users_other_slices(page, tmp_path):
     click(page, case.page_voxel(other, *inside_point(case.phantom.mask[other])), "positive")
     drawn = drawing(page) > 0
     assert shown_slices(page, case) == {case.key, other}
+    first, last = sorted((case.key, other))
+    expect(page.locator("#slices-text")).to_have_text(f"your slices: axial {first}, {last}")
     with page.expect_request(lambda r: r.url.endswith("/propagate")) as sent:
         page.keyboard.press("f")
     assert sent.value.post_data_json["slice"] == other and sent.value.post_data_json["conditioning"] == [case.key]

@@ -43,6 +43,19 @@ function refreshButtons() {
   $("redo").disabled = !idle || !state.future.length;
   $("cancel").disabled = !state.running;
   document.querySelectorAll("[data-tool]").forEach((b) => b.classList.toggle("active", b.dataset.tool === state.tool));
+  showUserSlices();
+}
+
+/** The active object's slices that the user made (they condition propagations), per view. */
+function showUserSlices() {
+  const object = state.objects[state.active];
+  const byAxis = new Map();
+  for (const [axis, index] of [...(object ? object.userSlices : [])].map((k) => k.split(":").map(Number))) {
+    byAxis.set(axis, [...(byAxis.get(axis) || []), index].sort((a, b) => a - b));
+  }
+  const view = (axis) => Object.keys(state.views).find((name) => state.views[name].array_axis === axis);
+  $("slices-text").textContent = byAxis.size
+    ? `your slices: ${[...byAxis].map(([axis, slices]) => `${view(axis)} ${slices.join(", ")}`).join("; ")}` : "";
 }
 
 // ---- loading ----
