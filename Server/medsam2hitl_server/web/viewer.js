@@ -29,6 +29,11 @@ function failed(error) {
   say(error instanceof ApiError ? error.message : `unexpected error: ${error.message}`, true);
 }
 
+/** The service's name of the view along file array axis `axis` (axial, coronal, sagittal). */
+function viewOf(axis) {
+  return Object.keys(state.views).find((name) => state.views[name].array_axis === axis);
+}
+
 function ready() {
   return state.objects.length > 0 && state.grid !== null;
 }
@@ -51,11 +56,10 @@ function showUserSlices() {
   const object = state.objects[state.active];
   const byAxis = new Map();
   for (const [axis, index] of [...(object ? object.userSlices : [])].map((k) => k.split(":").map(Number))) {
-    byAxis.set(axis, [...(byAxis.get(axis) || []), index].sort((a, b) => a - b));
+    byAxis.set(axis, [...(byAxis.get(axis) || []), index]);
   }
-  const view = (axis) => Object.keys(state.views).find((name) => state.views[name].array_axis === axis);
-  $("slices-text").textContent = byAxis.size
-    ? `your slices: ${[...byAxis].map(([axis, slices]) => `${view(axis)} ${slices.join(", ")}`).join("; ")}` : "";
+  $("slices-text").textContent = byAxis.size ? `your slices: ${[...byAxis].map(([axis, slices]) =>
+    `${viewOf(axis)} ${slices.sort((a, b) => a - b).join(", ")}`).join("; ")}` : "";
 }
 
 // ---- loading ----
@@ -146,7 +150,7 @@ nv.onDragRelease = (drag) => {
   if (!ready() || state.tool !== "box") return;
   const inside = (vox) => Array.from(vox).map((v, a) => Math.min(Math.max(v, 0), state.grid.dimsRAS[a] - 1));
   const found = state.grid.boxOf(drag.axCorSag, inside(drag.voxStart), inside(drag.voxEnd));
-  const view = Object.keys(state.views).find((name) => state.views[name].array_axis === found.axis);
+  const view = viewOf(found.axis);
   if (found.box[0] === found.box[2] || found.box[1] === found.box[3]) {
     say("the box is too thin: drag a box around the object on one slice", true);
     outline.hidden = true;
@@ -210,7 +214,7 @@ async function sendSlices(entry, which) {
   const object = state.objects[entry.object];
   for (const [key, mask] of entry[which]) {
     const [axis, index] = key.split(":").map(Number);
-    const view = Object.keys(state.views).find((name) => state.views[name].array_axis === axis);
+    const view = viewOf(axis);
     await api.writeSlice(object.job, { view, slice: index, mask: encodeMask(mask, state.grid.sliceShape(axis)) });
   }
 }
@@ -251,25 +255,32 @@ async function undoRedo(from, to, verb) {
 
 // ---- segment and propagate ----
 
-async function segment() {
-  if (!state.box || state.running) return;
-  const { view, slice, box, axis } = state.box;
+/** Segment one slice on the service from `prompt` (a box and/or clicks) and apply the mask as one undo step;
+ * `onApplied(entry)` adds to that step. `from` says what it came from in the messages. */
+async function segmentSlice(view, axis, slice, prompt, label, from = "", onApplied = () => {}) {
   state.running = "segment";
   refreshButtons();
-  say(`segmenting ${view} slice ${slice}…`);
+  say(`segmenting ${view} slice ${slice}${from}…`);
   try {
-    const reply = await api.segment(state.objects[state.active].job, { view, slice, box, window: $("window").value });
-    const entry = openEntry(`segment ${view} slice ${slice}`);
+    const reply = await api.segment(state.objects[state.active].job, { view, slice, ...prompt, window: $("window").value });
+    const entry = openEntry(label);
+    onApplied(entry);
     applySlice(entry, axis, reply.slice, decodeMask(reply.mask));
     markUserSlice(entry, axis, reply.slice);
     closeEntry(entry);
     redraw();
-    say(`segmented ${view} slice ${reply.slice} in ${reply.seconds} s`);
+    say(`segmented ${view} slice ${reply.slice}${from} in ${reply.seconds} s`);
   } catch (error) {
     failed(error);
   }
   state.running = null;
   refreshButtons();
+}
+
+function segment() {
+  if (!state.box || state.running) return;
+  const { view, slice, box, axis } = state.box;
+  return segmentSlice(view, axis, slice, { box }, `segment ${view} slice ${slice}`);
 }
 
 let propagation = null;
@@ -342,7 +353,7 @@ function currentSlice() {
   const axCorSag = nv.opts.sliceType === SLICE_TYPE.MULTIPLANAR ? (state.box ? 2 - state.box.axis : 0) : nv.opts.sliceType;
   const axis = state.grid.arrayAxisOfView(Math.min(axCorSag, 2));
   const file = state.grid.rasToFile(Array.from(nv.frac2vox(nv.scene.crosshairPos)));
-  const view = Object.keys(state.views).find((name) => state.views[name].array_axis === axis);
+  const view = viewOf(axis);
   const [rowAxis, colAxis] = [0, 1, 2].filter((a) => a !== axis);
   return { view, axis, slice: file[2 - axis], x: file[2 - colAxis], y: file[2 - rowAxis] };
 }
@@ -377,31 +388,18 @@ const CLICK_LABELS = { positive: 1, negative: 0 };
 
 /** A click where the crosshair is: that slice is segmented again from all the object's clicks on it, the box
  * when it is on that slice, and (on the service) the slice's current mask, which the clicks correct. */
-async function addClick(label) {
+function addClick(label) {
   const { view, axis, slice, x, y } = currentSlice();
   const object = state.objects[state.active];
   const key = `${axis}:${slice}`;
   const before = object.clicks.get(key) || [];
   const points = [...before, [x, y, label]];
   const box = state.box && state.box.axis === axis && state.box.slice === slice ? state.box.box : undefined;
-  state.running = "segment";
-  refreshButtons();
-  say(`segmenting ${view} slice ${slice} from ${points.length} click(s)…`);
-  try {
-    const reply = await api.segment(object.job, { view, slice, points, box, window: $("window").value });
-    const entry = openEntry(`${label ? "+" : "−"} click on ${view} slice ${slice}`);
-    entry.clicks = { key, before, after: points };
-    object.clicks.set(key, points);
-    applySlice(entry, axis, reply.slice, decodeMask(reply.mask));
-    markUserSlice(entry, axis, reply.slice);
-    closeEntry(entry);
-    redraw();
-    say(`segmented ${view} slice ${reply.slice} from ${points.length} click(s) in ${reply.seconds} s`);
-  } catch (error) {
-    failed(error);
-  }
-  state.running = null;
-  refreshButtons();
+  return segmentSlice(view, axis, slice, { points, box }, `${label ? "+" : "−"} click on ${view} slice ${slice}`,
+    ` from ${points.length} click(s)`, (entry) => {
+      entry.clicks = { key, before, after: points };
+      object.clicks.set(key, points);
+    });
 }
 
 // ---- tools: box, clicks, pen and eraser ----
