@@ -149,6 +149,11 @@ def downloaded(page: Page, button: str = "#download-nii") -> bytes:
     return Path(info.value.path()).read_bytes()
 
 
+def downloaded_nifti(page: Page) -> nib.Nifti1Image:
+    """The active object's NIfTI download."""
+    return nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
+
+
 @pytest.mark.parametrize("grid,view", [("identity", "axial"), ("oblique", "axial"), ("flipped", "coronal")])
 def test_box_segment_propagate_download(page, tmp_path, grid, view):
     case = Case(tmp_path, 2040 + len(grid), grid, array_axis=VIEWS[view])
@@ -167,7 +172,7 @@ def test_box_segment_propagate_download(page, tmp_path, grid, view):
     assert dice(drawing(page) > 0, case.to_ras(case.truth > 0)) >= 0.8
     screenshot(page, tmp_path, f"viewer_result_{grid}.png")
 
-    result = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
+    result = downloaded_nifti(page)
     assert np.allclose(result.affine, case.affine, atol=1e-4)
     labels = np.asarray(result.dataobj) > 0
     assert labels.shape == case.truth.shape and dice(labels, case.truth) >= 0.8
@@ -184,7 +189,7 @@ def test_cancel_keeps_finished_slices_then_undo_and_redo(page, tmp_path):
     kept = shown_slices(page, case)
     count = case.truth.shape[case.file_axis]
     assert case.key in kept and len(kept) < count
-    result = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
+    result = downloaded_nifti(page)
     assert set(np.flatnonzero((np.asarray(result.dataobj) > 0).any(axis=(0, 1))).tolist()) == kept
 
     page.keyboard.press("Control+z")  # the propagation: back to the segmented key slice
@@ -193,13 +198,13 @@ def test_cancel_keeps_finished_slices_then_undo_and_redo(page, tmp_path):
     page.keyboard.press("Control+z")  # the segmentation: nothing left
     expect(page.locator("#message")).to_contain_text("undo: segment")
     assert shown_slices(page, case) == set()
-    emptied = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
+    emptied = downloaded_nifti(page)
     assert not (np.asarray(emptied.dataobj) > 0).any()  # undo reached the service's labels, emptied slices too
     page.keyboard.press("Control+y")
     page.keyboard.press("Control+y")
     expect(page.locator("#message")).to_contain_text("redo: propagate")
     assert shown_slices(page, case) == kept
-    redone = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
+    redone = downloaded_nifti(page)
     assert set(np.flatnonzero((np.asarray(redone.dataobj) > 0).any(axis=(0, 1))).tolist()) == kept
 
 
@@ -219,14 +224,14 @@ def test_eraser_correction_propagates_from_the_corrected_slice(page, tmp_path):
     corrected = drawing(page) > 0
     erased = before & ~corrected
     assert erased.sum() > 0 and not (corrected & ~before).any()
-    stroked = case.to_ras(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page))).dataobj) > 0)
+    stroked = case.to_ras(np.asarray(downloaded_nifti(page).dataobj) > 0)
     assert np.array_equal(stroked & key_slice(case), corrected & key_slice(case))  # the stroke is in downloads
     page.keyboard.press("f")
     expect(page.locator("#message")).to_contain_text("propagated", timeout=180_000)
     after = drawing(page) > 0
     key = key_slice(case)
     assert np.array_equal(after & key, corrected & key)  # the corrected slice stays exactly as drawn
-    result = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
+    result = downloaded_nifti(page)
     labels = case.to_ras(np.asarray(result.dataobj) > 0)
     assert np.array_equal(labels & key, corrected & key) and len(shown_slices(page, case)) > 10
 
@@ -249,7 +254,7 @@ def test_a_second_object_gets_its_own_label_and_download(page, tmp_path):
     first, second = case.to_ras(case.truth > 0), case.to_ras(case.object_truth(1) > 0)
     assert dice(shown == 2, second & slice_mask(case, index)) >= 0.7  # the distractor, on its slice
     assert not ((shown == 2) & first).any() and ((shown == 1) & first).any()
-    labels = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page))).dataobj) > 0
+    labels = np.asarray(downloaded_nifti(page).dataobj) > 0
     assert set(np.flatnonzero(labels.any(axis=(0, 1))).tolist()) == {index}  # object 2's download: its own slice
     assert not (labels & (case.truth > 0)).any()
 
@@ -284,7 +289,7 @@ def test_clicks_segment_their_slice_and_undo_takes_one_back(page, tmp_path):
     second = drawing(page) > 0
     assert not second[tuple(negative)] and dice(second, case.to_ras(case.truth > 0) & key_slice(case)) >= 0.8
     assert page.evaluate("[...viewer.state.objects[0].clicks.values()].map((c) => c.length)") == [2]
-    labels = case.to_ras(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page))).dataobj) > 0)
+    labels = case.to_ras(np.asarray(downloaded_nifti(page).dataobj) > 0)
     assert np.array_equal(labels, second)  # what the service holds is what the page shows
 
     page.keyboard.press("Control+z")
@@ -315,7 +320,7 @@ def test_a_propagation_uses_and_keeps_the_users_other_slices(page, tmp_path):
     for index in (case.key, other):
         assert np.array_equal(after & slice_mask(case, index), drawn & slice_mask(case, index)), index
     assert dice(after, case.to_ras(case.truth > 0)) >= 0.8
-    labels = case.to_ras(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page))).dataobj) > 0)
+    labels = case.to_ras(np.asarray(downloaded_nifti(page).dataobj) > 0)
     assert np.array_equal(labels, after)
 
 
@@ -357,7 +362,7 @@ def test_a_connection_lost_mid_propagation_resumes_where_it_stopped(page, servic
     expect(page.locator("#message")).to_contain_text("propagated", timeout=180_000)
     count = case.truth.shape[case.file_axis]
     expect(page.locator("#progress-text")).to_have_text(f"{count}/{count}")
-    result = nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
+    result = downloaded_nifti(page)
     in_download = set(np.flatnonzero((np.asarray(result.dataobj) > 0).any(axis=(0, 1))).tolist())
     assert shown_slices(page, case) == in_download and len(in_download) > 10
 

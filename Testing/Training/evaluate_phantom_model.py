@@ -60,11 +60,11 @@ def held_out_phantom(set_name: str, index: int) -> Phantom:
     )
 
 
-def propagate_volume(engine, axis: int, key_index: int, prompt, window) -> np.ndarray:
+def propagate_volume(engine, axis: int, key_index: int, prompt, window, conditioning=None) -> np.ndarray:
     """The 3D mask from Engine.propagate over the whole axis (every slice written once or more)."""
     volume = engine.volume
     result = np.zeros(volume.shape, dtype=bool)
-    for item in engine.propagate(axis, key_index, prompt, window=window):
+    for item in engine.propagate(axis, key_index, prompt, window=window, conditioning=conditioning):
         index = [slice(None)] * 3
         index[axis] = item.index
         result[tuple(index)] = item.mask
@@ -149,11 +149,7 @@ def conditioning_dice(engine, phantom: Phantom, name: str, corrected: int, axis:
     engine.set_volume(phantom.volume, name)
     key, box = key_and_box(phantom, axis)
     slices = {i: np.take(phantom.mask, i, axis=axis) for i in correction_slices(phantom, corrected, axis)}
-    result = np.zeros(phantom.mask.shape, dtype=bool)
-    for item in engine.propagate(axis, key, box, window=phantom.window, conditioning=slices):
-        region = [slice(None)] * 3
-        region[axis] = item.index
-        result[tuple(region)] = item.mask
+    result = propagate_volume(engine, axis, key, box, phantom.window, slices)
     exact = all(np.array_equal(np.take(result, i, axis=axis), m) for i, m in slices.items())
     return dice(result, phantom.mask), exact
 
