@@ -34,6 +34,16 @@ function viewOf(axis) {
   return Object.keys(state.views).find((name) => state.views[name].array_axis === axis);
 }
 
+/** A slice's key in the page's maps and sets (history, clicks, the user's slices): "axis:index". */
+function sliceKey(axis, index) {
+  return `${axis}:${index}`;
+}
+
+/** [axis, index] of a sliceKey. */
+function parseSliceKey(key) {
+  return key.split(":").map(Number);
+}
+
 function ready() {
   return state.objects.length > 0 && state.grid !== null;
 }
@@ -55,7 +65,7 @@ function refreshButtons() {
 function showUserSlices() {
   const object = state.objects[state.active];
   const byAxis = new Map();
-  for (const [axis, index] of [...(object ? object.userSlices : [])].map((k) => k.split(":").map(Number))) {
+  for (const [axis, index] of [...(object ? object.userSlices : [])].map(parseSliceKey)) {
     byAxis.set(axis, [...(byAxis.get(axis) || []), index]);
   }
   $("slices-text").textContent = byAxis.size ? `your slices: ${[...byAxis].map(([axis, slices]) =>
@@ -175,7 +185,7 @@ function redraw() {
 /** Apply one slice to the active object's labels, noting what it replaced in the open history entry. */
 function applySlice(entry, axis, index, mask) {
   const labels = state.objects[entry.object].labels;
-  const key = `${axis}:${index}`;
+  const key = sliceKey(axis, index);
   if (!entry.before.has(key)) entry.before.set(key, state.grid.readSlice(labels, axis, index));
   entry.after.set(key, mask);
   state.grid.writeSlice(labels, axis, index, mask);
@@ -184,7 +194,7 @@ function applySlice(entry, axis, index, mask) {
 
 /** Note a slice the user made (a box or clicks segmented there, a stroke, a slice propagated from). */
 function markUserSlice(entry, axis, index) {
-  const key = `${axis}:${index}`;
+  const key = sliceKey(axis, index);
   const userSlices = state.objects[entry.object].userSlices;
   entry.user.push({ key, had: userSlices.has(key) });
   userSlices.add(key);
@@ -193,7 +203,7 @@ function markUserSlice(entry, axis, index) {
 /** The user's slices along `axis` in start..end (all when no range) that have a mask, but `key`. */
 function conditioningSlices(axis, key, start = -Infinity, end = Infinity) {
   const object = state.objects[state.active];
-  return [...object.userSlices].map((k) => k.split(":").map(Number))
+  return [...object.userSlices].map(parseSliceKey)
     .filter(([a, i]) => a === axis && i !== key && i >= start && i <= end
       && state.grid.readSlice(object.labels, a, i).some((v) => v))
     .map(([, i]) => i).sort((a, b) => a - b);
@@ -213,7 +223,7 @@ function closeEntry(entry) {
 async function sendSlices(entry, which) {
   const object = state.objects[entry.object];
   for (const [key, mask] of entry[which]) {
-    const [axis, index] = key.split(":").map(Number);
+    const [axis, index] = parseSliceKey(key);
     const view = viewOf(axis);
     await api.writeSlice(object.job, { view, slice: index, mask: encodeMask(mask, state.grid.sliceShape(axis)) });
   }
@@ -228,7 +238,7 @@ async function restore(entry, which) {
     else object.userSlices.delete(key);
   }
   for (const [key, mask] of entry[which]) {
-    const [axis, index] = key.split(":").map(Number);
+    const [axis, index] = parseSliceKey(key);
     state.grid.writeSlice(object.labels, axis, index, mask);
     paint(axis, index);
   }
@@ -391,7 +401,7 @@ const CLICK_LABELS = { positive: 1, negative: 0 };
 function addClick(label) {
   const { view, axis, slice, x, y } = currentSlice();
   const object = state.objects[state.active];
-  const key = `${axis}:${slice}`;
+  const key = sliceKey(axis, slice);
   const before = object.clicks.get(key) || [];
   const points = [...before, [x, y, label]];
   const box = state.box && state.box.axis === axis && state.box.slice === slice ? state.box.box : undefined;
