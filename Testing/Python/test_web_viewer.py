@@ -28,7 +28,8 @@ from phantoms import make_phantom  # noqa: E402
 from test_end_to_end import GRIDS  # noqa: E402
 
 SIZE = (40, 80, 96)
-LONG = (200, 80, 96)  # for cancel and reconnect: a propagation that takes seconds, not a fraction of one
+LONG = (200, 80, 96)  # for reconnect: a propagation that takes seconds, not a fraction of one
+LONGER = (800, 80, 96)  # for cancel: still running seconds after its first slices
 TOKEN = "viewer-test-token"
 SCREENSHOTS = REPO / "docs" / "screenshots"  # refreshed with MEDSAM2HITL_SAVE_SCREENSHOTS=1
 VIEWS = {"axial": 0, "coronal": 1}
@@ -180,12 +181,13 @@ def test_box_segment_propagate_download(page, tmp_path, grid, view):
 
 
 def test_cancel_keeps_finished_slices_then_undo_and_redo(page, tmp_path):
-    case = Case(tmp_path, 2101, "identity", size=LONG)
+    case = Case(tmp_path, 2101, "identity", size=LONGER)
     upload(page, case)
     box_and_segment(page, case, "axial")
     start_propagation(page)
-    # at the first finished slice, not before: a cancel that beats every slice leaves no propagation to undo
-    page.wait_for_function("document.getElementById('progress').value > 0", timeout=60_000)
+    # after the key slice and two more, not before: a cancel that beats them leaves no propagation to undo (the
+    # page draws behind the worker: hundreds of slices may be finished when the cancel arrives, hence LONGER)
+    page.wait_for_function("parseInt(document.getElementById('progress-text').textContent) >= 3", timeout=60_000)
     page.keyboard.press("Escape")
     expect(page.locator("#message")).to_contain_text("cancelled", timeout=60_000)
     kept = shown_slices(page, case)
@@ -195,16 +197,16 @@ def test_cancel_keeps_finished_slices_then_undo_and_redo(page, tmp_path):
     assert set(np.flatnonzero((np.asarray(result.dataobj) > 0).any(axis=(0, 1))).tolist()) == kept
 
     page.keyboard.press("Control+z")  # the propagation: back to the segmented key slice
-    expect(page.locator("#message")).to_contain_text("undo: propagate")
+    expect(page.locator("#message")).to_contain_text("undo: propagate", timeout=60_000)
     assert shown_slices(page, case) == {case.key}
     page.keyboard.press("Control+z")  # the segmentation: nothing left
-    expect(page.locator("#message")).to_contain_text("undo: segment")
+    expect(page.locator("#message")).to_contain_text("undo: segment", timeout=60_000)
     assert shown_slices(page, case) == set()
     emptied = downloaded_nifti(page)
     assert not (np.asarray(emptied.dataobj) > 0).any()  # undo reached the service's labels, emptied slices too
     page.keyboard.press("Control+y")
     page.keyboard.press("Control+y")
-    expect(page.locator("#message")).to_contain_text("redo: propagate")
+    expect(page.locator("#message")).to_contain_text("redo: propagate", timeout=60_000)
     assert shown_slices(page, case) == kept
     redone = downloaded_nifti(page)
     assert set(np.flatnonzero((np.asarray(redone.dataobj) > 0).any(axis=(0, 1))).tolist()) == kept
