@@ -29,7 +29,7 @@ from test_end_to_end import GRIDS  # noqa: E402
 
 SIZE = (40, 80, 96)
 LONG = (200, 80, 96)  # for reconnect: a propagation that takes seconds, not a fraction of one
-LONGER = (800, 80, 96)  # for cancel: still running seconds after its first slices
+LONGER = (800, 80, 96)  # for cancel and reload: still running seconds after its first slices
 TOKEN = "viewer-test-token"
 SCREENSHOTS = REPO / "docs" / "screenshots"  # refreshed with MEDSAM2HITL_SAVE_SCREENSHOTS=1
 VIEWS = {"axial": 0, "coronal": 1}
@@ -335,6 +335,84 @@ def slice_mask(case: Case, index: int) -> np.ndarray:
     region[case.file_axis] = index
     selected[tuple(region)] = True
     return case.to_ras(selected)
+
+
+def remembered(page: Page) -> dict:
+    """What the page holds per object (job, clicks, the user's slices) and the active object."""
+    return page.evaluate("({active: viewer.state.active, objects: viewer.state.objects.map((o) => ("
+                         "{job: o.job, clicks: [...o.clicks], userSlices: [...o.userSlices].sort()}))})")
+
+
+def reopen(page: Page, case: Case, message: str) -> list[str]:
+    """Reload the page and open the case's file again; the messages the page showed meanwhile."""
+    page.reload()
+    page.evaluate("window.said = []; new MutationObserver(() => window.said.push("
+                  "document.getElementById('message').textContent)).observe("
+                  "document.getElementById('message'), {childList: true, characterData: true, subtree: true})")
+    page.set_input_files("#file", str(case.path))
+    expect(page.locator("#message")).to_contain_text(message, timeout=180_000)
+    return page.evaluate("window.said")
+
+
+def test_a_reload_picks_the_objects_up_again_when_the_file_is_opened(page, service, tmp_path):
+    """The tab remembers its objects' jobs, clicks and slices: after a reload, opening the same file brings every
+    object back from the service as it was. One the service purged meanwhile is reported, the other comes back;
+    another file starts afresh."""
+    import redis
+
+    case = Case(tmp_path, 2111, "identity")  # a phantom with one distractor, largest on another slice
+    other = case.phantom.distractors[0]
+    index = int(np.argmax(other.sum(axis=(1, 2))))
+    upload(page, case)
+    box_and_segment(page, case, "axial")
+    assert click(page, case.page_voxel(case.key, *inside_point(case.phantom.mask[case.key])), "positive") == [1]
+    page.keyboard.press("n")
+    expect(page.locator("#message")).to_contain_text("(object 2)", timeout=90_000)
+    corners = case.box_corners(index, case.phantom.box(index, other))
+    show_slice(page, corners[0])
+    page.click("[data-tool='box']")
+    drag(page, canvas_point(page, corners[0], 0), canvas_point(page, corners[1], 0))
+    page.keyboard.press("s")
+    expect(page.locator("#message")).to_contain_text("segmented", timeout=60_000)
+    shown, held = drawing(page), remembered(page)
+    assert set(np.unique(shown).tolist()) == {0, 1, 2} and held["active"] == 1
+
+    reopen(page, case, "picked up your last session on this volume: 2 object(s) (undo starts here)")
+    assert np.array_equal(drawing(page), shown) and remembered(page) == held
+    expect(page.locator("#slices-text")).to_have_text(f"your slices: axial {index}")
+    expect(page.locator("#undo")).to_be_disabled()
+    page.select_option("#objects", "0")
+    expect(page.locator("#slices-text")).to_have_text(f"your slices: axial {case.key}")
+
+    store = redis.Redis(port=service.redis_port, decode_responses=True)
+    store.zadd("m2h:jobs", {held["objects"][1]["job"]: 0})  # due now: the service purges it within a second
+    with service.client() as client:
+        wait_for(lambda: client.get(f"/api/v1/jobs/{held['objects'][1]['job']}/status").status_code in (404, 410),
+                 15, "the purge")
+    reopen(page, case, "picked up your last session on this volume: 1 object(s), 1 expired on the service")
+    assert np.array_equal(drawing(page), np.where(shown == 1, 1, 0)) and remembered(page)["objects"] == held["objects"][:1]
+
+    Case(tmp_path, 2112, "identity").path.replace(tmp_path / "another.nii")
+    page.set_input_files("#file", str(tmp_path / "another.nii"))
+    expect(page.locator("#message")).to_contain_text("ready: drag a box", timeout=90_000)
+    assert remembered(page)["objects"][0]["job"] != held["objects"][0]["job"] and not drawing(page).any()
+
+
+def test_a_reload_mid_propagation_waits_for_it_and_loses_no_slice(page, service, tmp_path):
+    """The propagation goes on on the service while the page reloads: opening the file again waits for it to
+    finish and shows every slice it made, as the download has them."""
+    case = Case(tmp_path, 2113, "identity", size=LONGER)
+    upload(page, case)
+    box_and_segment(page, case, "axial")
+    start_propagation(page)
+    said = reopen(page, case, "picked up your last session on this volume: 1 object(s)")
+    assert any("waiting for its propagation to finish on the service" in message for message in said)
+    count = case.truth.shape[case.file_axis]
+    with service.client() as client:
+        status = client.get(f"/api/v1/jobs/{remembered(page)['objects'][0]['job']}/status").json()
+    assert status["state"] == "succeeded" and status["progress"] == {"done": count, "total": count}
+    in_download = set(np.flatnonzero((np.asarray(downloaded_nifti(page).dataobj) > 0).any(axis=(0, 1))).tolist())
+    assert shown_slices(page, case) == in_download and len(in_download) > 10 and case.key in in_download
 
 
 def test_bad_files_get_a_clear_message_and_nothing_is_uploaded(page, service, tmp_path):

@@ -2,12 +2,13 @@
 import { Niivue, SLICE_TYPE, DRAG_MODE } from "./vendor/niivue/index.js";
 import { api, token, followEvents, ApiError } from "./api.js";
 import { VoxelGrid, decodeMask, encodeMask } from "./voxels.js";
+import { fingerprint, remember, recall, labelsFromNifti } from "./resume.js";
 
 const $ = (id) => document.getElementById(id);
 const CT_WINDOWS = { abdomen: [400, 40], lung: [1500, -600], brain: [80, 40], mediastinum: [350, 50], bone: [1800, 400] };
 
 const state = {
-  bytes: null, name: "", grid: null, views: null,
+  bytes: null, name: "", print: "", grid: null, views: null,
   objects: [],   // {job, labels (file order, 0/1), clicks ("axis:slice" → [[x, y, 1 | 0]]), userSlices (the
                  // "axis:slice" the user made: they condition propagations)} per object; object n is pen value n + 1
   active: 0, box: null, tool: "box", running: null, history: [], future: [],
@@ -57,6 +58,7 @@ function refreshButtons() {
   $("undo").disabled = !idle || !state.history.length;
   $("redo").disabled = !idle || !state.future.length;
   $("cancel").disabled = !state.running;
+  if (state.print) remember(state.print, state.objects, state.active);  // what a reload picks up again
   document.querySelectorAll("[data-tool]").forEach((b) => b.classList.toggle("active", b.dataset.tool === state.tool));
   showUserSlices();
 }
@@ -89,13 +91,77 @@ async function openFile(file) {
     say(`${file.name} could not be read as a volume (${error.message}): check the file`, true);
     return;
   }
-  Object.assign(state, { bytes, name: file.name, grid: new VoxelGrid(nv.volumes[0]), objects: [], active: 0,
-    box: null, history: [], future: [] });
+  Object.assign(state, { bytes, name: file.name, print: "", grid: new VoxelGrid(nv.volumes[0]), objects: [],
+    active: 0, box: null, history: [], future: [] });
   nv.createEmptyDrawing();
   nv.setDrawOpacity(Number($("opacity").value));
   $("volume-name").textContent = file.name;
   applyWindow();
+  const print = fingerprint(bytes);
+  const lost = await resumeObjects(recall(print));
+  state.print = print;  // from here on the tab remembers this volume's objects instead
+  if (state.objects.length) return;
   await addObject();
+  if (lost) say("your last session's objects on this volume expired on the service: drag a box to start again");
+}
+
+/** Wait until the service has loaded the job's volume and holds no propagation (one may have been running when
+ * the page was reloaded); its status then. */
+async function settled(job, label) {
+  let status = await api.status(job);
+  while (status.state === "running" || (!status.loaded && status.state !== "failed")) {
+    const { done, total } = status.progress;
+    if (status.state === "running") say(`${label}: waiting for its propagation to finish on the service (${done}/${total})…`);
+    await new Promise((r) => setTimeout(r, 300));
+    status = await api.status(job);
+  }
+  if (!status.loaded) throw new ApiError(400, status.error || "the service could not load the volume");
+  return status;
+}
+
+/** Bring back the objects this tab had on this volume before a reload, their labels from the service (the undo
+ * history starts afresh). Returns how many of them the service no longer has. */
+async function resumeObjects(saved) {
+  if (!saved) return 0;
+  state.running = "resume";
+  refreshButtons();
+  let lost = 0;
+  try {
+    for (const [n, kept] of saved.objects.entries()) {
+      try {
+        const status = await settled(kept.job, `object ${n + 1}`);
+        const labels = await labelsFromNifti(await api.result(kept.job, "nii.gz"), state.grid.dims);
+        state.views = status.volume.views;
+        state.objects.push({ job: kept.job, labels, clicks: new Map(kept.clicks),
+          userSlices: new Set(kept.userSlices) });
+      } catch (error) {
+        if (!(error instanceof ApiError && [404, 410].includes(error.status))) throw error;
+        lost++;  // expired or purged: the service has nothing left of it
+      }
+    }
+  } catch (error) {  // the tab keeps what it remembered: opening the file again retries
+    state.objects = [];
+    refreshButtons();
+    throw new ApiError(0, `could not pick up your last session on this volume (${error.message}): `
+      + "open the file again to retry");
+  } finally {
+    state.running = null;
+  }
+  state.active = Math.min(saved.active, Math.max(state.objects.length - 1, 0));
+  for (let k = 0; k < state.grid.dims[2]; k++) paint(0, k);
+  redraw();
+  listObjects();
+  refreshButtons();
+  if (state.objects.length) {
+    const expired = lost ? `, ${lost} expired on the service` : "";
+    say(`picked up your last session on this volume: ${state.objects.length} object(s)${expired} (undo starts here)`);
+  }
+  return lost;
+}
+
+function listObjects() {
+  $("objects").innerHTML = state.objects.map((_, n) => `<option value="${n}">object ${n + 1}</option>`).join("");
+  $("objects").value = String(state.active);
 }
 
 async function addObject() {
@@ -103,18 +169,12 @@ async function addObject() {
   refreshButtons();
   try {
     const job = await api.createJob(state.bytes);
-    let status = await api.status(job.id);
-    while (!status.loaded && status.state !== "failed") {
-      await new Promise((r) => setTimeout(r, 300));
-      status = await api.status(job.id);
-    }
-    if (status.state === "failed") throw new ApiError(400, status.error || "the service could not load the volume");
+    const status = await settled(job.id, "the volume");
     state.views = status.volume.views;
     state.objects.push({ job: job.id, labels: new Uint8Array(state.grid.size), clicks: new Map(),
       userSlices: new Set() });
     state.active = state.objects.length - 1;
-    $("objects").innerHTML = state.objects.map((_, n) => `<option value="${n}">object ${n + 1}</option>`).join("");
-    $("objects").value = String(state.active);
+    listObjects();
     say(`ready: drag a box on a slice (object ${state.active + 1})`);
   } catch (error) {
     failed(error);
