@@ -186,7 +186,7 @@ def test_cancel_keeps_finished_slices_then_undo_and_redo(page, tmp_path):
     box_and_segment(page, case, "axial")
     start_propagation(page)
     # after the key slice and two more, not before: a cancel that beats them leaves no propagation to undo (the
-    # page draws behind the worker: hundreds of slices may be finished when the cancel arrives, hence LONGER)
+    # worker can be hundreds of slices ahead when the cancel reaches it, hence LONGER)
     page.wait_for_function("parseInt(document.getElementById('progress-text').textContent) >= 3", timeout=60_000)
     page.keyboard.press("Escape")
     expect(page.locator("#message")).to_contain_text("cancelled", timeout=60_000)

@@ -242,6 +242,18 @@ function redraw() {
   nv.refreshDrawing(true);
 }
 
+let redrawQueued = false;
+/** redraw() at the next frame, once however many slices arrive before it: each redraw sends the whole drawing
+ * to the GPU, and a fast worker streams slices faster than that. */
+function redrawSoon() {
+  if (redrawQueued) return;
+  redrawQueued = true;
+  requestAnimationFrame(() => {
+    redrawQueued = false;
+    redraw();
+  });
+}
+
 /** Apply one slice to the active object's labels, noting what it replaced in the open history entry. */
 function applySlice(entry, axis, index, mask) {
   const labels = state.objects[entry.object].labels;
@@ -380,7 +392,7 @@ async function propagate(params, axis, label) {
         if (!kept.has(event.data.slice)) {
           applySlice(entry, event.data.array_axis, event.data.slice, decodeMask(event.data.mask));
         }
-        redraw();
+        redrawSoon();
         $("progress").value = event.data.done / event.data.total;
         $("progress-text").textContent = `${event.data.done}/${event.data.total}`;
       } else if (["done", "cancelled", "error"].includes(event.kind)) {
