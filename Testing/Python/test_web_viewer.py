@@ -155,6 +155,11 @@ def downloaded_nifti(page: Page) -> nib.Nifti1Image:
     return nib.Nifti1Image.from_bytes(gzip.decompress(downloaded(page)))
 
 
+def downloaded_slices(page: Page) -> set[int]:
+    """The slices along the last file axis with mask voxels in the active object's NIfTI download."""
+    return set(np.flatnonzero((np.asarray(downloaded_nifti(page).dataobj) > 0).any(axis=(0, 1))).tolist())
+
+
 @pytest.mark.parametrize("grid,view", [("identity", "axial"), ("oblique", "axial"), ("flipped", "coronal")])
 def test_box_segment_propagate_download(page, tmp_path, grid, view):
     case = Case(tmp_path, 2040 + len(grid), grid, array_axis=VIEWS[view])
@@ -193,8 +198,7 @@ def test_cancel_keeps_finished_slices_then_undo_and_redo(page, tmp_path):
     kept = shown_slices(page, case)
     count = case.truth.shape[case.file_axis]
     assert case.key in kept and 1 < len(kept) < count
-    result = downloaded_nifti(page)
-    assert set(np.flatnonzero((np.asarray(result.dataobj) > 0).any(axis=(0, 1))).tolist()) == kept
+    assert downloaded_slices(page) == kept
 
     page.keyboard.press("Control+z")  # the propagation: back to the segmented key slice
     expect(page.locator("#message")).to_contain_text("undo: propagate", timeout=60_000)
@@ -208,8 +212,7 @@ def test_cancel_keeps_finished_slices_then_undo_and_redo(page, tmp_path):
     page.keyboard.press("Control+y")
     expect(page.locator("#message")).to_contain_text("redo: propagate", timeout=60_000)
     assert shown_slices(page, case) == kept
-    redone = downloaded_nifti(page)
-    assert set(np.flatnonzero((np.asarray(redone.dataobj) > 0).any(axis=(0, 1))).tolist()) == kept
+    assert downloaded_slices(page) == kept
 
 
 def test_eraser_correction_propagates_from_the_corrected_slice(page, tmp_path):
@@ -240,19 +243,26 @@ def test_eraser_correction_propagates_from_the_corrected_slice(page, tmp_path):
     assert np.array_equal(labels & key, corrected & key) and len(shown_slices(page, case)) > 10
 
 
-def test_a_second_object_gets_its_own_label_and_download(page, tmp_path):
-    case = Case(tmp_path, 2107, "identity")  # a phantom with one distractor, largest on another slice
+def segment_the_distractor_as_object_2(page: Page, case: Case) -> int:
+    """New object, then a box around the case's first distractor on its largest slice, segmented: that slice."""
     other = case.phantom.distractors[0]
-    index = int(np.argmax(other.sum(axis=(1, 2))))  # the distractor's largest slice
-    upload(page, case)
-    box_and_segment(page, case, "axial")
+    index = int(np.argmax(other.sum(axis=(1, 2))))
     page.keyboard.press("n")
     expect(page.locator("#message")).to_contain_text("(object 2)", timeout=90_000)
     corners = case.box_corners(index, case.phantom.box(index, other))
     show_slice(page, corners[0])
+    page.click("[data-tool='box']")
     drag(page, canvas_point(page, corners[0], 0), canvas_point(page, corners[1], 0))
     page.keyboard.press("s")
     expect(page.locator("#message")).to_contain_text("segmented", timeout=60_000)
+    return index
+
+
+def test_a_second_object_gets_its_own_label_and_download(page, tmp_path):
+    case = Case(tmp_path, 2107, "identity")  # a phantom with one distractor, largest on another slice
+    upload(page, case)
+    box_and_segment(page, case, "axial")
+    index = segment_the_distractor_as_object_2(page, case)
     shown = drawing(page)
     assert set(np.unique(shown).tolist()) == {0, 1, 2}  # one label per object, drawn over each other nowhere
     first, second = case.to_ras(case.truth > 0), case.to_ras(case.object_truth(1) > 0)
@@ -361,19 +371,10 @@ def test_a_reload_picks_the_objects_up_again_when_the_file_is_opened(page, servi
     import redis
 
     case = Case(tmp_path, 2111, "identity")  # a phantom with one distractor, largest on another slice
-    other = case.phantom.distractors[0]
-    index = int(np.argmax(other.sum(axis=(1, 2))))
     upload(page, case)
     box_and_segment(page, case, "axial")
     assert click(page, case.page_voxel(case.key, *inside_point(case.phantom.mask[case.key])), "positive") == [1]
-    page.keyboard.press("n")
-    expect(page.locator("#message")).to_contain_text("(object 2)", timeout=90_000)
-    corners = case.box_corners(index, case.phantom.box(index, other))
-    show_slice(page, corners[0])
-    page.click("[data-tool='box']")
-    drag(page, canvas_point(page, corners[0], 0), canvas_point(page, corners[1], 0))
-    page.keyboard.press("s")
-    expect(page.locator("#message")).to_contain_text("segmented", timeout=60_000)
+    index = segment_the_distractor_as_object_2(page, case)
     shown, held = drawing(page), remembered(page)
     assert set(np.unique(shown).tolist()) == {0, 1, 2} and held["active"] == 1
 
@@ -390,7 +391,8 @@ def test_a_reload_picks_the_objects_up_again_when_the_file_is_opened(page, servi
         wait_for(lambda: client.get(f"/api/v1/jobs/{held['objects'][1]['job']}/status").status_code in (404, 410),
                  15, "the purge")
     reopen(page, case, "picked up your last session on this volume: 1 object(s), 1 expired on the service")
-    assert np.array_equal(drawing(page), np.where(shown == 1, 1, 0)) and remembered(page)["objects"] == held["objects"][:1]
+    assert np.array_equal(drawing(page), np.where(shown == 1, 1, 0))
+    assert remembered(page)["objects"] == held["objects"][:1]
 
     Case(tmp_path, 2112, "identity").path.replace(tmp_path / "another.nii")
     page.set_input_files("#file", str(tmp_path / "another.nii"))
@@ -411,7 +413,7 @@ def test_a_reload_mid_propagation_waits_for_it_and_loses_no_slice(page, service,
     with service.client() as client:
         status = client.get(f"/api/v1/jobs/{remembered(page)['objects'][0]['job']}/status").json()
     assert status["state"] == "succeeded" and status["progress"] == {"done": count, "total": count}
-    in_download = set(np.flatnonzero((np.asarray(downloaded_nifti(page).dataobj) > 0).any(axis=(0, 1))).tolist())
+    in_download = downloaded_slices(page)
     assert shown_slices(page, case) == in_download and len(in_download) > 10 and case.key in in_download
 
 
@@ -444,8 +446,7 @@ def test_a_connection_lost_mid_propagation_resumes_where_it_stopped(page, servic
     expect(page.locator("#message")).to_contain_text("propagated", timeout=180_000)
     count = case.truth.shape[case.file_axis]
     expect(page.locator("#progress-text")).to_have_text(f"{count}/{count}")
-    result = downloaded_nifti(page)
-    in_download = set(np.flatnonzero((np.asarray(result.dataobj) > 0).any(axis=(0, 1))).tolist())
+    in_download = downloaded_slices(page)
     assert shown_slices(page, case) == in_download and len(in_download) > 10
 
 

@@ -140,13 +140,12 @@ async function resumeObjects(saved) {
       }
     }
   } catch (error) {  // the tab keeps what it remembered: opening the file again retries
-    state.objects = [];
+    Object.assign(state, { objects: [], running: null });
     refreshButtons();
     throw new ApiError(0, `could not pick up your last session on this volume (${error.message}): `
       + "open the file again to retry");
-  } finally {
-    state.running = null;
   }
+  state.running = null;
   state.active = Math.min(saved.active, Math.max(state.objects.length - 1, 0));
   for (let k = 0; k < state.grid.dims[2]; k++) paint(0, k);
   redraw();
