@@ -641,6 +641,16 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# The stages after the first, each fine-tuning the previous stage's weights: its phase's name, the Schedule field
+# with its number of steps, its step function, and its leak samples (Schedule.far_leaks, .crowded_leaks).
+LATER_STAGES = {
+    2: ("interaction", "interaction_steps", interaction_step, {}),
+    3: ("corrections", "correction_steps", interaction_step, {"far_leaks": True}),
+    4: ("repair", "repair_steps", repair_step, {"far_leaks": True, "crowded_leaks": True}),
+    5: ("choice", "choice_steps", choice_step, {"far_leaks": True, "crowded_leaks": True}),
+}
+
+
 def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None = None, stage: int = 1) -> Path:
     """Stage 1 (phases 1 and 2) from random weights; each later stage from the previous stage's checkpoint
     `init`: 2 phase 3, 3 phase 3 with far leaks, 4 repairs on single slices, 5 mirrored click choices."""
@@ -653,14 +663,9 @@ def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None 
     if (init is None) != (stage == 1):
         raise ValueError("stage 1 starts from random weights; stages 2-5 need the previous stage's checkpoint")
     seed = SEED + stage - 1
-    if stage == 3:
-        schedule = dataclasses.replace(schedule, interaction_steps=schedule.correction_steps, far_leaks=True)
-    if stage == 4:
-        schedule = dataclasses.replace(schedule, interaction_steps=schedule.repair_steps, far_leaks=True,
-                                       crowded_leaks=True)
-    if stage == 5:
-        schedule = dataclasses.replace(schedule, interaction_steps=schedule.choice_steps, far_leaks=True,
-                                       crowded_leaks=True)
+    if stage > 1:
+        phase, steps_field, stage_step, leaks = LATER_STAGES[stage]
+        schedule = dataclasses.replace(schedule, interaction_steps=getattr(schedule, steps_field), **leaks)
     torch.set_num_threads(THREADS)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -691,8 +696,7 @@ def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None 
         ("key", schedule.key_steps, schedule.key_lr, key_slice_step),
         ("track", schedule.track_steps, schedule.track_lr, tracking_with_key_rehearsal),
     ] if stage == 1 else [
-        ({2: "interaction", 3: "corrections", 4: "repair", 5: "choice"}[stage], schedule.interaction_steps,
-         schedule.interaction_lr, {4: repair_step, 5: choice_step}.get(stage, interaction_step)),
+        (phase, schedule.interaction_steps, schedule.interaction_lr, stage_step),
     ]
     for name, steps, peak, step_fn in phases:
         for step in range(steps):
@@ -722,7 +726,7 @@ def train(schedule: Schedule, out: Path, log_every: int = 25, init: Path | None 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DATA / "phantom_sam2.pt", help="checkpoint to write")
-    parser.add_argument("--stage", choices=("1", "2", "3", "4", "5", "all"), default="all",
+    parser.add_argument("--stage", choices=("1", *map(str, LATER_STAGES), "all"), default="all",
                         help="1: phases 1-2 from random weights; 2-5: from --init, the previous stage's "
                              "checkpoint; all: the five in turn (about 80 min)")
     parser.add_argument("--init", type=Path, help="the previous stage's checkpoint, for --stage 2-5")
@@ -739,8 +743,8 @@ def main() -> None:
         train(schedule, args.out, init=args.init, stage=int(args.stage))
         return
     previous = None
-    for stage in (1, 2, 3, 4, 5):
-        out = args.out if stage == 5 else args.out.with_name(f"{args.out.stem}_stage{stage}.pt")
+    for stage in (1, *LATER_STAGES):
+        out = args.out if stage == max(LATER_STAGES) else args.out.with_name(f"{args.out.stem}_stage{stage}.pt")
         previous = train(schedule, out, init=previous, stage=stage)
 
 
