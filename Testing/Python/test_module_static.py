@@ -237,3 +237,36 @@ def test_ctest_passes_the_source_tree_under_the_name_the_self_test_reads():
     passed = set(re.findall(r'PROPERTY ENVIRONMENT\s+"(\w+)=', wiring))
     read = set(re.findall(r'os\.environ\.get\("(\w+)"\)', MODULE_FILE.read_text(encoding="utf-8")))
     assert passed and passed <= read, f"ctest sets {passed}, the module reads {read}"
+
+
+def _method_calls(class_name: str, method: str) -> list[str]:
+    """Names of the attributes called in a method of a module class, in source order."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    function = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == method)
+    calls = [n for n in ast.walk(function) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    return [c.func.attr for c in sorted(calls, key=lambda c: (c.lineno, c.col_offset))]
+
+
+def test_cleanup_stops_the_request_then_releases_the_embedded_segment_editor():
+    """Reload runs cleanup() on the old widget (slicer.util.reloadScriptedModule): without this the old editor
+    keeps its z/y/1-0/Space/Esc shortcuts (doubled, so ambiguous) and its view observations."""
+    calls = _method_calls("MedSAM2HITLWidget", "cleanup")
+    released = ["uninstallKeyboardShortcuts", "removeViewObservations", "setActiveEffect",
+                "setMRMLSegmentEditorNode", "setMRMLScene"]
+    assert set(released) <= set(calls), f"cleanup() does not call {sorted(set(released) - set(calls))}"
+    assert calls.index("close") < min(calls.index(name) for name in released), "the request must stop first"
+
+
+def test_setup_installs_the_shortcuts_when_reloaded_while_the_module_is_shown():
+    """qSlicerScriptedLoadableModuleWidget::reload() calls setup() but not enter()."""
+    source = ast.unparse(next(n for n in ast.walk(ast.parse(MODULE_FILE.read_text(encoding="utf-8")))
+                              if isinstance(n, ast.FunctionDef) and n.name == "setup"))
+    assert re.search(r"if self\.parent\.isEntered:\s+self\.enter\(\)", source)
+
+
+def test_shortcuts_and_buttons_go_through_the_controllers_one_rule():
+    """Shift+S/P/F and the buttons call onAction, which asks the controller before anything starts."""
+    shortcuts = _method_calls("MedSAM2HITLWidget", "_installShortcuts")
+    assert "onAction" in shortcuts and "start" not in shortcuts
+    assert _method_calls("MedSAM2HITLWidget", "onAction")[:1] == ["allowed"]
