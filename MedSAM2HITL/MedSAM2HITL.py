@@ -241,7 +241,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._removeShortcuts()
         if self._watch:
             self._watch.release()
-        if self._parameterNode:
+        if self._parameterNode and self._parameterNodeGuiTag:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
         editor = self.segmentEditorWidget
         if editor:
