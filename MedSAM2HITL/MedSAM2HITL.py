@@ -436,7 +436,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.controller.set_compute(self.ui.computeComboBox.currentData, self.ui.serverUrlLineEdit.text.strip(),
                                         self.ui.serverTokenLineEdit.text.strip())
         except ValueError as error:  # BadInputError: said where the user looks, without a dialog per keystroke
-            self._setStatus(_("Server not used: {message}").format(message=error))
+            self._setStatus(_("Failed: {message}").format(message=error))
 
     def onTestConnection(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to reach the inference service.")):

@@ -91,6 +91,7 @@ class PanelController:
         self.running: Running | None = None
         self.closed = False
         self.compute = (compute_backend.LOCAL, "", "")  # what the current client serves (or will, once made)
+        self.unusable: str | None = None  # why the compute last chosen could not be used (actions refuse)
         self.download = None  # a checkpoints.BackgroundDownload while one runs
         self._core = None
         self._model = None  # the model choice last sent to the client
@@ -156,6 +157,8 @@ class PanelController:
             raise ValueError(f"{action} is not a model action")
         if not self.allowed(action, p):
             return False
+        if self.unusable:  # the user chose a server that cannot work: running elsewhere would mislead
+            raise BadInputError(self.unusable)
         if self.compute[0] == compute_backend.LOCAL:
             self.check_dependencies()  # an explicit action: the only place the install dialogs may appear
         running = self.running = Running(action, self.generation, time.perf_counter())
@@ -272,16 +275,21 @@ class PanelController:
         """
         compute = (where, url, token) if where == compute_backend.SERVER else (compute_backend.LOCAL, "", "")
         if compute == self.compute:
+            self.unusable = None
             return False
         if self.busy:
             raise BadInputError("a request is running: wait for it or cancel it before changing where the model runs")
-        if where == compute_backend.SERVER:
-            compute_backend.check_server_url(url)
-        if self._core is not None:
-            client = self.client_factory(*compute)
+        try:
+            if where == compute_backend.SERVER:
+                compute_backend.check_server_url(url)
+            client = self.client_factory(*compute) if self._core is not None else None
+        except MedSAM2Error as error:  # BadInputError included: the actions say it until the choice is fixed
+            self.unusable = f"the server cannot be used: {error}"
+            raise
+        if client is not None:
             self._core.stop_worker(at_once=True)
             self._core.use_client(client)
-        self.compute, self._model = compute, None
+        self.compute, self._model, self.unusable = compute, None, None
         return True
 
     @property

@@ -117,7 +117,10 @@ def test_1_a_refresh_never_checks_dependencies_or_makes_a_client(random_checkpoi
     assert recorder.checks == 1
     with pytest.raises(BadInputError, match="no server URL"):  # Server with an empty URL: said, not raised later
         controller.set_compute(compute_backend.SERVER, "", "")
-    assert controller.compute[0] == compute_backend.LOCAL
+    assert controller.compute[0] == compute_backend.LOCAL and not controller.serves_remotely
+    with pytest.raises(BadInputError, match="server cannot be used: no server URL"):  # not run locally instead
+        controller.start(Action.SEGMENT, p, on_done=print, on_error=print)
+    assert recorder.checks == 1
     controller.set_compute(compute_backend.SERVER, "http://127.0.0.1:9", "")
     controller.allowed(Action.SEGMENT, p)
     started = Answers().start(controller, Action.SEGMENT, p)  # the service needs no local packages
@@ -218,8 +221,8 @@ def test_5_a_compute_switch_counts_only_once_its_client_exists_and_does_not_wait
     replaces it without waiting for the old worker."""
     controller, recorder = worker_panel
     local = controller.core.client
-    local.status().wait(240)  # a running worker (the model is not needed to switch away from it)
-    assert local.state == "ready"
+    local.status()  # a running worker (the model is not needed to switch away from it)
+    pump_until(controller, lambda: local.state == "ready")
     made = len(recorder.clients)
     with pytest.raises(BadInputError, match="not an http"):
         controller.set_compute(compute_backend.SERVER, "gpu-box:8000", "token")
