@@ -194,7 +194,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(crosshair, slicer.vtkMRMLCrosshairNode.CursorPositionModifiedEvent, self.onCursorMoved)
 
         self.ui.placeRoiButton.clicked.connect(self.onPlaceRoi)
-        for button, action in self._actionButtons().items():
+        for button, action in self._actionButtons():
             button.clicked.connect(lambda checked=False, action=action: self.onAction(action))
         self.ui.addPositiveClickButton.clicked.connect(lambda: self.onPlaceClick(True))
         self.ui.addNegativeClickButton.clicked.connect(lambda: self.onPlaceClick(False))
@@ -223,12 +223,13 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:  # Reload calls setup() but not enter(): the shortcuts would be missing
             self.enter()
 
-    def _actionButtons(self) -> dict:
+    def _actionButtons(self) -> list:
+        """(button, the model action it starts)."""
         from MedSAM2HITLLib.panel_controller import Action
 
-        return {self.ui.segmentSliceButton: Action.SEGMENT, self.ui.propagateButton: Action.PROPAGATE,
-                self.ui.propagateFromSliceButton: Action.PROPAGATE_FROM_SLICE,
-                self.ui.propagateAllButton: Action.PROPAGATE_ALL}
+        return [(self.ui.segmentSliceButton, Action.SEGMENT), (self.ui.propagateButton, Action.PROPAGATE),
+                (self.ui.propagateFromSliceButton, Action.PROPAGATE_FROM_SLICE),
+                (self.ui.propagateAllButton, Action.PROPAGATE_ALL)]
 
     def cleanup(self) -> None:
         """Reload or exit: the request and worker first (late answers are dropped), then the embedded editor,
@@ -378,7 +379,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from MedSAM2HITLLib.panel_controller import Action
 
         p, allowed = self._parameterNode, self.controller.allowed
-        for button, action in self._actionButtons().items():
+        for button, action in self._actionButtons():
             button.enabled = allowed(action, p)
         self.ui.placeRoiButton.enabled = allowed(Action.PLACE_ROI, p)
         self.ui.addPositiveClickButton.enabled = self.ui.addNegativeClickButton.enabled = allowed(Action.CLICK, p)
@@ -503,8 +504,10 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- actions --------------------------------------------------------------------------------------------
 
     def onPlaceRoi(self) -> None:
+        from MedSAM2HITLLib import panel_controller
+
         with slicer.util.tryWithErrorDisplay(_("Failed to start placing an ROI."), waitCursor=True):
-            roi = self.logic.startRoiPlacement()
+            roi = panel_controller.start_roi_placement(slicer.mrmlScene)
             self.addObserver(roi, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onRoiPlaced)
             self._parameterNode.segmentId = ""  # a new ROI is a new object: its own segment, named after it
             self._parameterNode.roiNode = roi
@@ -519,8 +522,10 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPlaceClick(self, positive: bool) -> None:
         """One click in a view: a positive or negative point of the object, then its slice is segmented again."""
+        from MedSAM2HITLLib import panel_controller
+
         with slicer.util.tryWithErrorDisplay(_("Failed to start placing a click."), waitCursor=True):
-            points = self.logic.startClickPlacement(self._parameterNode)
+            points = panel_controller.start_click_placement(self._parameterNode)
             self.removeObserver(points, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onClickPlaced)
             self.addObserver(points, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onClickPlaced)
             self._clickIsPositive = positive
@@ -538,6 +543,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAction(self, action, fromShortcut: bool = False) -> None:
         """A model action from its button, its shortcut or a click: one rule decides whether it may run now."""
+        from MedSAM2HITLLib import panel_controller
         from MedSAM2HITLLib.panel_controller import Action
 
         p = self._parameterNode
@@ -550,7 +556,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._followView()  # a shortcut is pressed with the mouse over the view the user works in
             keyIndex = None
             if action == Action.PROPAGATE_FROM_SLICE:
-                keyIndex = self.logic.sliceIndexInView(p, self._sliceNodeForAxis())
+                keyIndex = panel_controller.slice_index_in_view(p, self._sliceNodeForAxis())
             if self.controller.start(action, p, on_done=self._onDone, on_error=self._onError,
                                      on_progress=self._onProgress, key_index=keyIndex):
                 self.ui.progressBar.setRange(0, 0)
@@ -670,56 +676,10 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class MedSAM2HITLLogic(ScriptedLoadableModuleLogic):
-    """The parameter node and the scene helpers of the panel's placement tools; requests go through the
-    panel's `PanelController`."""
+    """The panel's parameter node; requests go through the panel's `PanelController`."""
 
     def getParameterNode(self):
         return MedSAM2HITLParameterNode(super().getParameterNode())
-
-    @staticmethod
-    def sliceIndexInView(p, sliceNode) -> int:
-        """Index, along the array axis of the current view orientation, of the volume slice a view shows."""
-        import numpy as np
-
-        from MedSAM2HITLLib import roi_box
-
-        if not p.inputVolume:
-            raise ValueError(_("Select a volume first."))
-        axis = roi_box.array_axis_for_view(p.inputVolume, p.axis.value)
-        planeOrigin = [sliceNode.GetSliceToRAS().GetElement(row, 3) for row in range(3)] + [1.0]
-        ijk = np.linalg.solve(roi_box.volume_ijk_to_world(p.inputVolume), planeOrigin)
-        index = int(np.floor(ijk[2 - axis] + 0.5))  # array axis 0 is K, 2 is I
-        count = p.inputVolume.GetImageData().GetDimensions()[2 - axis]
-        if not 0 <= index < count:
-            raise ValueError(_("The slice view shows no slice of the volume (slice {index} of 0..{last}).").format(
-                index=index, last=count - 1))
-        return index
-
-    @staticmethod
-    def startRoiPlacement():
-        """A new box ROI that the next two clicks in a view define (see MedSAM2HITLLib.placement)."""
-        from MedSAM2HITLLib.placement import start_placement
-
-        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", slicer.mrmlScene.GenerateUniqueName("ROI"))
-        roi.CreateDefaultDisplayNodes()
-        start_placement(roi)
-        return roi
-
-    @staticmethod
-    def startClickPlacement(p):
-        """The object's point list (made on first use, named after its ROI or segment), in place mode for one click."""
-        from MedSAM2HITLLib.placement import start_placement
-
-        if not p.inputVolume:
-            raise ValueError(_("Select a volume first."))
-        if not p.pointsNode:
-            name = p.roiNode.GetName() if p.roiNode else "MedSAM2"
-            points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
-                                                        slicer.mrmlScene.GenerateUniqueName(f"{name} clicks"))
-            points.CreateDefaultDisplayNodes()
-            p.pointsNode = points
-        start_placement(p.pointsNode)
-        return p.pointsNode
 
 
 class EmbeddedEditorHistory:

@@ -407,6 +407,50 @@ def objects_of(p) -> list[tuple[Any, str]]:
     return objects
 
 
+def slice_index_in_view(p, slice_node) -> int:
+    """Index, along the array axis of the panel's view orientation, of the volume slice a slice view shows."""
+    import numpy as np
+
+    from . import roi_box
+
+    if not p.inputVolume:
+        raise BadInputError("select a volume first")
+    axis = roi_box.array_axis_for_view(p.inputVolume, p.axis.value)
+    plane_origin = [slice_node.GetSliceToRAS().GetElement(row, 3) for row in range(3)] + [1.0]
+    ijk = np.linalg.solve(roi_box.volume_ijk_to_world(p.inputVolume), plane_origin)
+    index = int(np.floor(ijk[2 - axis] + 0.5))  # array axis 0 is K, 2 is I
+    count = roi_box.volume_shape(p.inputVolume)[axis]
+    if not 0 <= index < count:
+        raise BadInputError(f"the slice view shows no slice of the volume (slice {index} of 0..{count - 1})")
+    return index
+
+
+def start_roi_placement(scene):
+    """A new box ROI that the next two clicks in a view define (see placement.start_placement)."""
+    from .placement import start_placement
+
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", scene.GenerateUniqueName("ROI"))
+    roi.CreateDefaultDisplayNodes()
+    start_placement(roi)
+    return roi
+
+
+def start_click_placement(p):
+    """The object's point list (made on first use, named after its ROI), in place mode for one click."""
+    from .placement import start_placement
+
+    if not p.inputVolume:
+        raise BadInputError("select a volume first")
+    if not p.pointsNode:
+        scene = p.inputVolume.GetScene()
+        name = p.roiNode.GetName() if p.roiNode else "MedSAM2"
+        points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName(f"{name} clicks"))
+        points.CreateDefaultDisplayNodes()
+        p.pointsNode = points
+    start_placement(p.pointsNode)
+    return p.pointsNode
+
+
 class SegmentationWatch:
     """Calls `changed()` whenever the watched segmentation's content changes: a result, a paint stroke, or an
     undo/redo in the embedded Segment Editor (vtkSegmentationHistory restores segments: SegmentModified)."""

@@ -21,7 +21,8 @@ import pytest
 from MedSAM2HITLLib import compute_backend
 from MedSAM2HITLLib.dependencies import DependencyError
 from MedSAM2HITLLib.errors import BadInputError
-from MedSAM2HITLLib.panel_controller import Action, PanelController, SegmentationWatch, make_client
+from MedSAM2HITLLib.panel_controller import (Action, PanelController, SegmentationWatch, make_client,
+                                             slice_index_in_view, start_click_placement, start_roi_placement)
 
 SHAPE = (14, 40, 48)  # [k, j, i]
 RANGE = [6, 7, 8]  # propagated slices around the ROI's slice 7: few, the machine is shared
@@ -251,6 +252,30 @@ def test_8_stop_worker_returns_at_once_while_a_request_runs(worker_panel, random
     assert controller.worker_state() == "stopped" and not controller.busy
     controller.core.client.pump(0.3)
     assert (answers.done, answers.errors) == ([], [])
+
+
+def test_the_slice_a_view_shows_and_the_placement_tools(random_checkpoint):
+    """Propagate from this slice takes the slice the view shows; Place ROI and the clicks target their own node."""
+    import slicer
+
+    from MedSAM2HITLLib.placement import SELECTION_NODE_ID
+
+    scene, p = panel_inputs(random_checkpoint)
+    view = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    view.SetOrientation("Axial")
+    to_ras = view.GetSliceToRAS()
+    to_ras.SetElement(2, 3, 9.4)  # 9.4 mm: nearest voxel centre k = 9 (identity IJK to RAS)
+    assert slice_index_in_view(p, view) == 9
+    to_ras.SetElement(2, 3, 30.0)
+    with pytest.raises(BadInputError, match="no slice of the volume.*slice 30 of 0..13"):
+        slice_index_in_view(p, view)
+    selection = scene.GetNodeByID(SELECTION_NODE_ID)
+    roi = start_roi_placement(scene)
+    assert isinstance(roi, slicer.vtkMRMLMarkupsROINode) and selection.GetActivePlaceNodeID() == roi.GetID()
+    points = start_click_placement(p)
+    assert points.GetName() == "Lesion clicks" and p.pointsNode is points
+    assert selection.GetActivePlaceNodeID() == points.GetID()
+    assert start_click_placement(p) is points  # the object's one point list
 
 
 class SlowService(http.server.BaseHTTPRequestHandler):
