@@ -334,3 +334,14 @@ def test_8_test_connection_reports_an_unreachable_service():
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert answer.lines == [] and "unreachable" in answer.error
+
+
+def test_a_finished_download_is_handed_to_the_gui_once():
+    controller = PanelController(client_factory=make_client, check_dependencies=lambda: None)
+    controller.start_download("NoSuchModel")  # fails on its thread at once: no network is touched
+    deadline = time.monotonic() + 10
+    while (job := controller.poll_download()) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert "unknown checkpoint 'NoSuchModel'" in str(job.error)
+    assert controller.download is None and controller.poll_download() is None
