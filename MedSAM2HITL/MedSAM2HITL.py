@@ -548,8 +548,9 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         p = self._parameterNode
         if not self.controller.allowed(action, p):
-            if self.controller.busy:
-                self._setStatus(_("Busy: wait for the running request or cancel it."))
+            self._setStatus(_("Busy: wait for the running request or cancel it.") if self.controller.busy else
+                            _("{action}: select what it needs first (volume, ROI or segment).").format(
+                                action=action.value.capitalize()))
             return
         with slicer.util.tryWithErrorDisplay(_("Failed: {action}.").format(action=action.value), waitCursor=True):
             if fromShortcut:
@@ -557,10 +558,11 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             keyIndex = None
             if action == Action.PROPAGATE_FROM_SLICE:
                 keyIndex = panel_controller.slice_index_in_view(p, self._sliceNodeForAxis())
-            if self.controller.start(action, p, on_done=self._onDone, on_error=self._onError,
-                                     on_progress=self._onProgress, key_index=keyIndex):
+            started = self.controller.start(action, p, on_done=self._onDone, on_error=self._onError,
+                                            on_progress=self._onProgress, key_index=keyIndex)
+            if started and self.controller.busy:  # not when it failed at once (its error is shown already)
                 self.ui.progressBar.setRange(0, 0)
-                self.ui.progressBar.setVisible(self.controller.busy)
+                self.ui.progressBar.show()
                 self._setStatus(_("Running... (the first request also starts the worker and loads the model)"))
             self._updateButtons()
 
