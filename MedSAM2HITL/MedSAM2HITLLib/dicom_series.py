@@ -91,13 +91,13 @@ def read_dicom(path: str | Path, series_uid: str | None = None, max_bytes: int |
     origin = first_plane.position
     if np.abs(offsets).max(initial=0.0) > SPACING_TOLERANCE_MM:
         if not regularize:
-            raise BadInputError(f"{what} is tilted by {tilt:.1f}° (gantry tilt, or slice positions sheared off the "
+            raise BadInputError(f"{what} is tilted by {tilt:.1f} degrees (gantry tilt, or slice positions sheared off the "
                                 "slice normal) and resampling is off (--no-regularize); leave that out to resample "
                                 "it onto an orthogonal grid")
         voxels, low = _regularize(voxels, pixels)
         origin = origin + low[0] * first_plane.spacing[0] * first_plane.row \
             + low[1] * first_plane.spacing[1] * first_plane.column
-        _LOG.warning("warning: the DICOM series is tilted by %.1f° (gantry tilt or sheared slice positions): "
+        _LOG.warning("warning: the DICOM series is tilted by %.1f degrees (gantry tilt or sheared slice positions): "
                      "resampled onto an orthogonal grid that holds every slice, as Slicer's DICOM reader does "
                      "(--no-regularize refuses it instead)", tilt)
     normal = np.cross(first_plane.row, first_plane.column)

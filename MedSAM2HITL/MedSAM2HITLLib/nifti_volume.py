@@ -1,7 +1,8 @@
 """NIfTI-1 and NIfTI-2 volumes read with one geometry rule, the one nibabel, FSL and ITK-SNAP follow.
 
 The voxel-to-RAS transform is the sform when its code is > 0, else the qform when its code is > 0, else the
-pixdim scaling alone (NIfTI's "method 1": origin 0, axes along R, A, S). ITK, and so Slicer's reader, prefers the
+pixdim scaling alone (the NIfTI standard's "method 1": origin 0, i along R, j along A, k along S; ITK points i
+and j to L and P instead, nibabel centres the grid: a file without transforms has no true place). ITK, and so Slicer's reader, prefers the
 qform, which puts a file whose two transforms differ somewhere else than every other tool; ITK cannot read NIfTI-2
 at all. A left-handed grid (e.g. LAS) is turned right-handed as Slicer's reader turns it, by reversing K, so a slice
 number means the same slice here and in Slicer; `export` writes labelmaps back in the file's own voxel order.
@@ -122,7 +123,7 @@ def _reverse_k(slices: int) -> np.ndarray:
 
 
 def _disagreement(sform: np.ndarray, qform: np.ndarray) -> str | None:
-    """'the sform and the qform differ by 12.2 mm and 0°; ...' when they differ beyond the tolerances, else None."""
+    """'the sform and the qform differ by 12.2 mm and 0 degrees; ...' when they differ beyond the tolerances, else None."""
     shift = float(np.linalg.norm(sform[:3, 3] - qform[:3, 3]))
     axes_s = sform[:3, :3] / np.linalg.norm(sform[:3, :3], axis=0)
     axes_q = qform[:3, :3] / np.linalg.norm(qform[:3, :3], axis=0)
@@ -130,5 +131,5 @@ def _disagreement(sform: np.ndarray, qform: np.ndarray) -> str | None:
     degrees = float(np.degrees(np.max(np.arccos(cosines))))
     if shift <= DISAGREEMENT_MM and degrees <= DISAGREEMENT_DEGREES:
         return None
-    return (f"the NIfTI sform and qform differ by {shift:.3g} mm and {degrees:.3g}°; the sform is used, as nibabel, "
+    return (f"the NIfTI sform and qform differ by {shift:.3g} mm and {degrees:.3g} degrees; the sform is used, as nibabel, "
             "FSL and ITK-SNAP use it (Slicer would use the qform)")
