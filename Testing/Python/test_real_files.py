@@ -395,3 +395,69 @@ def test_nifti_labelmap_keeps_the_source_header(tmp_path, scene):  # noqa: F811
         k = source.shape[2] - 1 - 3  # slice 3 of the right-handed grid is the LAS file's k = 24 - 3
         assert np.flatnonzero(labels.any(axis=(0, 1))).tolist() == [k]
         assert np.array_equal(np.argwhere(labels[..., k]).min(0), [10, 20])
+
+
+# Segmentation through the CLI: the mask lands on the object
+
+
+def mask_centroid(mask2d: np.ndarray) -> np.ndarray:
+    """(column, row) centroid of a 2D mask indexed [row, column]."""
+    rows, columns = np.nonzero(mask2d)
+    return np.array([columns.mean(), rows.mean()])
+
+
+def segment_key_slice(volume: Path, box_corners_ras: np.ndarray, tmp_path: Path) -> nib.Nifti1Image:
+    labelmap = tmp_path / "labels.nii.gz"
+    result = cli("segment", str(volume), "--box-ras", *[f"{v:.4f}" for v in box_corners_ras.ravel()],
+                 "--window", "abdomen", "--checkpoint", str(DATA / "phantom_sam2.pt"), "--device", "cpu",
+                 "--threads", "2", "-o", str(tmp_path / "out.seg.nrrd"), "--labelmap", str(labelmap))
+    assert result.returncode == 0, result.stderr
+    return nib.load(labelmap)
+
+
+def test_cli_mask_on_a_gantry_tilted_series_lies_on_the_object(tmp_path):
+    """A 20-degree tilt: the series is resampled, and the key slice's mask centroid, mapped through the labelmap's
+    own affine, lies within one voxel of where the tags put the object."""
+    from phantoms import make_phantom
+
+    phantom = make_phantom(31, size=(40, 80, 96), modality="ct")
+    row, column, spacing, gap = np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), (0.8, 0.8), 1.5
+    positions = write_series(tmp_path / "tilted", phantom.volume, (-40.0, -30.0, 10.0), row, column, spacing, gap,
+                             (0.0, np.tan(np.radians(20))))
+    k = phantom.key_index
+    x0, y0, x1, y1 = phantom.box()
+
+    def lps_to_ras(x: float, y: float) -> np.ndarray:  # slice k's pixel (x, y) in RAS
+        return (LPS_TO_RAS @ [*(positions[k] + x * spacing[0] * row + y * spacing[1] * column), 1.0])[:3]
+
+    written = segment_key_slice(tmp_path / "tilted", np.array([lps_to_ras(x0 - 1, y0 - 1), lps_to_ras(x1 + 1, y1 + 1)]),
+                                tmp_path)
+    labels = np.asarray(written.dataobj) > 0
+    assert np.flatnonzero(labels.any(axis=(0, 1))).tolist() == [k]
+    i, j = mask_centroid(labels[..., k].T)
+    found = (written.affine @ [i, j, k, 1.0])[:3]
+    assert np.linalg.norm(found - lps_to_ras(*mask_centroid(phantom.mask[k]))) < max(*spacing, gap)
+
+
+def test_cli_mask_on_a_las_nifti_with_sform_and_qform_apart_lies_on_the_object(tmp_path):
+    """The sform places the box; the labelmap has the file's voxel order, sform and qform, and its mask centroid lies
+    within one voxel of the object in the file's own voxels."""
+    from phantoms import make_phantom
+
+    phantom = make_phantom(31, size=(40, 80, 96), modality="ct")
+    sform = np.array([[-1.0, 0, 0, 50.0], [0, 1.1, 0, -40.0], [0, 0, 1.5, -30.0], [0, 0, 0, 1]])  # LAS
+    qform = sform.copy()
+    qform[:3, 3] += (8.0, 0.0, -6.0)
+    image = nib.Nifti1Image(phantom.volume.transpose(2, 1, 0), sform)
+    image.set_qform(qform, code=1)
+    image.set_sform(sform, code=2)
+    nib.save(image, tmp_path / "phantom.nii.gz")
+    k = phantom.key_index
+    x0, y0, x1, y1 = phantom.box()
+    corners = np.array([(sform @ [x0 - 1, y0 - 1, k, 1.0])[:3], (sform @ [x1 + 1, y1 + 1, k, 1.0])[:3]])
+    written = segment_key_slice(tmp_path / "phantom.nii.gz", corners, tmp_path)
+    np.testing.assert_allclose(written.header.get_sform(), sform, atol=1e-5)
+    np.testing.assert_allclose(written.header.get_qform(), qform, atol=1e-4)
+    labels = np.asarray(written.dataobj) > 0
+    assert np.flatnonzero(labels.any(axis=(0, 1))).tolist() == [k]
+    assert np.linalg.norm(mask_centroid(labels[..., k].T) - mask_centroid(phantom.mask[k])) < 1.0
