@@ -135,11 +135,14 @@ def test_shipped_nifti_files_match_nibabel_and_simpleitk(path, scene):  # noqa: 
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), data.transpose(2, 1, 0))
 
 
-def test_info_names_the_file_grid_and_the_reversed_k_of_a_las_file():
-    result = cli("info", str(NIBABEL_DATA / "anatomical.nii"))
+def test_info_names_the_file_grid_the_reversed_k_and_a_qform_apart(tmp_path):
+    path, _, _ = nifti_variant(tmp_path, "sform_differs_from_qform")  # anatomical.nii (LAS), sform moved 13.2 mm
+    result = cli("info", str(path))
     assert result.returncode == 0, result.stderr
+    assert "warning: the NIfTI sform and qform differ by 13.2 mm and 0 degrees; the sform is used" in result.stderr
+    assert "origin RAS:  42 -45 39\n" in result.stdout  # the sform's origin (42 -45 -9) at the reversed K's start
     assert "orientation: LAI (I, J, K point towards)" in result.stdout
-    assert "file grid:   LAS, origin RAS 32 -40 -16 (the NIfTI sform" in result.stdout
+    assert "file grid:   LAS, origin RAS 42 -45 -9 (the NIfTI sform" in result.stdout
     assert ("index order: the file's grid is left-handed: turned right-handed as Slicer does, by reversing K; slice n "
             "here and in --start/--end is the file's k = 24 - n") in result.stdout
 
@@ -331,6 +334,23 @@ def test_enhanced_multiframe_from_a_real_mri(sop_class, scene, tmp_path):  # noq
     expected[:3, 3] = positions[0]
     np.testing.assert_allclose(volume_ijk_to_world(volume), LPS_TO_RAS @ expected, atol=1e-5)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), voxels.astype(float) + intercept)
+
+
+def test_enhanced_frames_that_are_not_one_stack_are_refused(scene, tmp_path):  # noqa: F811
+    """Two echoes of the same 12 slices in one file: frames share positions."""
+    voxels = real_slices()[:12]
+    write_enhanced(tmp_path / "echoes.dcm", np.concatenate([voxels, voxels]), ENHANCED_MR, (0.0, 0.0, 0.0),
+                   (1, 0, 0), (0, 1, 0), (1.0, 1.0), 1.0)
+    positions = pydicom.dcmread(tmp_path / "echoes.dcm").PerFrameFunctionalGroupsSequence
+    for frame in range(12, 24):  # the second echo at the first one's positions
+        positions[frame].PlanePositionSequence[0].ImagePositionPatient = \
+            positions[frame - 12].PlanePositionSequence[0].ImagePositionPatient
+    dataset = pydicom.dcmread(tmp_path / "echoes.dcm")
+    dataset.PerFrameFunctionalGroupsSequence = positions
+    dataset.save_as(tmp_path / "echoes.dcm")
+    with pytest.raises(BadInputError, match=r"frame \d+ of 'echoes.dcm' and frame \d+ of 'echoes.dcm' have the same "
+                                            r"slice position .*: its frames are not one stack"):
+        load_volume(scene, tmp_path / "echoes.dcm")
 
 
 def test_shipped_multiframe_files_match_their_tags(scene):  # noqa: F811
