@@ -333,8 +333,9 @@ def run_info(args) -> int:
     print(f"orientation: {_orientation(ijk_to_ras)} (I, J, K point towards)")
     nifti = load_nifti_geometry(args.volume)
     if nifti is not None:
-        print(f"file grid:   {_orientation(nifti.affine)}, origin RAS {' '.join(f'{v:g}' for v in nifti.affine[:3, 3])}"
-              f" (the NIfTI {nifti.source}; sform when its code > 0, else qform, else pixdim)")
+        origin = " ".join(f"{v:g}" for v in nifti.affine[:3, 3])
+        print(f"file grid:   {_orientation(nifti.affine)}, origin RAS {origin} (the NIfTI {nifti.source}; sform when "
+              "its code > 0, else qform, else pixdim)")
         slices = array.shape[0]
         print("index order: " + (f"the file's grid is left-handed: turned right-handed as Slicer does, by reversing K; "
                                  f"slice n here and in --start/--end is the file's k = {slices - 1} - n"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
-from .volume_file import VolumeHeader, check_size, volume_header
+from .volume_file import check_size, volume_header
 
 SPACING_TOLERANCE_MM = 0.01  # what Slicer's DICOM scalar volume plugin tolerates
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines of two slices of one stack
@@ -67,7 +67,8 @@ def read_dicom(path: str | Path, series_uid: str | None = None, max_bytes: int |
     series = _series_in(path)
     where = f"folder '{path}'" if path.is_dir() else f"'{path.name}'"
     if not series:
-        raise BadInputError(f"{where} contains no DICOM series; point to a folder of the .dcm files of a CT, MR or PET series")
+        raise BadInputError(f"{where} contains no DICOM series; point to a folder of the .dcm files of a CT, MR or "
+                            "PET series")
     if series_uid is None and len(series) == 1:
         series_uid = next(iter(series))
     if series_uid not in series:
@@ -91,9 +92,9 @@ def read_dicom(path: str | Path, series_uid: str | None = None, max_bytes: int |
     origin = first_plane.position
     if np.abs(offsets).max(initial=0.0) > SPACING_TOLERANCE_MM:
         if not regularize:
-            raise BadInputError(f"{what} is tilted by {tilt:.1f} degrees (gantry tilt, or slice positions sheared off the "
-                                "slice normal) and resampling is off (--no-regularize); leave that out to resample "
-                                "it onto an orthogonal grid")
+            raise BadInputError(f"{what} is tilted by {tilt:.1f} degrees (gantry tilt, or slice positions sheared off "
+                                "the slice normal) and resampling is off (--no-regularize); leave that out to "
+                                "resample it onto an orthogonal grid")
         voxels, low = _regularize(voxels, pixels)
         origin = origin + low[0] * first_plane.spacing[0] * first_plane.row \
             + low[1] * first_plane.spacing[1] * first_plane.column
@@ -223,7 +224,8 @@ def _stack(planes: list[_Plane], multiframe: bool, dataset) -> tuple[np.ndarray,
         spacing = float(np.median(gaps))
         odd = int(np.argmax(np.abs(gaps - spacing)))
         if abs(gaps[odd] - spacing) > SPACING_TOLERANCE_MM:
-            between = f"between {label[odd]} and {label[odd + 1]} ({gaps[odd]:.4g} mm apart, the others {spacing:.4g} mm)"
+            between = (f"between {label[odd]} and {label[odd + 1]} ({gaps[odd]:.4g} mm apart, the others "
+                       f"{spacing:.4g} mm)")
             missing = round(gaps[odd] / spacing) - 1
             if missing >= 1 and abs(gaps[odd] - (missing + 1) * spacing) <= SPACING_TOLERANCE_MM * (missing + 1):
                 raise BadInputError(f"{missing} slice{'s are' if missing > 1 else ' is'} missing {between}: its "

@@ -1,11 +1,12 @@
 """NIfTI-1 and NIfTI-2 volumes read with one geometry rule, the one nibabel, FSL and ITK-SNAP follow.
 
 The voxel-to-RAS transform is the sform when its code is > 0, else the qform when its code is > 0, else the
-pixdim scaling alone (the NIfTI standard's "method 1": origin 0, i along R, j along A, k along S; ITK points i
-and j to L and P instead, nibabel centres the grid: a file without transforms has no true place). ITK, and so Slicer's reader, prefers the
-qform, which puts a file whose two transforms differ somewhere else than every other tool; ITK cannot read NIfTI-2
-at all. A left-handed grid (e.g. LAS) is turned right-handed as Slicer's reader turns it, by reversing K, so a slice
-number means the same slice here and in Slicer; `export` writes labelmaps back in the file's own voxel order.
+pixdim scaling alone (the NIfTI standard's "method 1": origin 0, i along R, j along A, k along S; ITK points i and
+j to L and P instead, nibabel centres the grid: a file without transforms has no true place). ITK, and so Slicer's
+reader, prefers the qform, which puts a file whose two transforms differ somewhere else than every other tool; ITK
+cannot read NIfTI-2 at all. A left-handed grid (e.g. LAS) is turned right-handed as Slicer's reader turns it, by
+reversing K, so a slice number means the same slice here and in Slicer; `export` writes labelmaps back in the
+file's own voxel order.
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith((".nii", ".nii.gz"))
 
 
+def nifti_errors() -> tuple[type[Exception], ...]:
+    """What opening a broken or foreign file as NIfTI raises."""
+    import nibabel as nib
+
+    return (OSError, ValueError, EOFError, struct.error, nib.filebasedimages.ImageFileError,
+            nib.wrapstruct.WrapStructError)
+
+
 def open_nifti(path: str | Path):
     """nibabel's image (data not read) of a NIfTI-1/-2 file; gzip is told by its magic number, as ITK tells it,
     not by the name. Raises nibabel's and the file system's errors."""
@@ -82,27 +91,23 @@ def nifti_geometry(header) -> NiftiGeometry:
 
 def load_nifti_geometry(path: str | Path) -> NiftiGeometry | None:
     """The geometry of the NIfTI file at `path` (its header only is read), or None for another or unreadable file."""
-    import nibabel as nib
-
     if not is_nifti(path) or not Path(path).is_file():
         return None
     try:
         return nifti_geometry(open_nifti(path).header)
-    except (OSError, ValueError, EOFError, struct.error, nib.filebasedimages.ImageFileError, nib.wrapstruct.WrapStructError):
+    except nifti_errors():
         return None
 
 
 def read_nifti(path: Path) -> NiftiVolume:
     """The voxels and geometry of a checked (`volume_file.check_volume_file`) NIfTI file; scaled data as float32,
     as ITK reads them. Says in one log line when sform and qform disagree."""
-    import nibabel as nib
-
     try:
         image = open_nifti(path)
         geometry = nifti_geometry(image.header)
         scaled = image.dataobj.slope != 1 or image.dataobj.inter != 0
         voxels = np.asanyarray(image.dataobj, dtype=np.float32 if scaled else image.get_data_dtype())
-    except (OSError, ValueError, EOFError, struct.error, nib.filebasedimages.ImageFileError, nib.wrapstruct.WrapStructError) as error:
+    except nifti_errors() as error:
         raise BadInputError(f"could not read volume '{path.name}' ({error}); copy or export the file again") from None
     voxels = voxels.reshape(voxels.shape[:3])  # a 4D file with one time point (checked) is a 3D volume
     if geometry.disagreement:
@@ -123,7 +128,7 @@ def _reverse_k(slices: int) -> np.ndarray:
 
 
 def _disagreement(sform: np.ndarray, qform: np.ndarray) -> str | None:
-    """'the sform and the qform differ by 12.2 mm and 0 degrees; ...' when they differ beyond the tolerances, else None."""
+    """'the NIfTI sform and qform differ by 12.2 mm and 0 degrees; ...' beyond the tolerances, else None."""
     shift = float(np.linalg.norm(sform[:3, 3] - qform[:3, 3]))
     axes_s = sform[:3, :3] / np.linalg.norm(sform[:3, :3], axis=0)
     axes_q = qform[:3, :3] / np.linalg.norm(qform[:3, :3], axis=0)
@@ -131,5 +136,5 @@ def _disagreement(sform: np.ndarray, qform: np.ndarray) -> str | None:
     degrees = float(np.degrees(np.max(np.arccos(cosines))))
     if shift <= DISAGREEMENT_MM and degrees <= DISAGREEMENT_DEGREES:
         return None
-    return (f"the NIfTI sform and qform differ by {shift:.3g} mm and {degrees:.3g} degrees; the sform is used, as nibabel, "
-            "FSL and ITK-SNAP use it (Slicer would use the qform)")
+    return (f"the NIfTI sform and qform differ by {shift:.3g} mm and {degrees:.3g} degrees; the sform is used, as "
+            "nibabel, FSL and ITK-SNAP use it (Slicer would use the qform)")

@@ -138,13 +138,11 @@ def _read_header(path: Path, image_io: str, what: str):
 def _nifti_header(path: Path, what: str) -> VolumeHeader:
     """A NIfTI-1 or NIfTI-2 header as `read_nifti` will hold it: scaled data as float32, trailing single time points
     dropped."""
-    import nibabel as nib
-
-    from .nifti_volume import open_nifti
+    from .nifti_volume import nifti_errors, open_nifti
 
     try:
         image = open_nifti(path)
-    except (OSError, ValueError, EOFError, struct.error, nib.filebasedimages.ImageFileError, nib.wrapstruct.WrapStructError):
+    except nifti_errors():
         raise BadInputError(f"could not read {what}: it is not a valid image file") from None
     dtype = image.get_data_dtype()
     if dtype.fields is not None or dtype.kind not in "iuf":

@@ -33,7 +33,8 @@ NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data" / "test_files"
 PYDICOM_STORE = Path(__import__("data_store").__file__).parent / "data"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-ENHANCED_MR, ENHANCED_CT, CT_IMAGE = "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_MR, ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.2.1"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def reverse_k(affine: np.ndarray, slices: int) -> np.ndarray:
@@ -109,8 +110,9 @@ def test_nifti_variants_read_by_the_rule(name, scene, tmp_path, caplog):  # noqa
     np.testing.assert_allclose(volume_ijk_to_world(volume), ijk_to_ras, atol=1e-4)
     np.testing.assert_allclose(slicer.util.arrayFromVolume(volume), voxels, rtol=1e-6)
     warned = [r.getMessage() for r in caplog.records if "sform and qform differ" in r.getMessage()]
-    assert warned == (["warning: the NIfTI sform and qform differ by 13.2 mm and 0 degrees; the sform is used, as nibabel, "
-                       "FSL and ITK-SNAP use it (Slicer would use the qform)"] if name.startswith("sform") else [])
+    assert warned == (["warning: the NIfTI sform and qform differ by 13.2 mm and 0 degrees; the sform is used, as "
+                       "nibabel, FSL and ITK-SNAP use it (Slicer would use the qform)"] if name.startswith("sform")
+                      else [])
     if name in ("qform_only", "big_endian"):  # SimpleITK agrees where sform and qform do
         np.testing.assert_allclose(volume_ijk_to_world(volume), right_handed(sitk_ijk_to_ras(path), voxels.shape[0]),
                                    atol=1e-4)
@@ -163,7 +165,8 @@ def write_series(folder: Path, voxels: np.ndarray, origin, row, column, spacing,
     positions = []
     for k in [*[k for k in range(len(voxels)) if k not in skip], *repeat]:
         depth = k * slice_gap
-        position = np.asarray(origin) + depth * normal + depth * (shear_mm_per_mm[0] * row + shear_mm_per_mm[1] * column)
+        shear = shear_mm_per_mm[0] * row + shear_mm_per_mm[1] * column
+        position = np.asarray(origin) + depth * (normal + shear)
         positions.append(position)
         piece = sitk.GetImageFromArray(voxels[k].astype(np.int16))
         piece.SetSpacing(spacing)
@@ -249,8 +252,8 @@ def test_a_tilted_series_is_refused_under_no_regularize(tmp_path):
                  (0.0, np.tan(np.radians(20))))
     result = cli("info", str(tmp_path / "tilted"), "--no-regularize")
     assert result.returncode == 2
-    assert "is tilted by 20.0 degrees (gantry tilt, or slice positions sheared off the slice normal) and resampling is off " \
-           "(--no-regularize)" in result.stderr
+    assert ("is tilted by 20.0 degrees (gantry tilt, or slice positions sheared off the slice normal) and resampling "
+            "is off (--no-regularize)") in result.stderr
 
 
 @pytest.mark.parametrize("case, message", [
