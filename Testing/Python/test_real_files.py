@@ -263,7 +263,7 @@ def test_a_tilted_series_is_refused_under_no_regularize(tmp_path):
     ("truncated", r"DICOM file 'slice0013.dcm' is truncated or corrupt: The number of bytes of pixel data is less "
                   "than expected"),
     ("no_geometry", r"DICOM file 'JPEG2000_UNC.dcm' has no patient geometry"),
-])
+], ids=["duplicate", "missing", "truncated", "no_geometry"])
 def test_broken_series_are_refused_naming_the_files(case, message, scene, tmp_path):  # noqa: F811
     folder = tmp_path / case
     voxels = real_slices()[:10]
