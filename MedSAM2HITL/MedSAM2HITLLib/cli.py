@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment an object from a box, optionally through the volume")
     segment.add_argument("volume", help="NIfTI, NRRD, MHA/MHD file or a DICOM series folder")
     segment.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several")
+    _regularize_argument(segment)
     prompt = segment.add_mutually_exclusive_group()
     prompt.add_argument("--box-ras", nargs=6, type=float, action="append", metavar=("X1", "Y1", "Z1", "X2", "Y2", "Z2"),
                         help="two opposite corners of the box in RAS millimetres (as Slicer shows them); repeat it\n"
@@ -78,10 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="size, spacing, orientation and intensity range of a volume")
     info.add_argument("volume")
     info.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several")
+    _regularize_argument(info)
     info.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                       help="the device whose precision to show (default auto)")
     _precision_argument(info)
     return parser
+
+
+def _regularize_argument(parser) -> None:
+    parser.add_argument("--no-regularize", action="store_true",
+                        help="refuse a tilted DICOM series (gantry tilt, sheared positions) instead of resampling it")
 
 
 def _precision_argument(parser) -> None:
@@ -163,7 +170,7 @@ def run_segment(args) -> int:
     parse_window(args.window, _no_volume()) if args.window != "mr" else None  # a bad preset fails before any work
     checkpoint = Path(args.checkpoint) if args.server else resolve_checkpoint(args.checkpoint)  # the service has its own
     scene = create_scene()
-    volume = load_volume(scene, args.volume, series_uid=args.series)
+    volume = load_volume(scene, args.volume, series_uid=args.series, regularize=not args.no_regularize)
     rois = [load_roi(scene, args.roi)] if args.roi else [roi_from_corners(scene, volume, box) for box in args.box_ras or []]
     points = _points_node(scene, args.point_ras) if args.point_ras else None
     if not rois and points is None:
@@ -311,25 +318,42 @@ def run_info(args) -> int:
     import slicer.util
 
     from .mrml_scene import create_scene, load_volume
+    from .nifti_volume import load_nifti_geometry
     from .roi_box import array_axis_for_view, volume_ijk_to_world
 
     compute = _compute_choice(args.device, args.precision)  # a bad --precision fails before the volume loads
-    volume = load_volume(create_scene(), args.volume, series_uid=args.series)
+    volume = load_volume(create_scene(), args.volume, series_uid=args.series, regularize=not args.no_regularize)
     array = slicer.util.arrayFromVolume(volume)
     ijk_to_ras = volume_ijk_to_world(volume)
     spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
-    directions = ijk_to_ras[:3, :3] / spacing
     print(f"file:        {args.volume}")
     print(f"size (IJK):  {' x '.join(str(n) for n in array.shape[::-1])}  ({array.dtype})")
     print(f"spacing mm:  {' x '.join(f'{s:g}' for s in spacing)}")
     print(f"origin RAS:  {' '.join(f'{v:g}' for v in ijk_to_ras[:3, 3])}")
-    print(f"orientation: {''.join(_axis_code(d) for d in directions.T)} (I, J, K point towards)")
+    print(f"orientation: {_orientation(ijk_to_ras)} (I, J, K point towards)")
+    nifti = load_nifti_geometry(args.volume)
+    if nifti is not None:
+        origin = " ".join(f"{v:g}" for v in nifti.affine[:3, 3])
+        print(f"file grid:   {_orientation(nifti.affine)}, origin RAS {origin} (the NIfTI {nifti.source}; sform when "
+              "its code > 0, else qform, else pixdim)")
+        slices = array.shape[0]
+        print("index order: " + (f"the file's grid is left-handed: turned right-handed as Slicer does, by reversing K; "
+                                 f"slice n here and in --start/--end is the file's k = {slices - 1} - n"
+                                 if nifti.left_handed else "the file's own i, j, k"))
     print(f"intensity:   {array.min():g} .. {array.max():g}")
     for view in VIEWS:
         axis = array_axis_for_view(volume, view)
         print(f"{view + ':':<12} {array.shape[axis]} slices (0..{array.shape[axis] - 1})")
     print(f"compute:     {compute}")
     return EXIT_OK
+
+
+def _orientation(affine) -> str:
+    """'LAS': where the grid's I, J and K axes point."""
+    import numpy as np
+
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return "".join(_axis_code(d) for d in directions.T)
 
 
 def _compute_choice(device: str, precision: str) -> str:

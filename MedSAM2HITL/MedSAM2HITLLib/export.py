@@ -121,10 +121,11 @@ def export_labelmap_nifti(
     Segment n of `segment_ids` (default: all, in the segmentation's order) gets label n (1-based); where
     segments overlap, the later one wins. Returns {label: segment name}.
 
-    When the volume was read from a NIfTI file, the labelmap gets that file's affine, voxel order and sform/qform
-    codes, so its array lines up index for index with the source file: Slicer flips the slice axis of
-    left-handed NIfTI files (e.g. LAS) on reading, and a labelmap written through Slicer's writer keeps the flip.
-    Otherwise the affine is the volume's IJK→RAS.
+    When the volume was read from a NIfTI file, the labelmap is written in that file's voxel order with a copy of
+    its header: the same NIfTI version, qform and sform with their codes, and xyzt_units, so it lines up index for
+    index and millimetre for millimetre with the source in every tool. The volume's grid is the file's with K
+    reversed for a left-handed file (`nifti_volume`), or the one Slicer's reader made of it. Otherwise (another
+    format, or a grid that is not the file's) the affine is the volume's IJK→RAS.
     """
     import nibabel as nib
 
@@ -144,21 +145,40 @@ def export_labelmap_nifti(
         names[value] = segmentation.GetSegment(segment_id).GetName()
 
     data = labels.transpose(2, 1, 0)  # [k, j, i] → NIfTI's [i, j, k]
-    affine = volume_ijk_to_ras(volume_node)
-    codes = (1, 1)
-    source = _source_nifti(volume_node)
-    if source is not None:
-        reordered = _reorder_to_grid(data, affine, source.affine, source.shape[:3])
-        if reordered is not None:
-            data, affine = reordered, source.affine
-            codes = (int(source.header["qform_code"]) or 1, int(source.header["sform_code"]) or 1)
-    image = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    image.set_qform(affine, code=codes[0])
-    image.set_sform(affine, code=codes[1])
+    image = _on_source_grid(data, volume_node)
+    if image is None:
+        affine = volume_ijk_to_ras(volume_node)
+        image = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
     image.set_data_dtype(dtype)
     replace_verified(path, lambda partial: nib.save(image, str(partial)),
                      lambda partial: np.asanyarray(nib.load(str(partial)).dataobj))
     return names
+
+
+def _on_source_grid(data: np.ndarray, volume_node):
+    """`data` ([i, j, k] on the volume's grid) as a NIfTI image in the source file's voxel order, with the source's
+    header transforms and units; None when the volume does not come from a NIfTI file or is not on its grid."""
+    from .nifti_volume import load_nifti_geometry, open_nifti
+
+    storage = volume_node.GetStorageNode()
+    name = storage.GetFileName() if storage is not None else None
+    geometry = load_nifti_geometry(name) if name else None
+    if geometry is None:
+        return None
+    source = open_nifti(name)
+    reordered = _reorder_to_grid(data, volume_ijk_to_ras(volume_node), geometry.affine, source.shape[:3])
+    if reordered is None:
+        return None
+    header = source.header.copy()
+    header.set_slope_inter(1, 0)
+    header["cal_min"], header["cal_max"] = 0, 0
+    header["intent_code"] = 0
+    image = type(source)(np.ascontiguousarray(reordered), None, header)
+    image.set_qform(source.header.get_qform(), code=int(source.header["qform_code"]))
+    image.set_sform(source.header.get_sform(), code=int(source.header["sform_code"]))
+    return image
 
 
 def volume_ijk_to_ras(volume_node) -> np.ndarray:
@@ -168,20 +188,6 @@ def volume_ijk_to_ras(volume_node) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
     return matrix_to_numpy(matrix)
-
-
-def _source_nifti(volume_node):
-    """The nibabel image (header only is read) of the NIfTI file the volume was loaded from, if any."""
-    import nibabel as nib
-
-    storage = volume_node.GetStorageNode()
-    name = storage.GetFileName() if storage is not None else None
-    if not name or not name.lower().endswith((".nii", ".nii.gz")) or not Path(name).is_file():
-        return None
-    try:
-        return nib.load(name)
-    except (OSError, ValueError, nib.filebasedimages.ImageFileError):
-        return None
 
 
 def _reorder_to_grid(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BadInputError
-from .volume_file import VOLUME_SUFFIXES, check_dicom_series, check_volume_file
+from .volume_file import VOLUME_SUFFIXES, check_volume_file
 
 ROI_SUFFIX = ".mrk.json"
 
@@ -113,23 +113,37 @@ def add_volume_from_array(scene, array: np.ndarray, ijk_to_ras: np.ndarray, name
 
 
 def load_volume(scene, path: str | Path, name: str | None = None, max_bytes: int | None = None,
-                series_uid: str | None = None):
-    """Read a NIfTI/NRRD/MetaImage file or a DICOM series folder into a new scalar volume node.
+                series_uid: str | None = None, regularize: bool = True):
+    """Read a NIfTI/NRRD/MetaImage file, a DICOM series folder or a DICOM file into a new scalar volume node.
 
-    Files go through Slicer's own reader (`vtkMRMLVolumeArchetypeStorageNode`), so the geometry is exactly what
-    Slicer shows; a DICOM folder is read with SimpleITK, the series `series_uid` when it holds several. Both are
-    checked first (`volume_file`): a header that claims more than `max_bytes` (default `max_volume_bytes()`) or
-    than free memory, truncated data or unevenly spaced slices are refused before anything is allocated.
+    Every reader follows one geometry rule: NIfTI (1 and 2) through nibabel with the sform, else the qform, else
+    pixdim (`nifti_volume`); DICOM from its tags, checked and sorted along the slice normal, tilted series resampled
+    unless `regularize` is False (`dicom_series`); NRRD and MetaImage through Slicer's own reader. All are checked
+    first: a header that claims more than `max_bytes` (default `max_volume_bytes()`) or than free memory, truncated
+    data or a broken series are refused before anything is allocated. A file's node keeps a storage node naming the
+    file, so `export` can write results back on the file's own grid.
     """
+    from .dicom_series import is_dicom_path, read_dicom
+    from .nifti_volume import is_nifti, read_nifti
+
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"volume '{path}' does not exist; check the path")
-    if path.is_dir():
-        return _load_dicom_series(scene, path, name or path.name, series_uid, max_bytes)
+    if is_dicom_path(path):
+        dicom = read_dicom(path, series_uid, max_bytes, regularize)
+        lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+        return add_volume_from_array(scene, dicom.voxels, lps_to_ras @ dicom.ijk_to_lps, name or _stem(path))
     if series_uid is not None:
         raise BadInputError(f"'{path.name}' is a file, not a DICOM folder: a series UID (--series) applies only to "
                             "DICOM folders; leave it out")
     check_volume_file(path, max_bytes)
+    if is_nifti(path):
+        nifti = read_nifti(path)
+        node = add_volume_from_array(scene, nifti.voxels, nifti.ijk_to_ras, name or _stem(path))
+        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(path))
+        node.SetAndObserveStorageNodeID(storage.GetID())
+        return node
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or _stem(path))
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(path))
@@ -172,22 +186,6 @@ def load_roi(scene, path: str | Path):
     return node
 
 
-def _load_dicom_series(scene, folder: Path, name: str, series_uid: str | None, max_bytes: int | None):
-    """Read one checked DICOM series (`check_dicom_series`) with SimpleITK and turn LPS geometry into Slicer's RAS."""
-    import SimpleITK as sitk
-
-    files, _ = check_dicom_series(folder, series_uid, max_bytes)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    image = reader.Execute()
-    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = direction * np.array(image.GetSpacing(), dtype=float)
-    ijk_to_lps[:3, 3] = image.GetOrigin()
-    ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps
-    return add_volume_from_array(scene, sitk.GetArrayViewFromImage(image), ijk_to_ras, name)
-
-
 def _add_default_display(scene, volume_node) -> None:
     """Give a volume node a grey display node, as Slicer's loaders do, so it can be shown and saved."""
     if volume_node.GetDisplayNode() is not None:
@@ -214,7 +212,7 @@ def _vtk_matrix(matrix: np.ndarray):
 def _stem(path: Path) -> str:
     """File name without its (possibly double) extension: 'ct.nii.gz' → 'ct', 'box.mrk.json' → 'box'."""
     name = path.name
-    for suffix in (*VOLUME_SUFFIXES, ROI_SUFFIX, ".json"):
+    for suffix in (*VOLUME_SUFFIXES, ROI_SUFFIX, ".json", ".dcm"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem

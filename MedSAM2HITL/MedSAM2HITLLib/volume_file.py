@@ -1,4 +1,4 @@
-"""Checks of a volume before any reader allocates its voxels: header, size, data integrity, DICOM series.
+"""Checks of a volume file before any reader allocates its voxels: header, size, data integrity.
 
 Readers trust the header: a 78-byte .nii.gz that claims 2000³ int16 makes them allocate 16 GB, and ITK's NIfTI
 reader fills what a truncated .nii.gz lacks with zeros, silently. So the header is read alone (SimpleITK's
@@ -25,7 +25,6 @@ from .errors import BadInputError
 DEFAULT_MAX_VOLUME_BYTES = 4 * 2**30  # eight 512 x 512 x 1000 int16 CTs; callers such as a server pass less
 MAX_VOLUME_BYTES_ENV = "MEDSAM2HITL_MAX_VOLUME_BYTES"
 CHUNK = 1 << 20
-SLICE_SPACING_TOLERANCE_MM = 0.01  # what Slicer's DICOM scalar volume plugin tolerates
 IMAGE_IOS = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
              ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
 VOLUME_SUFFIXES = tuple(IMAGE_IOS)
@@ -71,52 +70,18 @@ def check_volume_file(path: str | Path, max_bytes: int | None = None) -> VolumeH
     if not path.is_file():
         raise BadInputError(f"volume '{path}' is not a file; check the path")
     what = f"volume '{path.name}'"
-    reader = _read_header(path, image_io, what)
-    header = _volume_header(reader.GetSize(), reader.GetPixelID(), reader.GetNumberOfComponents(), what)
-    _check_size(header, max_bytes, what)
+    if image_io == "NiftiImageIO":  # ITK reads no NIfTI-2, and not every NIfTI-1 as nibabel does (nifti_volume)
+        header = _nifti_header(path, what)
+    else:
+        reader = _read_header(path, image_io, what)
+        header = volume_header(reader.GetSize(), _sitk_dtype(reader.GetPixelID()), reader.GetNumberOfComponents(),
+                                what)
+    check_size(header, max_bytes, what)
     if image_io == "NiftiImageIO":
         _check_nifti_data(path, what)
     elif image_io == "MetaImageIO":
         _check_metaimage_data(path, header.nbytes, what)
     return header
-
-
-def check_dicom_series(folder: str | Path, series_uid: str | None = None,
-                       max_bytes: int | None = None) -> tuple[list[str], VolumeHeader]:
-    """The files of one DICOM series in `folder`, in slice order, and its header, once it is safe to read.
-
-    A folder with several series needs `series_uid`: taking the first would segment another scan without a word.
-    The slices must be evenly spaced: ITK would spread them at their mean spacing, a wrong geometry.
-    """
-    import SimpleITK as sitk
-
-    folder = Path(folder)
-    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not uids:
-        raise BadInputError(f"folder '{folder}' contains no DICOM series; point to a folder of .dcm files")
-    if series_uid is None and len(uids) == 1:
-        series_uid = uids[0]
-    if series_uid not in uids:
-        problem = "holds several DICOM series" if series_uid is None else f"has no DICOM series {series_uid}"
-        listing = "; ".join(_describe_series(folder, uid) for uid in uids)
-        raise BadInputError(f"folder '{folder}' {problem}: {listing}; choose one by its UID (--series UID)")
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
-    what = f"DICOM series {series_uid}"
-    slices = [_read_header(Path(file), "GDCMImageIO", f"DICOM file '{Path(file).name}'") for file in files]
-    first = slices[0]
-    shape = (*first.GetSize()[:2], sum(math.prod(s.GetSize()[2:]) for s in slices))
-    header = _volume_header(shape, first.GetPixelID(), first.GetNumberOfComponents(), what)
-    _check_size(header, max_bytes, what)
-    normal = np.array(first.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
-    gaps = np.abs(np.diff([np.dot(s.GetOrigin(), normal) for s in slices]))
-    if gaps.size and (np.ptp(gaps) > SLICE_SPACING_TOLERANCE_MM or gaps.min() < SLICE_SPACING_TOLERANCE_MM):
-        odd = int(np.argmax(np.abs(gaps - np.median(gaps))))
-        raise BadInputError(
-            f"{what} has uneven slice spacing ({gaps.min():.4g} to {gaps.max():.4g} mm; {gaps[odd]:.4g} mm after "
-            f"slice {odd + 1} of {len(files)}): a slice is missing or the series mixes scans, so its geometry would be "
-            "wrong; load a complete series"
-        )
-    return files, header
 
 
 def available_memory_bytes() -> int | None:
@@ -170,10 +135,33 @@ def _read_header(path: Path, image_io: str, what: str):
     return reader
 
 
-def _volume_header(size, pixel_id: int, components: int, what: str) -> VolumeHeader:
-    """The header of a scalar 3D volume; BadInputError for any other image."""
+def _nifti_header(path: Path, what: str) -> VolumeHeader:
+    """A NIfTI-1 or NIfTI-2 header as `read_nifti` will hold it: scaled data as float32, trailing single time points
+    dropped."""
+    from .nifti_volume import nifti_errors, open_nifti
+
+    try:
+        image = open_nifti(path)
+    except nifti_errors():
+        raise BadInputError(f"could not read {what}: it is not a valid image file") from None
+    dtype = image.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "iuf":
+        raise BadInputError(f"{what} holds {dtype} voxels; a single-channel (scalar) volume is needed")
+    size = list(image.shape)
+    while len(size) > 3 and size[-1] == 1:
+        size.pop()
+    scaled = image.dataobj.slope != 1 or image.dataobj.inter != 0
+    return volume_header(size, np.dtype(np.float32) if scaled else dtype, 1, what)
+
+
+def _sitk_dtype(pixel_id: int) -> np.dtype:
     import SimpleITK as sitk
 
+    return sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_id, 1)).dtype
+
+
+def volume_header(size, dtype: np.dtype, components: int, what: str) -> VolumeHeader:
+    """The header of a scalar 3D volume; BadInputError for any other image."""
     size = tuple(int(n) for n in size)
     if len(size) != 3:
         raise BadInputError(f"{what} is {len(size)}D ({' x '.join(map(str, size))}); a single 3D volume is needed")
@@ -181,11 +169,11 @@ def _volume_header(size, pixel_id: int, components: int, what: str) -> VolumeHea
         raise BadInputError(
             f"{what} has {components} components per voxel; a single-channel (scalar) volume is needed"
         )
-    dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_id, components)).dtype
+    dtype = np.dtype(dtype).newbyteorder("=")
     return VolumeHeader(size, dtype.name, components, math.prod(size) * dtype.itemsize * components)
 
 
-def _check_size(header: VolumeHeader, max_bytes: int | None, what: str) -> None:
+def check_size(header: VolumeHeader, max_bytes: int | None, what: str) -> None:
     """Refuse a volume larger than the limit or than free memory, before anything allocates it."""
     limit = max_volume_bytes() if max_bytes is None else max_bytes
     described = f"{what} is {' x '.join(map(str, header.shape_ijk))} {header.dtype}, {_size(header.nbytes)}"
@@ -274,16 +262,6 @@ def _inflate(chunks, what: str) -> tuple[int, bytes]:
 def _check_length(size: int, needed: int, what: str) -> None:
     if size < needed:
         raise BadInputError(f"{what} is truncated: it holds {size:,} of the {needed:,} bytes its header needs; {_REDO}")
-
-
-def _describe_series(folder: Path, uid: str) -> str:
-    """'UID (description, N slices)' for the list of series to choose from."""
-    import SimpleITK as sitk
-
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-    reader = _read_header(Path(files[0]), "GDCMImageIO", f"DICOM file '{Path(files[0]).name}'")
-    description = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
-    return f"{uid} ({description + ', ' if description else ''}{len(files)} slices)"
 
 
 def _size(nbytes: int) -> str:

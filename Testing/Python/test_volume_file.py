@@ -15,6 +15,7 @@ from conftest import DATA
 from mrml_fixtures import scene  # noqa: F401  (pytest fixture)
 from test_cli import cli
 
+from MedSAM2HITLLib.dicom_series import read_dicom
 from MedSAM2HITLLib.errors import BadInputError
 from MedSAM2HITLLib.mrml_scene import load_volume
 from MedSAM2HITLLib.roi_box import volume_ijk_to_world
@@ -23,7 +24,6 @@ from MedSAM2HITLLib.volume_file import (
     MAX_VOLUME_BYTES_ENV,
     VolumeHeader,
     available_memory_bytes,
-    check_dicom_series,
     check_volume_file,
     max_volume_bytes,
 )
@@ -270,8 +270,12 @@ def test_a_folder_with_two_series_lists_them_and_loads_the_chosen_one(two_series
 
 
 @pytest.mark.parametrize("depths, message", [
-    ([2.5 * k for k in range(12) if k != 6], r"uneven slice spacing \(2.5 to 5 mm; 5 mm after slice 6 of 11\)"),
-    ([2.5 * k for k in range(6)] + [12.5], r"uneven slice spacing \(0 to 2.5 mm"),  # two slices at one position
+    ([2.5 * k for k in range(12) if k != 6], r"1 slice is missing between '\S+_005.dcm' and '\S+_006.dcm' \(5 mm "
+                                             r"apart, the others 2.5 mm\)"),
+    ([2.5 * k for k in range(6)] + [12.5], r"'\S+_005.dcm' and '\S+_006.dcm' have the same slice position \(12.5 mm"
+                                           r" along the slice normal\): the folder holds a slice twice"),
+    ([2.5 * k for k in range(6)] + [13.5], r"uneven slice spacing \(1 to 2.5 mm; between '\S+_005.dcm' and "
+                                           r"'\S+_006.dcm' \(1 mm apart"),
 ])
 def test_a_series_with_uneven_slice_spacing_is_refused(depths, message, scene, tmp_path):  # noqa: F811
     """ITK used to spread these slices at their mean spacing (2.566 mm instead of 2.5), warning only."""
@@ -281,10 +285,9 @@ def test_a_series_with_uneven_slice_spacing_is_refused(depths, message, scene, t
 
 
 def test_a_dicom_series_over_the_limit_is_refused(two_series):
-    files, header = check_dicom_series(two_series, SERIES_B)
-    assert len(files) == 6 and header == VolumeHeader((16, 12, 6), "int16", 1, 16 * 12 * 6 * 2)
+    assert read_dicom(two_series, SERIES_B, max_bytes=16 * 12 * 6 * 2).voxels.shape == (6, 12, 16)
     with pytest.raises(BadInputError, match="DICOM series .* is 16 x 12 x 6 int16"):
-        check_dicom_series(two_series, SERIES_B, max_bytes=1000)
+        read_dicom(two_series, SERIES_B, max_bytes=16 * 12 * 6 * 2 - 1)
 
 
 def test_cli_series_option_of_info_and_segment(two_series, tmp_path):
