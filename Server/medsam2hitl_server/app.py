@@ -38,6 +38,11 @@ ERROR_STATUS = {"bad_input": 400, "out_of_memory": 503, "cancelled": 409, "model
 MAX_JSON_BYTES = 16 << 20
 WEB_VIEWER = Path(__file__).with_name("web")
 SSE_BLOCK_MS = 4000
+VOLUME_FILE = {"type": "string", "format": "binary", "description": "a NIfTI (.nii, .nii.gz), NRRD or MHA volume"}
+UPLOAD_BODY = {"required": True, "content": {
+    "application/octet-stream": {"schema": VOLUME_FILE},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": VOLUME_FILE}}},
+}}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -189,15 +194,16 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
                 "workers": [{"name": w.name, "jobs": w.jobs, "busy": w.info.get("busy", False),
                              "queued_tasks": store.redis.llen(w.queue)} for w in workers]}
 
-    @router.post("/jobs", status_code=201)
+    @router.post("/jobs", status_code=201, openapi_extra={"requestBody": UPLOAD_BODY})
     async def create_job(request: Request, owner: str = Caller,
                          ttl: int | None = Query(None, ge=1, description="seconds to keep the job (at most the "
                                                                           "server's MEDSAM2HITL_JOB_TTL_SECONDS)")
                          ) -> dict:
-        """Upload a volume (NIfTI, NRRD or MHA) as the raw request body; it is bound to a model worker."""
+        """Upload a volume (NIfTI, NRRD or MHA) as the raw request body or as a form's `file` field (the seed's
+        form, `curl -F file=@scan.nii.gz`); it is bound to a model worker. The format is read from the bytes."""
         job_id = str(uuid.uuid4())
         name, header = await receive_volume(request, job_dir(settings, job_id), settings.max_upload_bytes,
-                                            settings.max_volume_bytes)
+                                            settings.max_volume_bytes, settings.upload_idle_timeout_seconds)
         summary = {"shape_ijk": list(header.shape_ijk), "dtype": header.dtype}
         keep = min(ttl or settings.job_ttl_seconds, settings.job_ttl_seconds)
         try:
@@ -342,7 +348,8 @@ def _worker_files_router(store: JobStore, settings: Settings) -> APIRouter:
             raise HTTPException(403, "the uploaded volume cannot be replaced")
         partial = path.with_name(f".{name}.partial")
         try:
-            await stream_to_file(request, partial, settings.max_volume_bytes + (1 << 20))
+            await stream_to_file(request, partial, settings.max_volume_bytes + (1 << 20),
+                                 settings.upload_idle_timeout_seconds)
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
