@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts the inference service on this machine: scripts/start.sh [redis|api|celery|web]... (default: redis,
 # celery, api). 'web' is a second API process on 127.0.0.1:7860 (MEDSAM2HITL_WEB_PORT) whose / is the browser
-# viewer; the viewer is also at / of the API itself.
+# viewer; the viewer is also at / of the API itself. 'gradio' (the seed's name for its browser UI) is 'web'.
 # Logs go to run/logs/<part>.log and PIDs to run/pids/<part>.pid (MEDSAM2HITL_RUN_DIR moves the folder).
 # Settings are MEDSAM2HITL_* environment variables (README, "The inference service"); by default the API
 # listens on 127.0.0.1:8000 and the worker uses the project's fixture model.
@@ -52,13 +52,14 @@ wait_http() {  # url, seconds
 }
 
 parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(redis celery api)
+for i in "${!parts[@]}"; do if [ "${parts[$i]}" = gradio ]; then parts[$i]=web; fi; done
 for part in "${parts[@]}"; do
   case $part in
     redis) start_redis ;;
     celery|worker) launch celery "$py" -m medsam2hitl_server worker ;;
     api) launch api "$py" -m medsam2hitl_server api ;;
     web) MEDSAM2HITL_PORT=${MEDSAM2HITL_WEB_PORT:-7860} launch web "$py" -m medsam2hitl_server api ;;
-    *) echo "unknown part '$part': use redis, api, celery or web" >&2; exit 2 ;;
+    *) echo "unknown part '$part': use redis, api, celery or web (gradio)" >&2; exit 2 ;;
   esac
 done
 api="http://${MEDSAM2HITL_HOST:-127.0.0.1}:${MEDSAM2HITL_PORT:-8000}"

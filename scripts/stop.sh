@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stops what scripts/start.sh started: scripts/stop.sh [redis|api|celery|web]... (default: all). Only processes
+# Stops what scripts/start.sh started: scripts/stop.sh [redis|api|celery|web|gradio]... (default: all). Only processes
 # whose PID file start.sh wrote are stopped; a Redis that was already running is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,7 +7,8 @@ run=${MEDSAM2HITL_RUN_DIR:-run}
 parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(web api celery redis)
 for part in "${parts[@]}"; do
   [ "$part" = worker ] && part=celery
-  case $part in redis|api|celery|web) ;; *) echo "unknown part '$part': use redis, api, celery or web" >&2; exit 2 ;; esac
+  [ "$part" = gradio ] && part=web
+  case $part in redis|api|celery|web) ;; *) echo "unknown part '$part': use redis, api, celery or web (gradio)" >&2; exit 2 ;; esac
   pidfile=$run/pids/$part.pid
   if [ ! -f "$pidfile" ]; then echo "$part: not started by start.sh"; continue; fi
   pid=$(cat "$pidfile")

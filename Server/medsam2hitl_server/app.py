@@ -26,7 +26,9 @@ from MedSAM2HITLLib.errors import BadInputError
 from . import __version__
 from .auth import Caller
 from .jobs import Dispatcher
-from .schemas import Propagate, Segment2D, SliceWrite, check_against_volume
+from .schemas import (EVENT_PAYLOADS, Cancelling, ErrorDetail, Health, JobCreated, JobStatus, Models,
+                      PropagationStarted, Propagate, Readiness, SegmentedSlice, Segment2D, SliceWrite, WrittenSlice,
+                      check_against_volume)
 from .session import LABELS_FILE, job_dir
 from .shared_files import WORKER_FILES
 from .settings import Settings, load
@@ -38,6 +40,44 @@ ERROR_STATUS = {"bad_input": 400, "out_of_memory": 503, "cancelled": 409, "model
 MAX_JSON_BYTES = 16 << 20
 WEB_VIEWER = Path(__file__).with_name("web")
 SSE_BLOCK_MS = 4000
+VOLUME_FILE = {"type": "string", "format": "binary", "description": "a NIfTI (.nii, .nii.gz), NRRD or MHA volume"}
+UPLOAD_BODY = {"required": True, "content": {
+    "application/octet-stream": {"schema": VOLUME_FILE},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": VOLUME_FILE}}},
+}}
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+RESULT_FILE = {200: {"description": "the mask file", "content": {"application/gzip": BINARY,
+                                                                 "application/octet-stream": BINARY}}}
+EVENT_STREAM = {200: {"description": "`id:`, `event:` (the kind) and `data:` (its JSON payload) per event",
+                      "content": {"text/event-stream": {"schema": {"type": "string"}, "itemSchema": {
+                          "type": "object", "required": ["event", "data"], "properties": {
+                              "id": {"type": "string"}, "event": {"type": "string", "enum": list(EVENT_PAYLOADS)},
+                              "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+                                  "oneOf": [{"$ref": f"#/components/schemas/{model.__name__}"}
+                                            for model in EVENT_PAYLOADS.values()]}}}}}}}}
+
+
+def errors(*codes: int) -> dict:
+    """OpenAPI entries for error replies: each is `{detail}` with one line."""
+    return {code: {"model": ErrorDetail} for code in codes}
+
+
+def _with_event_schemas(app: FastAPI) -> None:
+    """Add the event payload models to the OpenAPI components (no route returns them as JSON)."""
+    from pydantic.json_schema import models_json_schema
+
+    build = app.openapi
+
+    def openapi() -> dict:
+        schema = build()
+        found = schema.setdefault("components", {}).setdefault("schemas", {})
+        if not all(name in found for name in (m.__name__ for m in EVENT_PAYLOADS.values())):
+            _, events = models_json_schema([(model, "serialization") for model in EVENT_PAYLOADS.values()],
+                                           ref_template="#/components/schemas/{model}")
+            found.update(events["$defs"])
+        return schema
+
+    app.openapi = openapi
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -69,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(_jobs_router(store, dispatcher, settings), prefix="/api/v1")
     app.include_router(_worker_files_router(store, settings), prefix="/api/v1/internal")
     app.mount("/", StaticFiles(directory=WEB_VIEWER, html=True), name="web-viewer")  # last: the API routes win
+    _with_event_schemas(app)
     return app
 
 
@@ -126,12 +167,12 @@ def _error_handlers(app: FastAPI) -> None:
 def _health(store: JobStore) -> APIRouter:
     router = APIRouter(tags=["health"])
 
-    @router.get("/healthz")
+    @router.get("/healthz", response_model=Health)
     def healthz() -> dict:
         """The API process answers."""
         return {"status": "ok", "version": __version__}
 
-    @router.get("/readyz")
+    @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
     def readyz(response: Response) -> dict:
         """Redis answers and at least one model worker is alive."""
         try:
@@ -147,7 +188,7 @@ def _health(store: JobStore) -> APIRouter:
 
 
 def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) -> APIRouter:
-    router = APIRouter(tags=["jobs"])
+    router = APIRouter(tags=["jobs"], responses=errors(401, 404, 410, 422, 503))
 
     def job(job_id: uuid.UUID, owner: str = Caller) -> dict:
         """The caller's job, or 404 (also for another caller's job) / 410 (expired)."""
@@ -174,7 +215,7 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
             raise HTTPException(ERROR_STATUS.get(failure["kind"], 500), failure["message"])
         return reply["ok"]
 
-    @router.get("/models")
+    @router.get("/models", response_model=Models)
     def models(owner: str = Caller) -> dict:
         """Server version, the models the live workers hold, and their load."""
         workers = store.workers()
@@ -189,15 +230,17 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
                 "workers": [{"name": w.name, "jobs": w.jobs, "busy": w.info.get("busy", False),
                              "queued_tasks": store.redis.llen(w.queue)} for w in workers]}
 
-    @router.post("/jobs", status_code=201)
+    @router.post("/jobs", status_code=201, response_model=JobCreated, responses=errors(400, 408, 413, 415),
+                 openapi_extra={"requestBody": UPLOAD_BODY})
     async def create_job(request: Request, owner: str = Caller,
                          ttl: int | None = Query(None, ge=1, description="seconds to keep the job (at most the "
                                                                           "server's MEDSAM2HITL_JOB_TTL_SECONDS)")
                          ) -> dict:
-        """Upload a volume (NIfTI, NRRD or MHA) as the raw request body; it is bound to a model worker."""
+        """Upload a volume (NIfTI, NRRD or MHA) as the raw request body or as a form's `file` field (the seed's
+        form, `curl -F file=@scan.nii.gz`); it is bound to a model worker. The format is read from the bytes."""
         job_id = str(uuid.uuid4())
         name, header = await receive_volume(request, job_dir(settings, job_id), settings.max_upload_bytes,
-                                            settings.max_volume_bytes)
+                                            settings.max_volume_bytes, settings.upload_idle_timeout_seconds)
         summary = {"shape_ijk": list(header.shape_ijk), "dtype": header.dtype}
         keep = min(ttl or settings.job_ttl_seconds, settings.job_ttl_seconds)
         try:
@@ -208,7 +251,7 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         worker = await run_in_threadpool(dispatcher.bind, job_id)
         return {"id": job_id, "state": "queued", "worker": worker, "expires_in": keep, **summary}
 
-    @router.get("/jobs/{job_id}/status")
+    @router.get("/jobs/{job_id}/status", response_model=JobStatus)
     def status(record: dict = Job) -> dict:
         """State, progress, the worker holding the job and its place in that worker's queue."""
         position = None
@@ -229,17 +272,18 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
             raise HTTPException(409, "a propagation is running on this job; wait for it or cancel it")
         return raise_failure(dispatcher.call(record["id"], task, checked(body, record)))
 
-    @router.post("/jobs/{job_id}/segment-2d")
+    @router.post("/jobs/{job_id}/segment-2d", response_model=SegmentedSlice, responses=errors(400, 409, 500))
     def segment_2d(body: Segment2D, record: dict = Job) -> dict:
         """Segment one slice from a box and/or clicks: the mask comes back run-length encoded (see the README)."""
         return call_when_idle(record, "medsam2hitl.segment_2d", body)
 
-    @router.put("/jobs/{job_id}/slices")
+    @router.put("/jobs/{job_id}/slices", response_model=WrittenSlice, responses=errors(400, 409, 500))
     def write_slice(body: SliceWrite, record: dict = Job) -> dict:
         """Replace one slice of the job's labels with the client's mask (empty clears it): an undo or an edit."""
         return call_when_idle(record, "medsam2hitl.write_slice", body)
 
-    @router.post("/jobs/{job_id}/propagate", status_code=202)
+    @router.post("/jobs/{job_id}/propagate", status_code=202, response_model=PropagationStarted,
+                 responses=errors(400, 409))
     def propagate(body: Propagate, record: dict = Job) -> dict:
         """Start filling the range from the key slice; follow it on /events or /status. 409 if one runs."""
         params = checked(body, record)
@@ -258,14 +302,14 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         return {"propagation": propagation_id, "events_after": after,
                 "events": f"/api/v1/jobs/{record['id']}/events?after={after}"}
 
-    @router.post("/jobs/{job_id}/cancel", status_code=202)
+    @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=Cancelling, responses=errors(409))
     def cancel(record: dict = Job) -> dict:
         """Stop the running propagation within one slice; the finished slices are kept."""
         if not store.request_cancel(record["id"]):
             raise HTTPException(409, "no propagation is running on this job")
         return {"cancelling": True}
 
-    @router.get("/jobs/{job_id}/events")
+    @router.get("/jobs/{job_id}/events", response_class=StreamingResponse, responses=EVENT_STREAM)
     def events(record: dict = Job, after: str | None = Query(None, pattern=r"^\d{1,20}-\d{1,20}$"),
                last_event_id: str | None = Header(None, pattern=r"^\d{1,20}-\d{1,20}$")):
         """Server-Sent Events: state changes and each slice as it is made; resumable with Last-Event-ID."""
@@ -287,7 +331,7 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    @router.get("/jobs/{job_id}/result", response_class=FileResponse)
+    @router.get("/jobs/{job_id}/result", response_class=FileResponse, responses={**RESULT_FILE, **errors(409, 500)})
     def result(record: dict = Job, format: Literal["nii.gz", "seg.nrrd"] = "nii.gz"):
         """The 3D mask: NIfTI with the input's affine and voxel order, or Slicer's .seg.nrrd."""
         if store.holder(record["id"]):
@@ -342,7 +386,8 @@ def _worker_files_router(store: JobStore, settings: Settings) -> APIRouter:
             raise HTTPException(403, "the uploaded volume cannot be replaced")
         partial = path.with_name(f".{name}.partial")
         try:
-            await stream_to_file(request, partial, settings.max_volume_bytes + (1 << 20))
+            await stream_to_file(request, partial, settings.max_volume_bytes + (1 << 20),
+                                 settings.upload_idle_timeout_seconds)
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from MedSAM2HITLLib.errors import BadInputError
 from MedSAM2HITLLib.preprocessing import parse_window
 
+from .store import STATES
+
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 View = Literal["axial", "coronal", "sagittal"]
 Window = str | Annotated[list[Finite], Field(min_length=2, max_length=2)]
@@ -132,3 +134,181 @@ def check_against_volume(body: Prompt | SliceWrite, geometry: dict | None) -> No
             if not body.start <= body.end < count or (key is not None and not body.start <= key <= body.end):
                 raise BadInputError(f"range {body.start}..{body.end} must lie within slices 0..{count - 1}"
                                     + (f" and contain the key slice {key}" if key is not None else ""))
+
+
+# Responses: what each endpoint answers and each event carries, so /docs shows the fields and generated clients
+# get types. Only these fields go out (FastAPI filters and checks every reply against its model).
+
+JobState = Literal[STATES]  # type: ignore[valid-type]  # the store's list, kept in one place
+
+
+class ErrorDetail(BaseModel):
+    """Every error: one line that says what is wrong and what to do."""
+
+    detail: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+class Readiness(BaseModel):
+    """200 when Redis answers and at least one model worker is alive, else 503 with the same fields."""
+
+    ready: bool
+    redis: bool
+    workers: int
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(description="the checkpoint's file stem")
+    device: str | None
+    image_size: int | None
+    workers: int = Field(description="live workers holding this model")
+
+
+class WorkerLoad(BaseModel):
+    name: str
+    jobs: int = Field(description="jobs bound to this worker")
+    busy: bool
+    queued_tasks: int
+
+
+class Models(BaseModel):
+    version: str = Field(description="the server's version")
+    models: list[ModelInfo]
+    workers: list[WorkerLoad]
+
+
+class RunLengths(BaseModel):
+    """A 2D mask: run lengths over the slice's pixels in row-major order, starting with a run of zeros."""
+
+    shape: list[int] = Field(description="[rows, cols]")
+    counts: list[int]
+
+
+class Progress(BaseModel):
+    done: int
+    total: int
+
+
+class ViewSlices(BaseModel):
+    array_axis: int = Field(description="the axis of the [k, j, i] array that this view's slices cut")
+    slices: int
+
+
+class Views(BaseModel):
+    axial: ViewSlices
+    coronal: ViewSlices
+    sagittal: ViewSlices
+
+
+class VolumeGeometry(BaseModel):
+    """The volume as the worker loaded it: what slice and box indices refer to."""
+
+    shape_kji: list[int]
+    dtype: str
+    ijk_to_ras: list[list[float]] = Field(description="4x4 matrix from voxel indices to RAS millimetres")
+    views: Views
+
+
+class UploadedVolume(BaseModel):
+    """The volume before a worker has loaded it: what the uploaded file's header says."""
+
+    shape_ijk: list[int]
+    dtype: str
+
+
+class JobCreated(BaseModel):
+    id: str
+    state: JobState
+    worker: str | None = Field(description="the worker the job is bound to; null while none is alive")
+    expires_in: int = Field(description="seconds until the job and its files are deleted")
+    shape_ijk: list[int]
+    dtype: str
+
+
+class JobStatus(BaseModel):
+    id: str
+    state: JobState
+    progress: Progress
+    worker: str | None
+    loaded: bool = Field(description="the worker holds the volume: slices can be segmented at once")
+    queue_position: int | None = Field(description="tasks ahead of the job's loading on its worker")
+    error: str | None
+    created: float = Field(description="Unix time")
+    expires: float = Field(description="Unix time")
+    volume: VolumeGeometry | UploadedVolume
+
+
+class SegmentedSlice(BaseModel):
+    view: View
+    array_axis: int
+    slice: int
+    box: list[int | float] | None = Field(description="the box used, in voxel indices on the slice")
+    seconds: float = Field(description="the model's time for this slice")
+    embedding_cached: bool = Field(description="the slice's image embedding was already computed")
+    mask: RunLengths
+
+
+class WrittenSlice(BaseModel):
+    view: View
+    array_axis: int
+    slice: int
+    voxels: int = Field(description="voxels set in the written slice")
+
+
+class PropagationStarted(BaseModel):
+    propagation: str = Field(description="this propagation's id, in each of its events")
+    events_after: str = Field(description="the event id to follow the job's events from")
+    events: str = Field(description="the path of the event stream from that id")
+
+
+class Cancelling(BaseModel):
+    cancelling: bool
+
+
+class StateEvent(BaseModel):
+    """Event `state`: the job's state changed."""
+
+    state: JobState
+    error: str | None = None
+
+
+class SliceEvent(BaseModel):
+    """Event `slice`: one slice of the propagation is done; its mask is in the job's labels."""
+
+    propagation: str
+    slice: int
+    array_axis: int
+    done: int
+    total: int
+    mask: RunLengths
+
+
+class DoneEvent(BaseModel):
+    """Event `done`: the propagation finished."""
+
+    propagation: str
+    slices: int
+
+
+class CancelledEvent(BaseModel):
+    """Event `cancelled`: the propagation stopped on request; its finished slices are kept."""
+
+    propagation: str
+    slices: int
+
+
+class ErrorEvent(BaseModel):
+    """Event `error`: the propagation failed; the slices it finished are kept."""
+
+    propagation: str
+    kind: str
+    message: str
+    slices_kept: int | None = None
+
+
+EVENT_PAYLOADS: dict[str, type[BaseModel]] = {"state": StateEvent, "slice": SliceEvent, "done": DoneEvent,
+                                              "cancelled": CancelledEvent, "error": ErrorEvent}

@@ -38,6 +38,7 @@ class Settings:
     cors_origins: tuple[str, ...] = field(default_factory=lambda: _list("CORS_ORIGINS"))
     max_upload_bytes: int = field(default_factory=lambda: _int("MAX_UPLOAD_BYTES", 2 << 30))
     max_volume_bytes: int = field(default_factory=lambda: _int("SERVICE_MAX_VOLUME_BYTES", 2 << 30))
+    upload_idle_timeout_seconds: int = field(default_factory=lambda: _int("UPLOAD_IDLE_TIMEOUT_SECONDS", 60))
     job_ttl_seconds: int = field(default_factory=lambda: _int("JOB_TTL_SECONDS", 24 * 3600))
     segment_timeout_seconds: int = field(default_factory=lambda: _int("SEGMENT_TIMEOUT_SECONDS", 120))
     worker_heartbeat_seconds: int = field(default_factory=lambda: _int("WORKER_HEARTBEAT_SECONDS", 2))

@@ -4,6 +4,10 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "Testing" / "Data" / "slicer-extension-catalog-entry-schema-v1.0.2.json"
 

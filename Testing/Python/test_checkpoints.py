@@ -30,6 +30,8 @@ from MedSAM2HITLLib.checkpoints import (
 )
 from MedSAM2HITLLib.errors import BadInputError, ModelError
 
+pytestmark = pytest.mark.slow
+
 NAME = "Test_model"
 
 

@@ -21,6 +21,8 @@ sys.path.insert(0, str(REPO / "Testing" / "Training"))
 from evaluate_phantom_model import dice  # noqa: E402
 from phantoms import make_phantom  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 AFFINE = np.array([[-1.5, 0, 0, 60.0], [0, 1.2, 0, -40.0], [0, 0, 2.0, -20.0], [0, 0, 0, 1]])  # flipped x
 SHAPE_IJK = (64, 56, 30)
 

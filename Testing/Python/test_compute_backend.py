@@ -5,6 +5,8 @@ import pytest
 from MedSAM2HITLLib.compute_backend import check_server_url, clear_text_warning
 from MedSAM2HITLLib.errors import BadInputError
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("given, expected", [
     ("http://gpu-box:8000", "http://gpu-box:8000"),

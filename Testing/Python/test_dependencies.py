@@ -13,6 +13,8 @@ import pytest
 from MedSAM2HITLLib import dependencies
 from MedSAM2HITLLib.dependencies import DependencyError
 
+pytestmark = pytest.mark.unit
+
 READY = {"torch": "2.6.0", "torchvision": "0.21.0", "hydra-core": "1.3.2", "iopath": "0.1.10", "tqdm": "4.66.1",
          "pillow": "10.0.0", "nibabel": "5.2.0", "sam2": "1.1.0"}
 

@@ -21,6 +21,8 @@ sys.path.insert(0, str(REPO / "Testing" / "Training"))
 from evaluate_phantom_model import dice  # noqa: E402
 from phantoms import make_phantom  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 PHANTOM_CHECKPOINT = DATA / "phantom_sam2.pt"
 SIZE = (44, 80, 96)  # slices along the phantom's axis 0; ≥ 40 slices propagated
 

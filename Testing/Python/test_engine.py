@@ -8,6 +8,8 @@ import pytest
 from MedSAM2HITLLib.engine import Engine, SliceMask
 from MedSAM2HITLLib.errors import BadInputError, PropagationCancelled
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def engine(random_checkpoint):

@@ -14,6 +14,8 @@ from MedSAM2HITLLib.errors import BadInputError
 from MedSAM2HITLLib.export import export_labelmap_nifti, export_seg_nrrd, volume_ijk_to_ras
 from MedSAM2HITLLib.mrml_scene import add_volume_from_array, load_volume
 
+pytestmark = pytest.mark.unit
+
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 

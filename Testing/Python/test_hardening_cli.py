@@ -23,6 +23,8 @@ from test_cli import _env, box_on_slice, cli, volume_file  # noqa: F401  (volume
 from test_hardening_model import PHANTOM, _checkpoint_with_config, _phantom_config_with
 from MedSAM2HITLLib.errors import BadInputError
 
+pytestmark = pytest.mark.slow
+
 MODEL = ["--checkpoint", str(PHANTOM), "--device", "cpu", "--threads", "1"]
 
 

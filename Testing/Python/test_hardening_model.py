@@ -13,6 +13,8 @@ from conftest import DATA
 from MedSAM2HITLLib.errors import ModelError
 from MedSAM2HITLLib.model import BACKBONE_STRIDES, DEFAULT_CONFIG, build_predictor, load_model, read_state_dict
 
+pytestmark = pytest.mark.slow
+
 PHANTOM = DATA / "phantom_sam2.pt"
 
 

@@ -31,6 +31,8 @@ from phantoms import make_phantom  # noqa: E402
 
 from MedSAM2HITLLib.errors import BadInputError  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 CHECKPOINT = DATA / "phantom_sam2.pt"
 CASES = 6  # of each held-out set; the first ones, not chosen
 

@@ -8,6 +8,8 @@ import pytest
 from conftest import logic_with_model
 from MedSAM2HITLLib.errors import BadInputError, PropagationCancelled
 
+pytestmark = pytest.mark.slow
+
 SHAPE = (14, 40, 48)  # [k, j, i]
 SPACING_K = 2.0
 

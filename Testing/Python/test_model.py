@@ -10,6 +10,8 @@ import torch
 from MedSAM2HITLLib.errors import BadInputError, ModelError
 from MedSAM2HITLLib.model import DEFAULT_CONFIG, load_model, read_state_dict
 
+pytestmark = pytest.mark.slow
+
 
 def test_a_saved_checkpoint_loads_back_strictly_with_its_config(random_checkpoint):
     model = load_model(random_checkpoint, device="cpu")

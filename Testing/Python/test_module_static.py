@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "MedSAM2HITL"
 MODULE_FILE = MODULE_DIR / "MedSAM2HITL.py"

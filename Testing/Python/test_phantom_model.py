@@ -28,6 +28,8 @@ from evaluate_phantom_model import (  # noqa: E402
 )
 from phantoms import make_phantom  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 CHECKPOINT = REPO / "Testing" / "Data" / "phantom_sam2.pt"
 CASES_PER_SET = 8  # of each held-out set; the first ones, not chosen
 MARGIN = 0.05

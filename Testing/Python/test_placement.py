@@ -3,6 +3,8 @@
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def scene():

@@ -15,6 +15,8 @@ from conftest import DATA, REPO
 sys.path.insert(0, str(REPO / "Testing" / "Training"))
 from evaluate_phantom_model import dice, held_out_phantom, propagate_volume  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 CHECKPOINT = DATA / "phantom_sam2.pt"
 FAST_MODES = ("bf16", "int8")
 CASES_PER_SET = 2  # the first phantoms of each held-out set, not chosen

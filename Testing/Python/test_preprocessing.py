@@ -15,6 +15,8 @@ from MedSAM2HITLLib.preprocessing import (
     parse_window,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("name", sorted(CT_PRESETS))
 def test_ct_presets_map_their_window_to_0_255(name):

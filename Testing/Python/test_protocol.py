@@ -18,6 +18,8 @@ from MedSAM2HITLLib.protocol import (
     encode_bytes,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def read_all(data: bytes, chunk: int | None = None) -> list:
     reader = FrameReader()

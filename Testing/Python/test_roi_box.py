@@ -28,6 +28,8 @@ from MedSAM2HITLLib import roi_box
 from MedSAM2HITLLib.errors import BadInputError
 from MedSAM2HITLLib.mrml_scene import load_roi, load_volume
 
+pytestmark = pytest.mark.unit
+
 ROI_SIZE = (14.0, 11.0, 9.0)
 CENTRE_IJK = np.array(SHAPE_IJK) / 2 + np.array([0.3, 0.2, -0.4])  # not on a rounding tie
 

@@ -4,8 +4,11 @@ import hashlib
 import urllib.request
 
 import numpy as np
+import pytest
 
 from MedSAM2HITLLib.sample_data import NODE_NAME, SAMPLE_FILE, SAMPLE_SHA256, sample_source
+
+pytestmark = pytest.mark.unit
 
 
 def test_the_registered_uri_downloads_to_the_checksummed_file(tmp_path):

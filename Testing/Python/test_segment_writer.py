@@ -10,6 +10,8 @@ from MedSAM2HITLLib import segment_writer as sw
 from MedSAM2HITLLib.errors import BadInputError
 from MedSAM2HITLLib.mrml_scene import add_volume_from_array
 
+pytestmark = pytest.mark.unit
+
 SHAPE = (14, 18, 22)  # [k, j, i]
 
 

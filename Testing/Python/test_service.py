@@ -24,6 +24,8 @@ from evaluate_phantom_model import dice  # noqa: E402
 from phantoms import make_phantom  # noqa: E402
 from test_end_to_end import GRIDS  # noqa: E402
 
+pytestmark = pytest.mark.service
+
 SIZE = (40, 80, 96)
 
 

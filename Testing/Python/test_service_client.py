@@ -11,6 +11,8 @@ import pytest
 from service_fixtures import Service, free_port
 from test_end_to_end import PHANTOM_CHECKPOINT, Case
 
+pytestmark = pytest.mark.service
+
 TOKEN = "client-test-token"
 
 

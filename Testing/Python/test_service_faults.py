@@ -13,6 +13,8 @@ import pytest
 from service_fixtures import Service, wait_for
 from test_service import SIZE, Upload, create_job, dice, download, iter_events, read_events
 
+pytestmark = pytest.mark.service
+
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):

@@ -1,26 +1,37 @@
-"""Bad input to the live service: each case is a 4xx with a one-line JSON error, and nothing stays on disk."""
+"""Bad input to the live service: each case is a 4xx with a one-line JSON error, and nothing stays on disk.
+
+Uploads come as the raw body or as a form's `file` field (the seed's clients and curl -F), under the same caps.
+"""
 
 from __future__ import annotations
 
 import gzip
+import json
+import socket
+import subprocess
+import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from service_fixtures import Service
-from test_service import Upload, create_job, read_events
+from service_fixtures import Service, wait_for
+from test_service import Upload, create_job, dice, read_events
+
+pytestmark = pytest.mark.service
 
 TOKENS = ("alpha-token-for-tests", "beta-token-for-tests")
 MAX_UPLOAD = 4 << 20
 MAX_VOLUME = 16 << 20
+IDLE_TIMEOUT = 2
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     running = Service(tmp_path_factory.mktemp("service_input"), tokens=",".join(TOKENS),
                       extra_env={"MEDSAM2HITL_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
-                                 "MEDSAM2HITL_SERVICE_MAX_VOLUME_BYTES": str(MAX_VOLUME)}).start()
+                                 "MEDSAM2HITL_SERVICE_MAX_VOLUME_BYTES": str(MAX_VOLUME),
+                                 "MEDSAM2HITL_UPLOAD_IDLE_TIMEOUT_SECONDS": str(IDLE_TIMEOUT)}).start()
     yield running
     running.stop()
 
@@ -80,23 +91,145 @@ UPLOADS = {
 }
 
 
+def post_upload(client, data: bytes, form: bool):
+    if form:
+        return client.post("/api/v1/jobs", files={"file": ("scan.nii.gz", data, "application/gzip")})
+    return client.post("/api/v1/jobs", content=data, headers={"Content-Type": "application/octet-stream"})
+
+
+def job_folders(service) -> set:
+    return set((service.folder / "data" / "jobs").glob("*"))
+
+
+@pytest.mark.parametrize("form", [False, True], ids=["raw", "form"])
 @pytest.mark.parametrize("case", sorted(UPLOADS))
-def test_bad_upload_is_refused_and_leaves_nothing(service, case):
-    jobs = service.folder / "data" / "jobs"
-    before = set(jobs.glob("*"))
+def test_bad_upload_is_refused_and_leaves_nothing(service, case, form):
+    before = job_folders(service)
     with service.client() as client:
-        response = client.post("/api/v1/jobs", content=UPLOADS[case](),
-                               headers={"Content-Type": "application/octet-stream"})
+        response = post_upload(client, UPLOADS[case](), form)
     assert 400 <= response.status_code < 500, response.text
+    if case == "oversize":
+        assert response.status_code == 413
     detail = response.json()["detail"]
     assert isinstance(detail, str) and "\n" not in detail and len(detail) > 10
-    assert set(jobs.glob("*")) == before
+    assert job_folders(service) == before
 
 
-def test_multipart_form_upload_is_refused_with_advice(service):
+def multipart(parts: list[tuple[str, bytes]], boundary: str = "b0undary") -> bytes:
+    """A form body, written out so that tests control every byte (and can send it in pieces)."""
+    body = b""
+    for name, data in parts:
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"../../x\"\r\n"
+                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def test_a_form_upload_stores_exactly_the_file_field(service):
+    """Other fields around `file` are skipped, the client's file name is not used, and the file arrives byte-exact
+    also when the body comes in small chunks without a length."""
+    data = Upload(7).data
+    body = multipart([("note", b"--b0undar not a boundary"), ("file", data), ("after", b"x" * 1000)])
     with service.client() as client:
-        response = client.post("/api/v1/jobs", files={"file": ("scan.nii.gz", nifti(np.ones((8, 8, 8), np.int16)))})
-    assert response.status_code == 415 and "--data-binary" in response.json()["detail"]
+        response = client.post("/api/v1/jobs", content=(body[i:i + 1000] for i in range(0, len(body), 1000)),
+                               headers={"Content-Type": "multipart/form-data; boundary=b0undary"})
+    assert response.status_code == 201, response.text
+    stored = service.folder / "data" / "jobs" / response.json()["id"] / "volume.nii"
+    assert stored.read_bytes() == data
+
+
+@pytest.mark.parametrize("content_type, body, status, words", [
+    ("multipart/form-data; boundary=b0undary", multipart([("scan", b"NRRD0004")]), 422, "no 'file' field"),
+    ("multipart/form-data; boundary=b0undary", multipart([("file", b"NRRD"), ("file", b"NRRD")]), 400,
+     "more than one"),
+    ("multipart/form-data; boundary=b0undary", multipart([("file", b"NRRD0004")])[:-20], 400, "closing boundary"),
+    ("multipart/form-data", multipart([("file", b"NRRD0004")]), 400, "no boundary"),
+    ("multipart/mixed; boundary=b0undary", multipart([("file", b"NRRD0004")]), 415, "curl -F"),
+    ("multipart/form-data; boundary=b0undary",
+     multipart([("file", b"\0" * MAX_UPLOAD + b"\0")]), 413, "over the limit"),
+])
+def test_bad_forms_are_refused_and_leave_nothing(service, content_type, body, status, words):
+    before = job_folders(service)
+    chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))  # no Content-Length: the stream is capped
+    with service.client() as client:
+        response = client.post("/api/v1/jobs", content=chunks, headers={"Content-Type": content_type})
+    assert response.status_code == status and words in response.json()["detail"], response.text
+    assert job_folders(service) == before
+
+
+def partial_upload(service, content_type: str, sent: bytes) -> socket.socket:
+    """A connection that announced a 100 kB upload and sent only `sent`."""
+    connection = socket.create_connection(("127.0.0.1", service.api_port), timeout=30)
+    connection.sendall(f"POST /api/v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKENS[0]}\r\n"
+                       f"Content-Type: {content_type}\r\nContent-Length: 100000\r\n\r\n".encode() + sent)
+    return connection
+
+
+@pytest.mark.parametrize("form", [False, True], ids=["raw", "form"])
+def test_a_stalled_upload_gets_408_its_connection_closed_and_leaves_nothing(service, form):
+    before = job_folders(service)
+    head = nifti(np.ones((30, 30, 30), np.int16))[:2000]
+    if form:
+        connection = partial_upload(service, "multipart/form-data; boundary=b0undary", multipart([("file", head)])[:500])
+    else:
+        connection = partial_upload(service, "application/octet-stream", head)
+    started, reply = time.monotonic(), b""
+    with connection:
+        while chunk := connection.recv(65536):  # ends when the server closes the connection
+            reply += chunk
+    waited = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408") and b"stalled" in reply, reply[:300]
+    assert IDLE_TIMEOUT - 0.5 <= waited < IDLE_TIMEOUT + 10
+    assert job_folders(service) == before
+
+
+def test_a_client_that_goes_away_mid_upload_is_one_log_line(service):
+    before, logged = job_folders(service), len(service.log("api"))
+    partial_upload(service, "application/octet-stream", nifti(np.ones((30, 30, 30), np.int16))[:2000]).close()
+    wait_for(lambda: "upload abandoned" in service.log("api")[logged:], 10, "the abandoned upload being logged")
+    wait_for(lambda: job_folders(service) == before, 10, "the partial upload being removed")
+    new = service.log("api")[logged:]
+    assert new.count("upload abandoned: the client disconnected after") == 1 and "Traceback" not in new, new
+
+
+def curl(service, *args: str) -> str:
+    run = subprocess.run(["curl", "-sS", "--fail-with-body", "-H", f"Authorization: Bearer {TOKENS[0]}", *args],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def test_the_seeds_curl_steps_with_a_form_upload(service, tmp_path):
+    """README's curl steps with the seed's form upload (-F file=@scan.nii.gz): segment, propagate, download."""
+    case = Upload(11)
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(gzip.compress(case.data))
+    api = f"{service.url}/api/v1"
+    job = json.loads(curl(service, "-F", f"file=@{scan}", f"{api}/jobs"))["id"]
+    wait_for(lambda: json.loads(curl(service, f"{api}/jobs/{job}/status"))["loaded"], 60, "the volume loading")
+    prompt = json.dumps({"box_ras": case.box_ras, "window": "abdomen"})
+    found = json.loads(curl(service, "-H", "Content-Type: application/json", "-d", prompt, f"{api}/jobs/{job}/segment-2d"))
+    key = found["slice"]
+    from MedSAM2HITLLib.mask_codec import decode
+
+    assert dice(decode(found["mask"], tuple(found["mask"]["shape"])), case.phantom.mask[key]) >= 0.7
+    started = json.loads(curl(service, "-H", "Content-Type: application/json", "-d", prompt,
+                              f"{api}/jobs/{job}/propagate"))
+    events = subprocess.Popen(["curl", "-sN", "--max-time", "180", "-H", f"Authorization: Bearer {TOKENS[0]}",
+                               f"{api}/jobs/{job}/events?after={started['events_after']}"],
+                              stdout=subprocess.PIPE, text=True)
+    kinds = []
+    for line in events.stdout:
+        if line.startswith("event: "):
+            kinds.append(line[7:].strip())
+            if kinds[-1] in ("done", "cancelled", "error"):
+                break
+    events.terminate()
+    events.wait(10)
+    assert kinds[-1] == "done" and kinds.count("slice") == case.phantom.volume.shape[0], kinds[-3:]
+    curl(service, "-o", str(tmp_path / "mask.nii.gz"), f"{api}/jobs/{job}/result")
+    result = nib.load(tmp_path / "mask.nii.gz")
+    assert np.allclose(result.affine, case.affine, atol=1e-4)
+    assert dice(np.asarray(result.dataobj) > 0, case.truth) >= 0.75
 
 
 @pytest.mark.parametrize("token, status", [("", 401), ("wrong-token", 401), (TOKENS[1], 404)])

@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from service_fixtures import Service
 from test_service import Upload, create_job, dice
 
+pytestmark = pytest.mark.service
+
 TOKEN = "load-test-token"
 CLIENTS, REQUESTS = 8, 20
 MAX_EXAMPLES = 22  # per operation: at most 9 x 22 = 198 generated requests in all

@@ -9,6 +9,8 @@ import pytest
 from service_fixtures import Service
 from test_service import Upload, create_job, dice, download, read_events
 
+pytestmark = pytest.mark.service
+
 WORKER_TOKEN = "worker-token-for-tests"
 
 

@@ -7,9 +7,12 @@ import os
 import subprocess
 
 import httpx
+import pytest
 
 from conftest import REPO
 from service_fixtures import free_port, redis_server
+
+pytestmark = pytest.mark.service
 
 
 def run(script: str, env: dict, *parts: str) -> subprocess.CompletedProcess:

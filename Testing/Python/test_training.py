@@ -16,6 +16,8 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "Testing" / "Training"))
 from phantoms import MIN_TARGET_SLICES, make_phantom  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("modality", ["ct", "mr"])
 def test_phantoms_are_reproducible_and_in_their_modality_range(modality):

@@ -28,6 +28,8 @@ from MedSAM2HITLLib.volume_file import (
     max_volume_bytes,
 )
 
+pytestmark = pytest.mark.slow
+
 SHAPE_IJK = (128, 128, 64)  # large enough that ITK reads only the header part of a .gz
 BOMB_SIZE_IJK = (2000, 2000, 2000)  # int16: 16 GB
 

@@ -27,6 +27,8 @@ from evaluate_phantom_model import dice, inside_point  # noqa: E402
 from phantoms import make_phantom  # noqa: E402
 from test_end_to_end import GRIDS  # noqa: E402
 
+pytestmark = pytest.mark.browser
+
 SIZE = (40, 80, 96)
 LONG = (200, 80, 96)  # for reconnect: a propagation that takes seconds, not a fraction of one
 LONGER = (800, 80, 96)  # for cancel and reload: still running seconds after its first slices

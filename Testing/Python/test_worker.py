@@ -17,6 +17,8 @@ from MedSAM2HITLLib.errors import BadInputError, OutOfMemoryError, PropagationCa
 from MedSAM2HITLLib.process_tree import kill_tree
 from MedSAM2HITLLib.protocol import MAGIC, PREFIX, PROTOCOL_VERSION, encode, encode_bytes
 
+pytestmark = pytest.mark.slow
+
 THREADS = 2
 BOX = (16, 16, 47, 47)
 

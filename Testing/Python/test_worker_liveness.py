@@ -26,7 +26,8 @@ from MedSAM2HITLLib.client import WorkerClient, WorkerError
 from MedSAM2HITLLib.errors import ModelError
 from MedSAM2HITLLib.process_tree import descendants, kill_tree
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs POSIX signals (SIGSTOP, SIGKILL)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs POSIX signals (SIGSTOP, SIGKILL)")]
 
 PHANTOM = DATA / "phantom_sam2.pt"
 HEARTBEAT_TIMEOUT = 3.0  # the worker beats every second
