@@ -24,6 +24,8 @@ from MedSAM2HITLLib.errors import BadInputError
 from MedSAM2HITLLib.panel_controller import (Action, PanelController, SegmentationWatch, make_client,
                                              slice_index_in_view, start_click_placement, start_roi_placement)
 
+pytestmark = pytest.mark.slow
+
 SHAPE = (14, 40, 48)  # [k, j, i]
 RANGE = [6, 7, 8]  # propagated slices around the ROI's slice 7: few, the machine is shared
 

@@ -29,6 +29,8 @@ from MedSAM2HITLLib.errors import BadInputError
 from MedSAM2HITLLib.mrml_scene import load_volume
 from MedSAM2HITLLib.roi_box import volume_ijk_to_world
 
+pytestmark = pytest.mark.slow
+
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data" / "test_files"
 PYDICOM_STORE = Path(__import__("data_store").__file__).parent / "data"
