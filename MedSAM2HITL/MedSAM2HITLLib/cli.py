@@ -120,10 +120,6 @@ def _dicomweb_server(url: str):
 def _dicom_input(args, stack) -> None:
     """Check --dicomweb/--store against the other options; with --dicomweb, fetch the series into a temporary
     folder (removed by `stack`) that then stands in for the volume argument."""
-    import tempfile
-
-    from .dicomweb import retrieve_series
-
     if args.dicomweb is None:
         if args.volume is None:
             raise BadInputError("give a volume (file or DICOM folder) or --dicomweb URL --series UID")
@@ -136,6 +132,10 @@ def _dicom_input(args, stack) -> None:
         raise BadInputError("--dicomweb needs the series to read: --series UID")
     if _outputs(args).dicom_seg is None and args.store:  # output names are checked before anything is fetched
         raise BadInputError("--store sends the DICOM SEG: write one with -o result.dcm or --dicom-seg result.dcm")
+    import tempfile
+
+    from .dicomweb import retrieve_series
+
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="medsam2hitl-dicomweb-")))
     server = _dicomweb_server(args.dicomweb)
     _say(f"retrieving series {args.series} from {server.shown()} ...")

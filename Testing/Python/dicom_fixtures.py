@@ -109,7 +109,8 @@ def decode_seg(path: Path, series: CtSeries) -> np.ndarray:
         k = series.sop_uids.index(uid)
         position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
         assert np.allclose(position, (lps @ [0, 0, k, 1])[:3], atol=1e-4), f"frame on {uid} is not at slice {k}"
-        labels[k][frame > 0] = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        segment = (item.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence)[0]  # shared
+        labels[k][frame > 0] = int(segment.ReferencedSegmentNumber)  # when the SEG has one segment
     return labels
 
 
