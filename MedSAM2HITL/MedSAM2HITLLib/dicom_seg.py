@@ -53,8 +53,8 @@ PRESET_CODES = {  # a word in the segment's name → its codes (abnormal structu
 
 
 def segment_code(name: str) -> SegmentCode:
-    """The codes of the first preset (in table order) named in `name`: 'Liver lesion 2' → Lesion, 'kidneys' → Kidney;
-    generic tissue when none is."""
+    """The codes of the first preset (in table order) named in `name`: 'Liver lesion 2' → Lesion, 'kidneys' →
+    Kidney; generic tissue when none is."""
     words = set(name.lower().replace("_", " ").replace("-", " ").split())
     words |= {word[:-1] for word in words if word.endswith("s")}  # plurals
     return next((code for word, code in PRESET_CODES.items() if word in words), GENERIC_CODE)

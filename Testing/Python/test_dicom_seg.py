@@ -4,8 +4,6 @@ regularized grid; refusals."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -29,7 +27,8 @@ def test_cli_writes_a_seg_of_two_named_objects_linked_to_an_oblique_series(obliq
     distractor = series.phantom.distractors[0]
     k = int(np.argmax(distractor.sum(axis=(1, 2))))
     y, x = np.nonzero(distractor[k])
-    second_box = [f"{v:.4f}" for v in (*series.ras(x.min() - 1, y.min() - 1, k), *series.ras(x.max() + 1, y.max() + 1, k))]
+    corners = (*series.ras(x.min() - 1, y.min() - 1, k), *series.ras(x.max() + 1, y.max() + 1, k))
+    second_box = [f"{v:.4f}" for v in corners]
     seg, labelmap = tmp_path / "result.dcm", tmp_path / "labels.nii.gz"
     result = cli("segment", str(series.folder), "--box-ras", *series.target_box_ras(), "--box-ras", *second_box,
                  "--name", "Liver lesion", "--name", "Kidney", "--propagate", *COMMON, "-o", str(seg),

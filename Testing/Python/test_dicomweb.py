@@ -1,12 +1,13 @@
 """From the PACS and back, against a real Orthanc: a CT series stored there is segmented through DICOMweb
 (`segment --dicomweb URL --series UID`), the SEG is stored back (--store) and, retrieved from Orthanc, maps onto the
 series exactly as the NIfTI labelmap. Refusals: unknown series, PACS unreachable, refused login; no credentials
-in any output."""
+in any output; the same through the service."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import DATA
@@ -60,8 +61,9 @@ def test_a_series_from_the_pacs_is_segmented_and_its_seg_stored_back(pacs, tmp_p
 def test_pacs_refusals_exit_2_with_one_line_and_no_credentials(case, message, pacs, tmp_path):
     orthanc, series = pacs
     url, uid, login = orthanc.dicomweb_url, series.series_uid, dict(LOGIN)
-    if case == "unknown series":
-        uid = "1.2.3.4.5.6"
+    if case == "unknown series":  # logged in by the URL's user:password@ this time
+        uid, login = "1.2.3.4.5.6", {}
+        url = url.replace("http://", f"http://{USER}:{PASSWORD}@")
     elif case == "unreachable":
         url = f"http://127.0.0.1:{free_port()}/dicom-web"
     else:
@@ -70,14 +72,93 @@ def test_pacs_refusals_exit_2_with_one_line_and_no_credentials(case, message, pa
                  "-o", str(tmp_path / "x.dcm"), env=login)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and result.stderr.strip().count("\n") == 1  # "retrieving ..." then the error
-    assert login["MEDSAM2HITL_DICOMWEB_PASSWORD"] not in result.stdout + result.stderr
+    for secret in (PASSWORD, "wrong-password-9c1e", USER):
+        assert secret not in result.stdout + result.stderr
     assert not (tmp_path / "x.dcm").exists()
 
 
-def test_credentials_in_the_url_are_never_shown(pacs, tmp_path):
+# The service: a job made from the PACS series, its result as a DICOM SEG, stored back.
+
+@pytest.fixture(scope="module")
+def service(pacs, tmp_path_factory):
+    from service_fixtures import Service
+
+    orthanc, _ = pacs
+    running = Service(tmp_path_factory.mktemp("service"), extra_env={
+        "MEDSAM2HITL_DICOMWEB_URL": orthanc.dicomweb_url, "MEDSAM2HITL_DICOMWEB_USER": USER,
+        "MEDSAM2HITL_DICOMWEB_PASSWORD": PASSWORD, "MEDSAM2HITL_DICOMWEB_STORE": "1"}).start()
+    yield running
+    running.stop()
+
+
+def dicomweb_job(client, series_uid: str):
+    return client.post("/api/v1/jobs", json={"dicomweb": {"series": series_uid}})
+
+
+def test_a_service_job_from_the_pacs_gives_a_seg_that_is_stored_back(pacs, service, tmp_path):
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_user_pass
+    from service_fixtures import wait_for
+    from test_service import read_events
+
     orthanc, series = pacs
-    url = orthanc.dicomweb_url.replace("http://", f"http://{USER}:{PASSWORD}@")
-    result = cli("segment", "--dicomweb", url, "--series", "1.2.3.4.5.6", "--box-ras", *series.target_box_ras(),
-                 *COMMON, "-o", str(tmp_path / "x.dcm"))
-    assert result.returncode == 2 and "has no series 1.2.3.4.5.6" in result.stderr  # the login in the URL worked
-    assert PASSWORD not in result.stdout + result.stderr and USER not in result.stdout + result.stderr
+    box_ras = [float(v) for v in series.target_box_ras()]
+    with service.client() as client:
+        created = dicomweb_job(client, series.series_uid)
+        assert created.status_code == 201, created.text
+        job_id = created.json()["id"]
+        wait_for(lambda: client.get(f"/api/v1/jobs/{job_id}/status").json()["loaded"], 60, "the volume loading")
+        started = client.post(f"/api/v1/jobs/{job_id}/propagate", json={"box_ras": box_ras, "window": "abdomen"})
+        assert started.status_code == 202, started.text
+        assert read_events(client, job_id, started.json()["events_after"])[-1][0] == "done"
+        nifti = client.get(f"/api/v1/jobs/{job_id}/result")
+        seg = client.get(f"/api/v1/jobs/{job_id}/result", params={"format": "dicom-seg", "name": "Lesion"})
+        assert nifti.status_code == 200 and seg.status_code == 200, seg.text
+        (tmp_path / "labels.nii.gz").write_bytes(nifti.content)
+        (tmp_path / "seg.dcm").write_bytes(seg.content)
+        labels = check_seg_against_labelmap(tmp_path / "seg.dcm", series, tmp_path / "labels.nii.gz", ["Lesion"])
+        assert np.count_nonzero(labels.any(axis=(1, 2))) >= 5
+
+        stored = client.post(f"/api/v1/jobs/{job_id}/result/store", params={"name": "Lesion"})
+        assert stored.status_code == 200, stored.text
+    pacs_client = DICOMwebClient(orthanc.dicomweb_url, session=create_session_from_user_pass(USER, PASSWORD))
+    [found] = pacs_client.search_for_instances(series.study_uid, search_filters={
+        "SOPInstanceUID": stored.json()["stored"]})
+    instance = pacs_client.retrieve_instance(series.study_uid, found["0020000E"]["Value"][0],
+                                             stored.json()["stored"])
+    instance.save_as(tmp_path / "from_pacs.dcm", enforce_file_format=True)
+    assert np.array_equal(check_seg_against_labelmap(tmp_path / "from_pacs.dcm", series, tmp_path / "labels.nii.gz",
+                                                     ["Lesion"]), labels)
+    for name in ("api", "w0"):
+        assert PASSWORD not in service.log(name)
+
+
+def test_service_refusals_non_dicom_job_unknown_series_unreachable_pacs_store_off(pacs, service):
+    import dataclasses
+
+    import nibabel as nib
+    from fastapi.testclient import TestClient
+    from test_service import create_job
+
+    from medsam2hitl_server.app import create_app
+    from medsam2hitl_server.settings import Settings
+
+    _, series = pacs
+    with service.client() as client:
+        job_id = create_job(client, nib.Nifti1Image(np.zeros((48, 48, 8), np.int16), np.eye(4)).to_bytes())
+        refused = client.get(f"/api/v1/jobs/{job_id}/result", params={"format": "dicom-seg"})
+        assert refused.status_code == 409 and "not read from DICOM" in refused.json()["detail"]
+        unknown = dicomweb_job(client, "1.2.3.4.5.6")
+        assert unknown.status_code == 404 and "has no series 1.2.3.4.5.6" in unknown.json()["detail"]
+        assert client.post("/api/v1/jobs", json={"dicomweb": {"series": "x"}, "url": "http://evil"}).status_code == 422
+    # The same job store and data behind an API whose settings name an unreachable PACS and leave storing off:
+    settings = dataclasses.replace(Settings(), redis_url=service.env["MEDSAM2HITL_REDIS_URL"],
+                                   data_dir=Path(service.env["MEDSAM2HITL_DATA_DIR"]),
+                                   dicomweb_url=f"http://{USER}:{PASSWORD}@127.0.0.1:{free_port()}/dicom-web")
+    assert settings.dicomweb_store is False  # the default
+    client = TestClient(create_app(settings))
+    unreachable = dicomweb_job(client, series.series_uid)
+    assert unreachable.status_code == 503 and "is unreachable" in unreachable.json()["detail"]
+    assert PASSWORD not in unreachable.text and USER not in unreachable.text
+    off = client.post(f"/api/v1/jobs/{job_id}/result/store")
+    assert off.status_code == 403 and "MEDSAM2HITL_DICOMWEB_STORE=1" in off.json()["detail"]
