@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .errors import BadInputError
 
 TIMEOUT_SECONDS = 60.0
+RETRY_ATTEMPTS, RETRY_WAIT_MS = 3, 500  # dicomweb-client's default (5, 1000 ms) waits 30 s before "unreachable"
 
 
 class DicomWebUnreachable(BadInputError):
@@ -56,7 +57,9 @@ def _client(server: DicomWebServer):
     elif user:
         session.auth = (user, password or "")
     url = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
-    return DICOMwebClient(url, session=session, timeout=TIMEOUT_SECONDS)
+    client = DICOMwebClient(url, session=session, timeout=TIMEOUT_SECONDS)
+    client.set_http_retry_params(max_attempts=RETRY_ATTEMPTS, wait_exponential_multiplier=RETRY_WAIT_MS)
+    return client
 
 
 def _calling(server: DicomWebServer, what: str, call):
