@@ -88,3 +88,26 @@ def test_segment_names_pick_snomed_codes(name, meaning):
     from pydicom.sr.codedict import codes
 
     assert getattr(codes.SCT, segment_code(name).type).meaning == meaning
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--box-ras", "1", "2", "3", "4", "5", "3", "-o", "x.seg.nrrd"],
+     "give a volume (file or DICOM folder) or --dicomweb"),
+    (["{folder}", "--box-ras", "1", "2", "3", "4", "5", "3", "-o", "a.dcm", "--dicom-seg", "b.dcm"],
+     "-o already writes a DICOM SEG"),
+    (["{folder}", "--store", "--box-ras", "1", "2", "3", "4", "5", "3", "-o", "a.dcm"], "--store and --study go with"),
+    (["--dicomweb", "http://127.0.0.1:9/dicom-web", "--box-ras", "1", "2", "3", "4", "5", "3", "-o", "a.dcm"],
+     "--dicomweb needs the series to read: --series UID"),
+    (["--dicomweb", "http://127.0.0.1:9/dicom-web", "--series", "1.2", "--store", "--box-ras", "1", "2", "3", "4", "5",
+      "3", "-o", "a.seg.nrrd"], "--store sends the DICOM SEG"),
+])
+def test_conflicting_dicom_options_are_refused_before_any_work(arguments, message, oblique_series, tmp_path,
+                                                                capsys):
+    from MedSAM2HITLLib.cli import main
+
+    folder = str(oblique_series.folder)
+    argv = ["segment", *[a.format(folder=folder) if a.startswith("{") else a for a in arguments]]
+    argv = [str(tmp_path / a) if a.endswith((".dcm", ".seg.nrrd")) else a for a in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
