@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInputError, MedSAM2Error, ModelError, PropagationCancelled
@@ -40,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     segment = commands.add_parser("segment", help="segment an object from a box, optionally through the volume")
-    segment.add_argument("volume", help="NIfTI, NRRD, MHA/MHD file or a DICOM series folder")
+    segment.add_argument("volume", nargs="?", help="NIfTI, NRRD, MHA/MHD file or a DICOM series folder")
     segment.add_argument("--series", metavar="UID", help="the DICOM series to read when the folder holds several")
     _regularize_argument(segment)
+    _dicomweb_arguments(segment)
     prompt = segment.add_mutually_exclusive_group()
     prompt.add_argument("--box-ras", nargs=6, type=float, action="append", metavar=("X1", "Y1", "Z1", "X2", "Y2", "Z2"),
                         help="two opposite corners of the box in RAS millimetres (as Slicer shows them); repeat it\n"
@@ -61,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     segment.add_argument("--threads", type=int, help="CPU threads for inference")
     _precision_argument(segment)
-    segment.add_argument("-o", "--output", required=True, help="segmentation to write (.seg.nrrd)")
+    segment.add_argument("-o", "--output", required=True,
+                         help="segmentation to write: .seg.nrrd, or .dcm for a DICOM SEG (DICOM input only)")
+    segment.add_argument("--dicom-seg", metavar="FILE", help="also write a DICOM SEG (.dcm) linked to the DICOM series")
+    segment.add_argument("--name", action="append", metavar="NAME",
+                         help="the object's segment name (repeat it, one per box); a name such as Lesion or Liver\n"
+                              "also gives the DICOM SEG its SNOMED-CT code")
     segment.add_argument("--labelmap", help="also write a NIfTI labelmap with the volume's affine (.nii.gz)")
     segment.add_argument("--keep-partial", action="store_true", help="on Ctrl+C, write the slices done so far")
     _server_arguments(segment)
@@ -97,6 +104,49 @@ def _precision_argument(parser) -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="arithmetic of the model: auto (bf16 where it was shown accurate and faster: CUDA, "
                              "CPUs with AVX512-BF16/AMX; fp32 elsewhere), fp32, bf16, int8 (CPU)")
+
+
+def _dicomweb_arguments(parser) -> None:
+    parser.add_argument("--dicomweb", metavar="URL",
+                        help="read the series (--series UID) from this DICOMweb server instead of a folder; log in\n"
+                             "with $MEDSAM2HITL_DICOMWEB_USER/_PASSWORD or $MEDSAM2HITL_DICOMWEB_TOKEN")
+    parser.add_argument("--study", metavar="UID", help="with --dicomweb: the study that holds the series (optional)")
+    parser.add_argument("--store", action="store_true",
+                        help="with --dicomweb: store the DICOM SEG back on the server (STOW-RS)")
+
+
+def _dicomweb_server(url: str):
+    """The --dicomweb server, with credentials from the environment only (never the command line, which others see)."""
+    from .dicomweb import DicomWebServer
+
+    env = os.environ.get
+    return DicomWebServer(url, env("MEDSAM2HITL_DICOMWEB_USER"), env("MEDSAM2HITL_DICOMWEB_PASSWORD"),
+                          env("MEDSAM2HITL_DICOMWEB_TOKEN"))
+
+
+def _dicom_input(args, stack) -> None:
+    """Check --dicomweb/--store against the other options; with --dicomweb, fetch the series into a temporary
+    folder (removed by `stack`) that then stands in for the volume argument."""
+    if args.dicomweb is None:
+        if args.volume is None:
+            raise BadInputError("give a volume (file or DICOM folder) or --dicomweb URL --series UID")
+        if args.store or args.study:
+            raise BadInputError("--store and --study go with --dicomweb URL")
+        return
+    if args.volume is not None:
+        raise BadInputError(f"give either a volume ('{args.volume}') or --dicomweb, not both")
+    if not args.series:
+        raise BadInputError("--dicomweb needs the series to read: --series UID")
+    if _outputs(args).dicom_seg is None and args.store:  # output names are checked before anything is fetched
+        raise BadInputError("--store sends the DICOM SEG: write one with -o result.dcm or --dicom-seg result.dcm")
+    import tempfile
+
+    from .dicomweb import retrieve_series
+
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="medsam2hitl-dicomweb-")))
+    server = _dicomweb_server(args.dicomweb)
+    _say(f"retrieving series {args.series} from {server.shown()} ...")
+    args.volume = str(retrieve_series(server, args.series, folder / "series", args.study))
 
 
 def _server_arguments(parser) -> None:
@@ -155,6 +205,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_segment(args) -> int:
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        _dicom_input(args, stack)
+        return _run_segment(args)
+
+
+def _run_segment(args) -> int:
     from .checkpoints import resolve_checkpoint
     from .export import check_distinct
     from .logic import SegmentationLogic
@@ -163,10 +221,13 @@ def run_segment(args) -> int:
     from .roi_box import roi_from_corners
     from .segment_writer import create_segmentation
 
-    output = _output_path(args.output, ".seg.nrrd")
-    labelmap = _output_path(args.labelmap, ".nii.gz", ".nii") if args.labelmap else None
+    outputs = _outputs(args)
+    if outputs.dicom_seg is not None:
+        from .dicom_seg import refuse_non_dicom
+
+        refuse_non_dicom(args.volume)
     inputs = {"the input volume": Path(args.volume), **({"the ROI file": Path(args.roi)} if args.roi else {})}
-    check_distinct({"-o": output, **({"--labelmap": labelmap} if labelmap else {})}, inputs)  # would replace an input
+    check_distinct(outputs.named(), inputs)  # would replace an input
     parse_window(args.window, _no_volume()) if args.window != "mr" else None  # a bad preset fails before any work
     checkpoint = Path(args.checkpoint) if args.server else resolve_checkpoint(args.checkpoint)  # the service has its own
     scene = create_scene()
@@ -177,9 +238,12 @@ def run_segment(args) -> int:
         raise BadInputError("give a box (--box-ras or --roi) or clicks (--point-ras)")
     if len(rois) > 1 and points is not None:
         raise BadInputError("clicks (--point-ras) go with one box; with several boxes, leave them out")
-    if len(rois) > 1:  # one segment per object, named after its box
-        for number, roi in enumerate(rois, 1):
-            roi.SetName(f"Object {number}")
+    if args.name and len(args.name) != len(rois or [None]):
+        raise BadInputError(f"--name was given {len(args.name)} times for {len(rois or [None])} object(s); "
+                            "give one name per box")
+    if len(rois) > 1 or args.name:  # one segment per object, named after its box (or its clicks)
+        for number, prompt in enumerate(rois or [points], 1):
+            prompt.SetName(args.name[number - 1] if args.name else f"Object {number}")
     if args.propagate:  # a wrong --start/--end fails before the model loads
         axis = SegmentationLogic.array_axis(volume, args.axis)
         for roi in rois:
@@ -205,7 +269,7 @@ def run_segment(args) -> int:
             if not _propagate(logic, volume, segmentation, [(roi, segment_id) for roi, (_, segment_id)
                                                                in zip(rois or [None], objects)], args):
                 return EXIT_INTERRUPTED
-        _write_outputs(segmentation, volume, output, labelmap)
+        _write_outputs(segmentation, volume, outputs, args, checkpoint.stem)
         return EXIT_OK
     finally:
         logic.stop_worker()
@@ -257,9 +321,7 @@ def _propagate(logic, volume, segmentation, objects, args) -> bool:
         except (PropagationCancelled, MedSAM2Error, TimeoutError):
             pass
         if args.keep_partial:
-            output = _output_path(args.output, ".seg.nrrd")
-            labelmap = _output_path(args.labelmap, ".nii.gz", ".nii") if args.labelmap else None
-            _write_outputs(segmentation, volume, output, labelmap)
+            _write_outputs(segmentation, volume, _outputs(args), args, Path(args.checkpoint).stem)
             _say("kept the slices completed before the interruption (--keep-partial)")
         else:
             _say("interrupted: nothing written (use --keep-partial to keep completed slices)")
@@ -270,15 +332,52 @@ def _propagate(logic, volume, segmentation, objects, args) -> bool:
     return True
 
 
-def _write_outputs(segmentation, volume, output: Path, labelmap: Path | None) -> None:
-    """Each file replaces an older one only once it reads back whole (export.replace_verified)."""
-    from .export import export_labelmap_nifti, export_seg_nrrd
+@dataclass(frozen=True)
+class _Outputs:
+    """The files `segment` writes: -o (.seg.nrrd or a DICOM SEG .dcm), --labelmap and --dicom-seg."""
 
-    export_seg_nrrd(segmentation, output)
-    _say(f"wrote {output}")
-    if labelmap is not None:
-        export_labelmap_nifti(segmentation, volume, labelmap)
-        _say(f"wrote {labelmap}")
+    seg_nrrd: Path | None
+    labelmap: Path | None
+    dicom_seg: Path | None
+
+    def named(self) -> dict[str, Path]:
+        return {label: path for label, path in (("-o", self.seg_nrrd), ("--labelmap", self.labelmap),
+                                                ("--dicom-seg", self.dicom_seg)) if path is not None}
+
+
+def _outputs(args) -> _Outputs:
+    output = _output_path(args.output, ".seg.nrrd", ".dcm")
+    is_dicom = output.name.lower().endswith(".dcm")
+    if is_dicom and args.dicom_seg:
+        raise BadInputError("-o already writes a DICOM SEG (.dcm); leave out --dicom-seg or give -o a .seg.nrrd")
+    return _Outputs(None if is_dicom else output,
+                    _output_path(args.labelmap, ".nii.gz", ".nii") if args.labelmap else None,
+                    output if is_dicom else (_output_path(args.dicom_seg, ".dcm") if args.dicom_seg else None))
+
+
+def _write_outputs(segmentation, volume, outputs: _Outputs, args, checkpoint_name: str) -> None:
+    """Each file replaces an older one only once it reads back whole (export.replace_verified)."""
+    from .export import export_labelmap_nifti, export_seg_nrrd, labelmap_array, volume_ijk_to_ras
+
+    if outputs.seg_nrrd is not None:
+        export_seg_nrrd(segmentation, outputs.seg_nrrd)
+        _say(f"wrote {outputs.seg_nrrd}")
+    if outputs.labelmap is not None:
+        export_labelmap_nifti(segmentation, volume, outputs.labelmap)
+        _say(f"wrote {outputs.labelmap}")
+    if outputs.dicom_seg is not None:
+        from .dicom_seg import write_dicom_seg
+
+        labels, names = labelmap_array(segmentation, volume)
+        write_dicom_seg(labels, volume_ijk_to_ras(volume), names, args.volume, args.series, outputs.dicom_seg,
+                        checkpoint_name)
+        _say(f"wrote {outputs.dicom_seg}")
+        if args.store:
+            from .dicomweb import store_instance
+
+            server = _dicomweb_server(args.dicomweb)
+            uid = store_instance(server, outputs.dicom_seg)
+            _say(f"stored DICOM SEG {uid} on {server.shown()}")
 
 
 def run_models(args) -> int:

@@ -33,6 +33,18 @@ class DicomVolume:
     ijk_to_lps: np.ndarray  # 4x4, DICOM's patient coordinates (LPS mm)
     tilt_degrees: float  # how far the slice positions leaned off the normal before resampling (0: not at all)
 
+    def sitk_image(self):
+        """The volume as a SimpleITK image (LPS), for writing it to a single file (the service's DICOM jobs)."""
+        import SimpleITK as sitk
+
+        axes = self.ijk_to_lps[:3, :3]
+        spacing = np.linalg.norm(axes, axis=0)
+        image = sitk.GetImageFromArray(self.voxels)
+        image.SetSpacing([float(s) for s in spacing])
+        image.SetDirection([float(v) for v in (axes / spacing).ravel()])
+        image.SetOrigin([float(v) for v in self.ijk_to_lps[:3, 3]])
+        return image
+
 
 @dataclass(frozen=True)
 class _Plane:

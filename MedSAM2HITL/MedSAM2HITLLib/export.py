@@ -130,20 +130,8 @@ def export_labelmap_nifti(
     import nibabel as nib
 
     path = check_output(path, ".nii", ".nii.gz")
-    ensure_geometry(segmentation_node, volume_node)
-    segmentation = segmentation_node.GetSegmentation()
-    ids = list(segmentation.GetSegmentIDs()) if segment_ids is None else list(segment_ids)
-    if not ids:
-        raise BadInputError(f"segmentation '{segmentation_node.GetName()}' has no segments to export")
-    dtype = np.uint8 if len(ids) < 256 else np.uint16
-    labels = None
-    names: dict[int, str] = {}
-    for value, segment_id in enumerate(ids, start=1):
-        mask = read_segment(segmentation_node, segment_id, volume_node)
-        labels = np.zeros(mask.shape, dtype) if labels is None else labels
-        labels[mask] = value
-        names[value] = segmentation.GetSegment(segment_id).GetName()
-
+    labels, names = labelmap_array(segmentation_node, volume_node, segment_ids)
+    dtype = labels.dtype
     data = labels.transpose(2, 1, 0)  # [k, j, i] → NIfTI's [i, j, k]
     image = _on_source_grid(data, volume_node)
     if image is None:
@@ -179,6 +167,30 @@ def _on_source_grid(data: np.ndarray, volume_node):
     image.set_qform(source.header.get_qform(), code=int(source.header["qform_code"]))
     image.set_sform(source.header.get_sform(), code=int(source.header["sform_code"]))
     return image
+
+
+def labelmap_array(
+    segmentation_node, volume_node, segment_ids: list[str] | None = None
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Segments as one label array [k, j, i] on the volume's grid, and {label: segment name}.
+
+    Segment n of `segment_ids` (default: all, in the segmentation's order) gets label n (1-based); where segments
+    overlap, the later one wins. The one source of labels for every export (NIfTI, DICOM SEG).
+    """
+    ensure_geometry(segmentation_node, volume_node)
+    segmentation = segmentation_node.GetSegmentation()
+    ids = list(segmentation.GetSegmentIDs()) if segment_ids is None else list(segment_ids)
+    if not ids:
+        raise BadInputError(f"segmentation '{segmentation_node.GetName()}' has no segments to export")
+    dtype = np.uint8 if len(ids) < 256 else np.uint16
+    labels = None
+    names: dict[int, str] = {}
+    for value, segment_id in enumerate(ids, start=1):
+        mask = read_segment(segmentation_node, segment_id, volume_node)
+        labels = np.zeros(mask.shape, dtype) if labels is None else labels
+        labels[mask] = value
+        names[value] = segmentation.GetSegment(segment_id).GetName()
+    return labels, names
 
 
 def volume_ijk_to_ras(volume_node) -> np.ndarray:

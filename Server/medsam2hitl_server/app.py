@@ -23,11 +23,12 @@ from starlette.concurrency import run_in_threadpool
 
 from MedSAM2HITLLib.errors import BadInputError
 
-from . import __version__
+from . import __version__, dicomweb_jobs
 from .auth import Caller
 from .jobs import Dispatcher
 from .schemas import (EVENT_PAYLOADS, Cancelling, ErrorDetail, Health, JobCreated, JobStatus, Models,
-                      PropagationStarted, Propagate, Readiness, SegmentedSlice, Segment2D, SliceWrite, WrittenSlice,
+                      PropagationStarted, Propagate, Readiness, SegmentedSlice, Segment2D, SliceWrite, StoredResult,
+                      WrittenSlice,
                       check_against_volume)
 from .session import LABELS_FILE, job_dir
 from .shared_files import WORKER_FILES
@@ -47,7 +48,8 @@ UPLOAD_BODY = {"required": True, "content": {
 }}
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 RESULT_FILE = {200: {"description": "the mask file", "content": {"application/gzip": BINARY,
-                                                                 "application/octet-stream": BINARY}}}
+                                                                 "application/octet-stream": BINARY,
+                                                                 "application/dicom": BINARY}}}
 EVENT_STREAM = {200: {"description": "`id:`, `event:` (the kind) and `data:` (its JSON payload) per event",
                       "content": {"text/event-stream": {"schema": {"type": "string"}, "itemSchema": {
                           "type": "object", "required": ["event", "data"], "properties": {
@@ -237,10 +239,14 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
                                                                           "server's MEDSAM2HITL_JOB_TTL_SECONDS)")
                          ) -> dict:
         """Upload a volume (NIfTI, NRRD or MHA) as the raw request body or as a form's `file` field (the seed's
-        form, `curl -F file=@scan.nii.gz`); it is bound to a model worker. The format is read from the bytes."""
+        form, `curl -F file=@scan.nii.gz`), or name a series on the service's DICOMweb server with a JSON body
+        {"dicomweb": {"series": UID, "study": UID}}; it is bound to a model worker. The format is read from the bytes."""
         job_id = str(uuid.uuid4())
-        name, header = await receive_volume(request, job_dir(settings, job_id), settings.max_upload_bytes,
-                                            settings.max_volume_bytes, settings.upload_idle_timeout_seconds)
+        if dicomweb_jobs.is_dicomweb_request(request):
+            name, header = await dicomweb_jobs.receive_series(request, job_dir(settings, job_id), settings)
+        else:
+            name, header = await receive_volume(request, job_dir(settings, job_id), settings.max_upload_bytes,
+                                                settings.max_volume_bytes, settings.upload_idle_timeout_seconds)
         summary = {"shape_ijk": list(header.shape_ijk), "dtype": header.dtype}
         keep = min(ttl or settings.job_ttl_seconds, settings.job_ttl_seconds)
         try:
@@ -331,9 +337,7 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    @router.get("/jobs/{job_id}/result", response_class=FileResponse, responses={**RESULT_FILE, **errors(409, 500)})
-    def result(record: dict = Job, format: Literal["nii.gz", "seg.nrrd"] = "nii.gz"):
-        """The 3D mask: NIfTI with the input's affine and voxel order, or Slicer's .seg.nrrd."""
+    def exported(record: dict, format: str) -> Path:
         if store.holder(record["id"]):
             raise HTTPException(409, "a propagation is running on this job; download when it has finished")
         reply = dispatcher.call(record["id"], "medsam2hitl.export", format)
@@ -342,8 +346,29 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         if not path.is_file():
             raise HTTPException(503, "the result file is not on this server's disk; see the README on "
                                      "workers without a shared data folder")
+        return path
+
+    def dicom_seg(record: dict, name: str) -> Path:
+        return dicomweb_jobs.dicom_seg(settings, record["id"], lambda: exported(record, "nii.gz"), name)
+
+    @router.get("/jobs/{job_id}/result", response_class=FileResponse,
+                responses={**RESULT_FILE, **errors(409, 500, 503)})
+    def result(record: dict = Job, format: Literal["nii.gz", "seg.nrrd", "dicom-seg"] = "nii.gz",
+               name: str = Query("Object", min_length=1, max_length=64, description="the DICOM SEG's segment")):
+        """The 3D mask: NIfTI with the input's affine and voxel order, Slicer's .seg.nrrd, or for a job read from
+        DICOM a DICOM SEG linked to its series."""
+        if format == "dicom-seg":
+            return FileResponse(dicom_seg(record, name), media_type="application/dicom",
+                                filename=f"{record['id']}.dcm")
+        path = exported(record, format)
         media = "application/gzip" if format == "nii.gz" else "application/octet-stream"
         return FileResponse(path, media_type=media, filename=f"{record['id']}.{format}")
+
+    @router.post("/jobs/{job_id}/result/store", response_model=StoredResult, responses=errors(403, 409, 502, 503))
+    def store_result(record: dict = Job, name: str = Query("Object", min_length=1, max_length=64)) -> dict:
+        """Store the result as a DICOM SEG on the service's DICOMweb server (STOW-RS; off unless
+        MEDSAM2HITL_DICOMWEB_STORE=1)."""
+        return dicomweb_jobs.store_seg(settings, lambda: dicom_seg(record, name))
 
     @router.delete("/jobs/{job_id}", status_code=204)
     def delete(record: dict = Job) -> Response:

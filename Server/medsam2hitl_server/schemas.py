@@ -220,6 +220,11 @@ class UploadedVolume(BaseModel):
     dtype: str
 
 
+class StoredResult(BaseModel):
+    stored: str = Field(description="the SOP Instance UID of the DICOM SEG stored on the PACS")
+    server: str = Field(description="the DICOMweb server it went to, without credentials")
+
+
 class JobCreated(BaseModel):
     id: str
     state: JobState

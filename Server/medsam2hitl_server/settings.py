@@ -50,6 +50,11 @@ class Settings:
     worker_name: str = field(default_factory=lambda: _env("WORKER_NAME", ""))
     api_url: str = field(default_factory=lambda: _env("API_URL", ""))
     worker_token: str = field(default_factory=lambda: _env("WORKER_TOKEN", ""))
+    dicomweb_url: str = field(default_factory=lambda: _env("DICOMWEB_URL", ""))
+    dicomweb_user: str = field(default_factory=lambda: _env("DICOMWEB_USER", ""))
+    dicomweb_password: str = field(default_factory=lambda: _env("DICOMWEB_PASSWORD", ""), repr=False)
+    dicomweb_token: str = field(default_factory=lambda: _env("DICOMWEB_TOKEN", ""), repr=False)
+    dicomweb_store: bool = field(default_factory=lambda: _env("DICOMWEB_STORE", "0") == "1")
 
     def check_bind(self) -> None:
         """Refuse to listen beyond loopback without a token: a hospital network is not a trusted one."""
