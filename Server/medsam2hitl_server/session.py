@@ -90,6 +90,7 @@ class WorkerSession:
         import slicer.util
 
         from MedSAM2HITLLib.mrml_scene import load_volume
+        from MedSAM2HITLLib.volume_file import check_self_contained
 
         if job_id in self.jobs:
             return self.jobs[job_id]
@@ -101,6 +102,7 @@ class WorkerSession:
                     shared_files.fetch_file(self.settings, job_id, needed)
         if not path.is_file():
             raise BadInputError("the job's volume is no longer on the server; upload it again")
+        check_self_contained(path)  # again here: a file may reach the data folder by other means than an upload
         node = load_volume(self.scene, path, name=job_id, max_bytes=self.settings.max_volume_bytes)
         array = slicer.util.arrayFromVolume(node)
         array.flags.writeable = False

@@ -40,16 +40,6 @@ def gzip_head(path: Path) -> bytes:
         return b""
 
 
-def _check_values(path: Path) -> None:
-    """Float volumes are read once here so that NaN or infinite voxels are refused at upload, not later."""
-    import SimpleITK as sitk
-
-    from MedSAM2HITLLib.engine import check_volume
-
-    image = sitk.ReadImage(str(path))  # kept referenced: the array view below reads its buffer
-    check_volume(sitk.GetArrayViewFromImage(image))
-
-
 async def stream_to_file(request: Request, path: Path, max_bytes: int) -> int:
     """Write the request body to `path` as it arrives; 413 as soon as it passes `max_bytes`. Returns its size."""
     received = 0
@@ -66,6 +56,7 @@ async def receive_volume(request: Request, folder: Path, max_bytes: int, max_vol
                          ) -> tuple[str, VolumeHeader]:
     """Stream the request body into `folder` and check it; returns the stored file name and its header.
 
+    The file must hold its voxels itself (a header naming a data file elsewhere is refused), with finite values.
     Any failure removes the folder: nothing of a refused upload stays on disk.
     """
     declared = request.headers.get("content-length")
@@ -89,9 +80,7 @@ async def receive_volume(request: Request, folder: Path, max_bytes: int, max_vol
         name = "volume" + suffix
         upload.rename(folder / name)
         try:
-            header = await run_in_threadpool(check_volume_file, folder / name, max_volume_bytes)
-            if header.dtype.startswith("float"):
-                await run_in_threadpool(_check_values, folder / name)
+            header = await run_in_threadpool(check_volume_file, folder / name, max_volume_bytes, True)
         except BadInputError as error:
             raise HTTPException(400, str(error)) from None
         return name, header
