@@ -136,9 +136,10 @@ class JobStore:
     def event(self, job_id: str, kind: str, data: dict, holder: str | None = None) -> str | None:
         """Append an event to an existing job's stream (and, with `holder`, only while that propagation holds the
         job's lock); None when it was not appended: a deleted job's stream is never re-created."""
-        script = ("if redis.call('exists', KEYS[1]) == 0 or (ARGV[4] ~= '' and redis.call('get', KEYS[3]) ~= ARGV[4]) "
-                  "then return false end "
-                  "local id = redis.call('xadd', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV[1], 'data', ARGV[2]) "
+        script = ("if redis.call('exists', KEYS[1]) == 0 "
+                  "or (ARGV[4] ~= '' and redis.call('get', KEYS[3]) ~= ARGV[4]) then return false end "
+                  "local id = redis.call('xadd', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', "
+                  "'type', ARGV[1], 'data', ARGV[2]) "
                   "redis.call('expire', KEYS[2], ARGV[5]) return id")
         key = job_key(job_id)
         return self.redis.eval(script, 3, key, f"{key}:events", f"{key}:busy", kind, json.dumps(data), EVENTS_KEPT,

@@ -149,7 +149,7 @@ def test_delete_during_a_propagation_stops_it_and_leaves_no_key_no_file_no_trace
     print(f"DELETE to worker idle: {stopped_after:.1f} s (the worker's busy flag beats every second)")
 
 
-def test_a_worker_that_comes_back_serves_the_edits_made_while_it_was_stalled(service, job):
+def test_a_worker_that_comes_back_serves_the_edits_made_while_it_was_stalled(service):
     """F4: stall X until the job moves to Y; on Y clear one slice and draw another; resume X and kill Y, so that
     the job returns to X: X must drop its own copy and serve Y's labels."""
     case = Upload(53)
