@@ -3,6 +3,7 @@
 # celery, api). 'web' is a second API process on 127.0.0.1:7860 (MEDSAM2HITL_WEB_PORT) whose / is the browser
 # viewer; the viewer is also at / of the API itself. 'gradio' (the seed's name for its browser UI) is 'web'.
 # Logs go to run/logs/<part>.log and PIDs to run/pids/<part>.pid (MEDSAM2HITL_RUN_DIR moves the folder).
+# The model worker runs under scripts/supervise.sh: when it crashes or is killed, a new one starts (back-off).
 # Settings are MEDSAM2HITL_* environment variables (README, "The inference service"); by default the API
 # listens on 127.0.0.1:8000 and the worker uses the project's fixture model.
 set -euo pipefail
@@ -56,7 +57,7 @@ for i in "${!parts[@]}"; do if [ "${parts[$i]}" = gradio ]; then parts[$i]=web; 
 for part in "${parts[@]}"; do
   case $part in
     redis) start_redis ;;
-    celery|worker) launch celery "$py" -m medsam2hitl_server worker ;;
+    celery|worker) launch celery bash scripts/supervise.sh "$py" -m medsam2hitl_server worker ;;
     api) launch api "$py" -m medsam2hitl_server api ;;
     web) MEDSAM2HITL_PORT=${MEDSAM2HITL_WEB_PORT:-7860} launch web "$py" -m medsam2hitl_server api ;;
     *) echo "unknown part '$part': use redis, api, celery or web (gradio)" >&2; exit 2 ;;

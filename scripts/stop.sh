@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stops what scripts/start.sh started: scripts/stop.sh [redis|api|celery|web|gradio]... (default: all). Only processes
-# whose PID file start.sh wrote are stopped; a Redis that was already running is left alone.
+# whose PID file start.sh wrote are stopped; a Redis that was already running is left alone. Stopping 'celery'
+# stops its supervisor (scripts/supervise.sh), which stops the worker and does not start it again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=${MEDSAM2HITL_RUN_DIR:-run}
@@ -15,7 +16,7 @@ for part in "${parts[@]}"; do
   if kill -0 "$pid" 2>/dev/null; then
     kill "$pid"
     for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+    kill -0 "$pid" 2>/dev/null && { pkill -9 -P "$pid" || true; kill -9 "$pid"; }  # the supervised worker too
     echo "$part: stopped (pid $pid)"
   else
     echo "$part: was not running"

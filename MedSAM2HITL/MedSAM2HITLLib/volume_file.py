@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import gzip
+import itertools
 import math
 import os
 import struct
@@ -55,12 +56,14 @@ def max_volume_bytes() -> int:
     return int(value)
 
 
-def check_volume_file(path: str | Path, max_bytes: int | None = None) -> VolumeHeader:
+def check_volume_file(path: str | Path, max_bytes: int | None = None, self_contained: bool = False) -> VolumeHeader:
     """The header of a NIfTI, NRRD or MetaImage file, once it is safe to hand the file to a reader.
 
     Raises BadInputError for an unsupported suffix, a file that is not an image, one that is not a scalar 3D
-    volume, one larger than `max_bytes` (default `max_volume_bytes()`) or than free memory, and truncated or corrupt
-    data. NRRD needs no data pass: its reader already refuses truncated and corrupt data.
+    volume, one larger than `max_bytes` (default `max_volume_bytes()`) or than free memory, truncated or corrupt
+    data, data beyond the header's extent in a .nii.gz, and NaN or infinite voxels. NRRD needs no integrity pass:
+    its reader already refuses truncated and corrupt data. With `self_contained` (the service: files that arrived
+    over the network), a header that names a detached data file is refused as well (`check_self_contained`).
     """
     path = Path(path)
     image_io = next((io for suffix, io in IMAGE_IOS.items() if path.name.lower().endswith(suffix)), None)
@@ -70,6 +73,8 @@ def check_volume_file(path: str | Path, max_bytes: int | None = None) -> VolumeH
     if not path.is_file():
         raise BadInputError(f"volume '{path}' is not a file; check the path")
     what = f"volume '{path.name}'"
+    if self_contained:
+        check_self_contained(path)
     if image_io == "NiftiImageIO":  # ITK reads no NIfTI-2, and not every NIfTI-1 as nibabel does (nifti_volume)
         header = _nifti_header(path, what)
     else:
@@ -81,7 +86,118 @@ def check_volume_file(path: str | Path, max_bytes: int | None = None) -> VolumeH
         _check_nifti_data(path, what)
     elif image_io == "MetaImageIO":
         _check_metaimage_data(path, header.nbytes, what)
+    if header.dtype.startswith("float"):
+        check_finite(path, header.dtype)
     return header
+
+
+def check_self_contained(path: str | Path) -> None:
+    """Refuse a header that names another file for its data: NRRD `data file` (or `datafile`, LIST, a pattern),
+    MetaImage `ElementDataFile` other than LOCAL, a NIfTI header of a .hdr/.img pair.
+
+    Readers follow such names wherever they point (`/etc/passwd`, `../../x`), so a server must not hand them a file
+    that arrived over the network. Only the header is read.
+    """
+    path = Path(path)
+    with path.open("rb") as file:
+        head = file.read(_NIFTI_HEADER_BYTES)
+    if head.startswith(b"\x1f\x8b"):
+        with gzip.open(path, "rb") as stream:
+            try:
+                head = stream.read(_NIFTI_HEADER_BYTES)
+            except (OSError, EOFError, zlib.error):
+                return  # not a gzip stream the NIfTI reader could follow either; the data pass reports it
+    name = path.name.lower()
+    detached = None
+    if head[:4] == b"NRRD" or name.endswith((".nrrd", ".nhdr")):
+        fields = _text_header(path, lambda line: not line.strip(), ":")
+        detached = next((f"'{key}: {value}'" for key, value in fields.items()
+                         if key.replace(" ", "").lower() == "datafile"), None)
+    elif head[344:348] == b"ni1\0" or head[4:8] == b"ni2\0":
+        detached = "a NIfTI header whose voxels are in a separate .img file"
+    elif name.endswith((".mha", ".mhd")) or head[:64].lstrip().lower().startswith((b"objecttype", b"ndims")):
+        fields = _text_header(path, lambda line: line.split("=")[0].strip().lower() == "elementdatafile", "=")
+        data_file = next((value for key, value in fields.items() if key.lower() == "elementdatafile"), "LOCAL")
+        if data_file.upper() != "LOCAL":
+            detached = f"'ElementDataFile = {data_file}'"
+    if detached:
+        raise BadInputError(f"volume '{path.name}' names a detached data file ({detached}); send a single "
+                            "self-contained file instead (.nii, .nii.gz, .nrrd or .mha with its voxels inside)")
+
+
+def _text_header(path: Path, ends, separator: str) -> dict[str, str]:
+    """The `key<separator>value` fields of a NRRD or MetaImage text header, up to the line where `ends(line)`
+    (that line included), at most 1 MB."""
+    fields: dict[str, str] = {}
+    with path.open("rb") as file:
+        for _ in range(CHUNK // 64):
+            line = file.readline(4096).decode("latin-1")
+            if not line:
+                break
+            key, _, value = line.partition(separator)
+            fields.setdefault(key.strip(), value.strip())
+            if ends(line):
+                break
+    return fields
+
+
+def check_finite(path: str | Path, dtype: str) -> None:
+    """Refuse a float volume with NaN or infinite voxels, counted with numpy over the voxels themselves.
+
+    ITK's NIfTI reader turns NaN and infinity into 0, so a NIfTI file's data are read here from its own bytes;
+    ITK's NRRD and MetaImage readers keep them, so those are read with SimpleITK.
+    """
+    path = Path(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        bad = _nifti_non_finite(path)
+    else:
+        import SimpleITK as sitk
+
+        image = sitk.ReadImage(str(path))  # kept referenced: the array view reads its buffer
+        voxels = sitk.GetArrayViewFromImage(image)
+        bad = voxels.size - int(np.count_nonzero(np.isfinite(voxels)))
+    if bad:
+        raise BadInputError(f"volume '{path.name}' has {bad:,} {dtype} voxel(s) that are NaN or infinite; replace "
+                            "them (e.g. by the background value) and load it again")
+
+
+def _nifti_non_finite(path: Path) -> int:
+    """NaN or infinite voxels of a NIfTI file's float data (0 for other data types), read CHUNK at a time."""
+    with path.open("rb") as file:
+        gzipped = file.read(2) == b"\x1f\x8b"
+    chunks = _gzip_chunks(path) if gzipped else _file_chunks(path)
+    head = next(chunks)
+    order, (_, _, _, offset_type, offset_at) = _nifti_layout(head)
+    extent = _nifti_extent(head)
+    datatype = struct.unpack_from(order + "h", head, 70 if offset_type == "f" else 12)[0]
+    dtype = {16: "f4", 64: "f8"}.get(datatype)
+    if dtype is None:
+        return 0
+    dtype = np.dtype(order + dtype)
+    skip = int(struct.unpack_from(order + offset_type, head, offset_at)[0])
+    bad, pending, seen = 0, b"", 0
+    for chunk in itertools.chain([head], chunks):
+        if seen >= extent:
+            break
+        chunk = chunk[: extent - seen]
+        seen += len(chunk)
+        pending += chunk
+        if skip:
+            used = min(skip, len(pending))
+            pending, skip = pending[used:], skip - used
+        whole = len(pending) - len(pending) % dtype.itemsize
+        values = np.frombuffer(pending[:whole], dtype)
+        bad += values.size - int(np.count_nonzero(np.isfinite(values)))
+        pending = pending[whole:]
+    return bad
+
+
+def _file_chunks(path: Path):
+    """A file's bytes, CHUNK at a time; the first chunk is a whole NIfTI header."""
+    with path.open("rb") as file:
+        yield file.read(_NIFTI_HEADER_BYTES)
+        while chunk := file.read(CHUNK):
+            yield chunk
 
 
 def available_memory_bytes() -> int | None:
@@ -188,20 +304,31 @@ def check_size(header: VolumeHeader, max_bytes: int | None, what: str) -> None:
 
 
 def _check_nifti_data(path: Path, what: str) -> None:
-    """ITK zero-fills what a NIfTI file lacks: inflate gzip data to their end (checksum and length), then compare
-    the size with what the header needs. gzip is told by its magic number, as ITK's reader does."""
+    """ITK zero-fills what a NIfTI file lacks: inflate gzip data up to the header's extent (and one byte more, to
+    refuse trailing data: a valid volume followed by gigabytes of zeros is a bomb), verifying what is read, then
+    compare the size with what the header needs. gzip is told by its magic number, as ITK's reader does."""
     with path.open("rb") as file:
         head, size = file.read(_NIFTI_HEADER_BYTES), path.stat().st_size
     if head.startswith(b"\x1f\x8b"):
-        size, head = _inflate(_gzip_chunks(path), what)
+        chunks = _gzip_chunks(path)
+        head = _inflate(chunks, what, 0)[1]
+        needed = _nifti_extent(head)
+        size = len(head) + _inflate(chunks, what, needed - len(head))[0]
+        if size > needed:
+            raise BadInputError(f"{what} holds data beyond the {needed:,} bytes its header describes; {_REDO} "
+                                "without trailing data")
     _check_length(size, _nifti_extent(head), what)
 
 
-def _nifti_extent(header: bytes) -> int:
-    """Bytes a NIfTI-1 or NIfTI-2 file holds (ITK has read this header): the data's offset plus voxels times bits per
-    voxel, in either byte order."""
+def _nifti_layout(header: bytes) -> tuple[str, tuple]:
+    """Byte order and field layout (`_NIFTI_LAYOUTS`) of a NIfTI-1 or NIfTI-2 header that ITK has read."""
     order = "<" if struct.unpack_from("<i", header)[0] in _NIFTI_LAYOUTS else ">"
-    dim_type, dim_at, bitpix_at, offset_type, offset_at = _NIFTI_LAYOUTS[struct.unpack_from(order + "i", header)[0]]
+    return order, _NIFTI_LAYOUTS[struct.unpack_from(order + "i", header)[0]]
+
+
+def _nifti_extent(header: bytes) -> int:
+    """Bytes a NIfTI-1 or NIfTI-2 file holds: the data's offset plus voxels times bits per voxel."""
+    order, (dim_type, dim_at, bitpix_at, offset_type, offset_at) = _nifti_layout(header)
     dims = struct.unpack_from(f"{order}8{dim_type}", header, dim_at)
     bitpix = struct.unpack_from(order + "h", header, bitpix_at)[0]
     offset = struct.unpack_from(order + offset_type, header, offset_at)[0]
@@ -224,7 +351,10 @@ def _check_metaimage_data(path: Path, nbytes: int, what: str) -> None:
         path, offset = path.parent / data_file, 0
         if not path.is_file():  # a file pattern, or a missing file that the reader reports
             return
-    _check_length(_inflate(_zlib_chunks(path, offset), what)[0], nbytes, what)
+    size = _inflate(_zlib_chunks(path, offset), what, nbytes)[0]
+    if size > nbytes:
+        raise BadInputError(f"{what} holds compressed data beyond the {nbytes:,} bytes its header describes; {_REDO}")
+    _check_length(size, nbytes, what)
 
 
 def _gzip_chunks(path: Path):
@@ -248,15 +378,21 @@ def _zlib_chunks(path: Path, offset: int):
             yield inflated
 
 
-def _inflate(chunks, what: str) -> tuple[int, bytes]:
-    """Size and first chunk of inflated data; reading them all verifies the stream's checksum and length."""
+def _inflate(chunks, what: str, limit: int) -> tuple[int, bytes]:
+    """Size and first chunk of inflated data, read until they end or pass `limit` bytes (then the size is over
+    it); reading to their end verifies the stream's checksum and length."""
+    size, first = 0, None
     try:
-        first = next(chunks, b"")
-        return len(first) + sum(len(chunk) for chunk in chunks), first
+        for chunk in chunks:
+            first = chunk if first is None else first
+            size += len(chunk)
+            if size > limit:
+                break
     except EOFError:
         raise BadInputError(f"{what} is truncated: its compressed data end early; {_REDO}") from None
     except (gzip.BadGzipFile, zlib.error) as error:
         raise BadInputError(f"{what} has corrupt compressed data ({error}); {_REDO}") from None
+    return size, first or b""
 
 
 def _check_length(size: int, needed: int, what: str) -> None:

@@ -20,6 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from MedSAM2HITLLib.errors import BadInputError
 
@@ -159,6 +160,12 @@ def _error_handlers(app: FastAPI) -> None:
             where = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
             problems.append(f"{where}: {item.get('msg', 'invalid')}" if where else item.get("msg", "invalid"))
         return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _error):
+        """A client that went away mid-request (e.g. an upload cancelled) is one log line, not a traceback."""
+        log.warning("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=400)
 
     @app.exception_handler(redis.RedisError)
     async def _store_down(_request, _error):

@@ -1,4 +1,5 @@
-"""Request bodies at the API edge: strict (unknown fields refused), finite numbers only."""
+"""Request bodies at the API edge: strict (unknown fields refused, no bool or float taken for a whole number, no
+string for a number), finite numbers only; masks checked by `mask_codec.check` before anything decodes them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from MedSAM2HITLLib import mask_codec
 from MedSAM2HITLLib.errors import BadInputError
 from MedSAM2HITLLib.preprocessing import parse_window
 
@@ -16,16 +18,27 @@ View = Literal["axial", "coronal", "sagittal"]
 Window = str | Annotated[list[Finite], Field(min_length=2, max_length=2)]
 
 
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class Mask(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    shape: Annotated[list[Annotated[int, Field(ge=1, le=1 << 16)]], Field(min_length=2, max_length=2)]
-    counts: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1 << 20)]
+    model_config = STRICT
+    shape: Annotated[list[int], Field(min_length=2, max_length=2)]
+    counts: Annotated[list[int], Field(max_length=1 << 20)]
+
+    @model_validator(mode="after")
+    def _decodable(self):
+        try:
+            mask_codec.check({"shape": self.shape, "counts": self.counts})
+        except BadInputError as error:
+            raise ValueError(str(error)) from None
+        return self
 
 
 class Prompt(BaseModel):
     """A box on a slice: voxel indices on `slice` of `view`, or two opposite corners in RAS millimetres."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     view: View = "axial"
     slice: Annotated[int, Field(ge=0)] | None = None
     box: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = None
@@ -102,7 +115,7 @@ class Propagate(Prompt):
 class SliceWrite(BaseModel):
     """A slice of the job's labels replaced by the client's mask (an undo, a pen or eraser edit); empty clears it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     view: View = "axial"
     slice: Annotated[int, Field(ge=0)]
     mask: Mask

@@ -7,6 +7,7 @@ exported NIfTI follow exactly the rules of the Slicer module and the CLI.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class JobVolume:
     array: np.ndarray
     labels: np.ndarray
     folder: Path
+    binding: str = ""  # the job's binding to this worker when it was loaded (JobStore.bind)
     saved_at: float = field(default_factory=time.monotonic)
     last_event: str = "0-0"  # the last slice event of the job's stream that the labels include
 
@@ -85,14 +87,18 @@ class WorkerSession:
                                   precision=self.settings.precision)
         return self.engine.info()
 
-    def open(self, job_id: str, volume_file: str) -> JobVolume:
-        """Load a job's volume (and labels saved by an earlier worker) unless this process has it already."""
+    def open(self, job_id: str, volume_file: str, binding: str = "") -> JobVolume:
+        """Load a job's volume (and labels saved by an earlier worker) unless this process has it already, from the
+        same `binding`: a copy from an earlier one is dropped, since another worker may have changed the labels."""
         import slicer.util
 
         from MedSAM2HITLLib.mrml_scene import load_volume
+        from MedSAM2HITLLib.volume_file import check_self_contained
 
         if job_id in self.jobs:
-            return self.jobs[job_id]
+            if self.jobs[job_id].binding == binding:
+                return self.jobs[job_id]
+            self.close(job_id)
         folder = job_dir(self.settings, job_id)
         path = folder / volume_file
         if self.settings.api_url:
@@ -101,6 +107,7 @@ class WorkerSession:
                     shared_files.fetch_file(self.settings, job_id, needed)
         if not path.is_file():
             raise BadInputError("the job's volume is no longer on the server; upload it again")
+        check_self_contained(path)  # again here: a file may reach the data folder by other means than an upload
         node = load_volume(self.scene, path, name=job_id, max_bytes=self.settings.max_volume_bytes)
         array = slicer.util.arrayFromVolume(node)
         array.flags.writeable = False
@@ -110,7 +117,7 @@ class WorkerSession:
             stored = np.load(saved, allow_pickle=False)
             if stored.shape == labels.shape:
                 labels[...] = stored
-        self.jobs[job_id] = JobVolume(node, array, labels, folder)
+        self.jobs[job_id] = JobVolume(node, array, labels, folder, binding)
         return self.jobs[job_id]
 
     def engine_for(self, job_id: str, volume: JobVolume):
@@ -121,3 +128,11 @@ class WorkerSession:
         volume = self.jobs.pop(job_id, None)
         if volume is not None and self.scene is not None:
             self.scene.RemoveNode(volume.node)
+        if self.engine is not None:
+            self.engine.forget_volume(job_id)
+
+    def delete(self, job_id: str) -> None:
+        """Forget a deleted job and remove its folder here too (a folder of this worker's own, or what a save
+        racing the API's removal left)."""
+        self.close(job_id)
+        shutil.rmtree(job_dir(self.settings, job_id), ignore_errors=True)

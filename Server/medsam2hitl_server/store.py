@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from dataclasses import dataclass
 
 import redis
@@ -111,9 +112,13 @@ class JobStore:
     def holder(self, job_id: str) -> str | None:
         return self.redis.get(f"{job_key(job_id)}:busy")
 
-    def unlock(self, job_id: str, propagation_id: str) -> None:
-        script = "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1], KEYS[2]) end"
-        self.redis.eval(script, 2, f"{job_key(job_id)}:busy", f"{job_key(job_id)}:cancel", propagation_id)
+    def unlock(self, job_id: str, propagation_id: str) -> bool:
+        """Release the lock if `propagation_id` holds it; False when it no longer did (job deleted, or the API
+        gave the propagation up when its worker stopped answering)."""
+        script = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1], KEYS[2]) end "
+                  "return 0")
+        return bool(self.redis.eval(script, 2, f"{job_key(job_id)}:busy", f"{job_key(job_id)}:cancel",
+                                    propagation_id))
 
     def request_cancel(self, job_id: str) -> bool:
         holder = self.holder(job_id)
@@ -122,16 +127,23 @@ class JobStore:
         return holder is not None
 
     def cancel_requested(self, job_id: str, propagation_id: str) -> bool:
-        return self.redis.get(f"{job_key(job_id)}:cancel") == propagation_id
+        """True when the propagation must stop: cancelled, or no longer holding the job's lock (deleted, given up)."""
+        cancel, holder = self.redis.mget(f"{job_key(job_id)}:cancel", f"{job_key(job_id)}:busy")
+        return cancel == propagation_id or holder != propagation_id
 
     # events ------------------------------------------------------------------------------------------------------
 
-    def event(self, job_id: str, kind: str, data: dict) -> str:
-        key = f"{job_key(job_id)}:events"
-        pipe = self.redis.pipeline()
-        pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=EVENTS_KEPT, approximate=True)
-        pipe.expire(key, self.ttl_seconds + 3600)
-        return pipe.execute()[0]
+    def event(self, job_id: str, kind: str, data: dict, holder: str | None = None) -> str | None:
+        """Append an event to an existing job's stream (and, with `holder`, only while that propagation holds the
+        job's lock); None when it was not appended: a deleted job's stream is never re-created."""
+        script = ("if redis.call('exists', KEYS[1]) == 0 "
+                  "or (ARGV[4] ~= '' and redis.call('get', KEYS[3]) ~= ARGV[4]) then return false end "
+                  "local id = redis.call('xadd', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', "
+                  "'type', ARGV[1], 'data', ARGV[2]) "
+                  "redis.call('expire', KEYS[2], ARGV[5]) return id")
+        key = job_key(job_id)
+        return self.redis.eval(script, 3, key, f"{key}:events", f"{key}:busy", kind, json.dumps(data), EVENTS_KEPT,
+                               holder or "", self.ttl_seconds + 3600)
 
     def last_event_id(self, job_id: str) -> str:
         entries = self.redis.xrevrange(f"{job_key(job_id)}:events", count=1)
@@ -198,8 +210,11 @@ class JobStore:
         return [name for name in self.redis.smembers(f"{KEY}:workers") if name not in alive]
 
     def bind(self, job_id: str, worker: Worker | None) -> None:
-        """Give a job to a worker (or park it until one is alive)."""
-        record = self.get(job_id) or {}
+        """Give a job to a worker (or park it until one is alive). Each binding gets a new `binding` id: a worker
+        holding the job's volume from an earlier binding drops that copy and reloads the stored labels."""
+        record = self.get(job_id)
+        if record is None:
+            return
         pipe = self.redis.pipeline()
         if record.get("worker"):
             pipe.srem(f"{KEY}:worker-jobs:{record['worker']}", job_id)
@@ -209,7 +224,7 @@ class JobStore:
             pipe.srem(f"{KEY}:unbound", job_id)
             pipe.sadd(f"{KEY}:worker-jobs:{worker.name}", job_id)
         pipe.execute()
-        self.update(job_id, worker=worker.name if worker else "", loaded=False)
+        self.update(job_id, worker=worker.name if worker else "", loaded=False, binding=uuid.uuid4().hex)
 
     def jobs_of(self, worker_name: str) -> list[str]:
         return list(self.redis.smembers(f"{KEY}:worker-jobs:{worker_name}"))

@@ -33,6 +33,10 @@ _model_info: dict = {}
 _busy = threading.Event()
 
 
+class NotBound(MedSAM2Error):
+    """A task for a job that is bound to another worker now (this one stalled and was given up meanwhile)."""
+
+
 @signals.worker_ready.connect
 def _start(**_) -> None:
     """Load the model once, then announce this worker (and its queue) with a heartbeat of its own thread."""
@@ -56,9 +60,12 @@ def _heartbeat() -> None:
         time.sleep(settings.worker_heartbeat_seconds)
 
 
-def _failure(error: BaseException) -> dict:
+def _failure(error: BaseException, job_id: str) -> dict:
+    """The one-line error of a failed task; a job deleted while the task ran is no fault (its files went away)."""
     if isinstance(error, MedSAM2Error):
         return {"kind": error.kind, "message": str(error)}
+    if store.get(job_id) is None:
+        return {"kind": "bad_input", "message": "the job was deleted"}
     log.exception("task failed")
     return {"kind": "internal", "message": f"{error.__class__.__name__} in the worker; see the worker's log"}
 
@@ -73,23 +80,29 @@ def _replying(function):
         try:
             store.reply(request_id, {"ok": function(job_id, *args)})
         except Exception as error:
-            store.reply(request_id, {"error": _failure(error)})
+            store.reply(request_id, {"error": _failure(error, job_id)})
         finally:
             _busy.clear()
+            _drop_if_deleted(job_id)
 
     run.__name__ = function.__name__
     return run
 
 
 def _opened(job_id: str):
+    """The job's volume in this worker, for a job bound to this worker only; loaded again (stored labels and the
+    slice events after them) when this copy is from an earlier binding."""
     record = store.get(job_id)
     if record is None:
         raise BadInputError("the job no longer exists")
-    fresh = job_id not in session.jobs
-    volume = session.open(job_id, record["volume_file"])
+    if record.get("worker") != NAME:
+        raise NotBound("the job moved to another model worker; send the request again")
+    binding = record.get("binding", "")
+    fresh = job_id not in session.jobs or session.jobs[job_id].binding != binding
+    volume = session.open(job_id, record["volume_file"], binding)
     if fresh and _replay(job_id, volume, record.get("labels_event") or "0-0"):
         _save(job_id, volume)
-    if record.get("worker") == NAME and record.get("loaded") != "1":
+    if record.get("loaded") != "1":
         store.update(job_id, loaded=True, geometry=volume.geometry())
         if record["state"] == "queued":
             store.set_state(job_id, "ready")
@@ -163,14 +176,17 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
                                   lambda: store.cancel_requested(job_id, propagation_id), conditioning)
         kept = set(conditioning) | ({key} if user_mask is not None else set())
         for item in slices:
+            told = store.event(job_id, "slice", {
+                "propagation": propagation_id, "slice": item.index, "array_axis": axis, "done": item.completed,
+                "total": item.total, "mask": mask_codec.encode(item.mask)}, holder=propagation_id)
+            if told is None:  # deleted, or given up by the API: this propagation no longer owns the job
+                raise PropagationCancelled(completed)
+            volume.last_event = told
             if item.index not in kept:
                 _write(volume.labels, axis, item.index, item.mask)
             if item.index not in completed:
                 completed.append(item.index)
             store.update(job_id, done=item.completed, total=item.total)
-            volume.last_event = store.event(job_id, "slice", {
-                "propagation": propagation_id, "slice": item.index, "array_axis": axis, "done": item.completed,
-                "total": item.total, "mask": mask_codec.encode(item.mask)})
             _save(job_id, volume, force=False)
         _save(job_id, volume)
         outcome = ("succeeded", "", "done", {"propagation": propagation_id, "slices": len(completed)})
@@ -179,15 +195,17 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
         outcome = ("cancelled", "", "cancelled", {"propagation": propagation_id, "slices": len(cancelled.completed)})
     except Exception as error:
         _keep(job_id)
-        failure = _failure(error)
+        failure = _failure(error, job_id)
         outcome = ("failed", failure["message"], "error",
                    {"propagation": propagation_id, **failure, "slices_kept": len(completed)})
     finally:
-        store.unlock(job_id, propagation_id)
+        held = store.unlock(job_id, propagation_id)
         _busy.clear()
-    state, message, kind, data = outcome  # told after the unlock: a client that reads them may act at once
-    store.set_state(job_id, state, error=message)
-    store.event(job_id, kind, data)
+        _drop_if_deleted(job_id)
+    if held:  # told after the unlock: a client that reads them may act at once; else the job is gone or moved
+        state, message, kind, data = outcome
+        store.set_state(job_id, state, error=message)
+        store.event(job_id, kind, data)
 
 
 @app.task(name="medsam2hitl.export")
@@ -216,9 +234,13 @@ def export(job_id: str, fmt: str) -> dict:
 
 @app.task(name="medsam2hitl.forget")
 def forget(job_id: str) -> None:
-    session.close(job_id)
-    if session.engine is not None:
-        session.engine.forget_volume(job_id)
+    session.delete(job_id)
+
+
+def _drop_if_deleted(job_id: str) -> None:
+    """After each task: a job deleted while it ran leaves nothing in this worker, in memory or on disk."""
+    if store.get(job_id) is None:
+        session.delete(job_id)
 
 
 def _keep(job_id: str) -> None:
@@ -228,14 +250,20 @@ def _keep(job_id: str) -> None:
         if volume is not None:
             _save(job_id, volume)
     except Exception:
-        log.exception("could not save the labels of a stopped propagation")
+        if store.get(job_id) is not None:  # a deleted job's folder may go away under the save
+            log.exception("could not save the labels of a stopped propagation")
 
 
 def _save(job_id: str, volume, force: bool = True) -> None:
     """Save the labels and note the last slice event they include: a worker taking over replays the rest.
 
-    A worker with a data folder of its own sends them to the API only at the end of an action.
+    Only while the job exists and is bound to this worker under the binding its copy was loaded from: a deleted
+    job's folder is not re-created, and a stale copy never overwrites what another worker saved. A worker with a
+    data folder of its own sends them to the API only at the end of an action.
     """
+    record = store.get(job_id)
+    if record is None or record.get("worker") != NAME or record.get("binding", "") != volume.binding:
+        return
     if not volume.save_labels(force) or (settings.api_url and not force):
         return
     keep(settings, job_id, volume.folder / LABELS_FILE)

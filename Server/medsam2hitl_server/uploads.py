@@ -50,16 +50,6 @@ def gzip_head(path: Path) -> bytes:
         return b""
 
 
-def _check_values(path: Path) -> None:
-    """Float volumes are read once here so that NaN or infinite voxels are refused at upload, not later."""
-    import SimpleITK as sitk
-
-    from MedSAM2HITLLib.engine import check_volume
-
-    image = sitk.ReadImage(str(path))  # kept referenced: the array view below reads its buffer
-    check_volume(sitk.GetArrayViewFromImage(image))
-
-
 class FormFile:
     """The `file` field of a multipart/form-data body, written to `out` while the body streams through the parser.
 
@@ -174,6 +164,7 @@ async def receive_volume(request: Request, folder: Path, max_bytes: int, max_vol
     """Stream the upload (the raw body, or a form's `file` field) into `folder` and check it; returns the stored
     file name and its header.
 
+    The file must hold its voxels itself (a header naming a data file elsewhere is refused), with finite values.
     Any failure removes the folder: nothing of a refused upload stays on disk.
     """
     content_type = request.headers.get("content-type", "").lower()
@@ -201,9 +192,7 @@ async def receive_volume(request: Request, folder: Path, max_bytes: int, max_vol
         name = "volume" + suffix
         upload.rename(folder / name)
         try:
-            header = await run_in_threadpool(check_volume_file, folder / name, max_volume_bytes)
-            if header.dtype.startswith("float"):
-                await run_in_threadpool(_check_values, folder / name)
+            header = await run_in_threadpool(check_volume_file, folder / name, max_volume_bytes, True)
         except BadInputError as error:
             raise HTTPException(400, str(error)) from None
         return name, header

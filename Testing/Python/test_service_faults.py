@@ -196,6 +196,7 @@ def test_a_redelivered_propagation_task_runs_once(service):
         celery = make_app(service.env["MEDSAM2HITL_REDIS_URL"])
         params = {"view": "axial", "box_ras": case.box_ras, "window": "abdomen", "slice": None, "box": None,
                   "mask": None, "range": "whole", "start": None, "end": None, "largest_component": False}
+        redis.Redis(port=service.redis_port).set(f"m2h:job:{job_id}:busy", "redelivered-1")  # as the API locks
         for _ in range(2):
             celery.send_task("medsam2hitl.propagate", args=[job_id, "redelivered-1", params],
                              queue=worker_queue(worker))

@@ -4,13 +4,19 @@ printed, and stop.sh stopping what start.sh started (and a Redis it did not star
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 
 import httpx
 import pytest
 
 from conftest import REPO
-from service_fixtures import free_port, redis_server
+from service_fixtures import free_port, redis_server, wait_for
+from test_service import Upload, create_job
+from test_worker import alive
+
+from MedSAM2HITLLib.process_tree import descendants
 
 pytestmark = pytest.mark.service
 
@@ -33,11 +39,36 @@ def test_start_everything_then_stop_only_what_was_started(tmp_path):
         assert [m["name"] for m in models] == ["phantom_sam2"]  # the fixture model by default
         again = run("start.sh", env, "api")
         assert "already running" in again.stdout
+        supervisor = int((tmp_path / "run" / "pids" / "celery.pid").read_text())
+        worker = a_killed_worker_is_replaced(f"http://127.0.0.1:{api_port}", supervisor)
     finally:
         stopped = run("stop.sh", env)
     assert stopped.returncode == 0
     assert all(f"{part}: stopped" in stopped.stdout for part in ("api", "celery", "redis")), stopped.stdout
     assert not list((tmp_path / "run" / "pids").glob("*.pid"))
+    assert not alive(supervisor) and not alive(worker)  # stop.sh stops the supervisor and the worker it runs
+
+
+def a_killed_worker_is_replaced(api: str, supervisor: int) -> int:
+    """kill -9 the worker under start.sh's supervisor: a 2D request of a job made before succeeds again, with no
+    person acting (the API gives the old worker up after its heartbeat lapses, the new one loads the model and the
+    job). The time is printed; the bound leaves room for a machine busy with other work. Returns the new worker's
+    pid."""
+    case = Upload(61)
+    with httpx.Client(base_url=api, timeout=60) as client:
+        job_id = create_job(client, case.data)
+        body = {"box_ras": case.box_ras, "window": "abdomen"}
+        assert client.post(f"/api/v1/jobs/{job_id}/segment-2d", json=body).status_code == 200
+        (first,) = descendants(supervisor)
+        os.kill(first, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_for(lambda: client.post(f"/api/v1/jobs/{job_id}/segment-2d", json=body).status_code == 200, 120,
+                 "a 2D request succeeding after the worker was killed")
+        recovered = time.monotonic() - killed_at
+    print(f"worker killed (kill -9) to the next successful 2D request: {recovered:.1f} s")
+    (replacement,) = descendants(supervisor)
+    assert replacement != first
+    return replacement
 
 
 def test_a_redis_that_was_already_running_is_used_and_left_alone(tmp_path):
