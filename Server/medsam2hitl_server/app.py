@@ -288,11 +288,14 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     @router.get("/jobs/{job_id}/result", response_class=FileResponse)
-    def result(record: dict = Job, format: Literal["nii.gz", "seg.nrrd"] = "nii.gz"):
-        """The 3D mask: NIfTI with the input's affine and voxel order, or Slicer's .seg.nrrd."""
+    def result(record: dict = Job, format: Literal["nii.gz", "seg.nrrd"] = "nii.gz",
+               segment_name: str = Query("Segment_1", min_length=1, max_length=64, pattern=r"^[\w .()+-]+$"),
+               segment_color: str | None = Query(None, pattern=r"^[0-9a-fA-F]{6}$")):
+        """The 3D mask: NIfTI with the input's affine and voxel order, or Slicer's .seg.nrrd (its segment named
+        `segment_name`, coloured `segment_color` as rrggbb hex when given, e.g. as the web viewer shows it)."""
         if store.holder(record["id"]):
             raise HTTPException(409, "a propagation is running on this job; download when it has finished")
-        reply = dispatcher.call(record["id"], "medsam2hitl.export", format)
+        reply = dispatcher.call(record["id"], "medsam2hitl.export", format, segment_name, segment_color)
         name = raise_failure(reply)["file"]
         path = job_dir(settings, record["id"]) / name
         if not path.is_file():
