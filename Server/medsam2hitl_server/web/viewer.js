@@ -16,10 +16,12 @@ const state = {
   active: 0, box: null, tool: "box", running: null, history: [], future: [],
 };
 
-// NiiVue's own on-image information: orientation letters on all four sides, and a crosshair in a colour no object
-// has (objects take the draw colour table's 1, 2, …: red, green, blue, yellow, …)
-const nv = new Niivue({ dragAndDropEnabled: false, backColor: [0, 0, 0, 1], crosshairColor: [0.85, 0.85, 0.85, 0.45],
-  isOrientationTextVisible: true, showAllOrientationMarkers: true, loadingText: "open a volume: the button, or drop a file" });
+// NiiVue's own on-image information: orientation letters on all four sides, and a thin grey crosshair, a colour no
+// object has (objects take the draw colour table's 1, 2, …: red, green, blue, yellow, …; overlaps are white)
+const nv = new Niivue({ dragAndDropEnabled: false, backColor: [0, 0, 0, 1], crosshairColor: [0.6, 0.6, 0.6, 1],
+  crosshairWidth: 0.3, isOrientationTextVisible: true, showAllOrientationMarkers: true,
+  loadingText: "open a volume: the button, or drop a file" });
+nv.drawLut.lut.set([255, 255, 255, 255], 4 * OVERLAP);  // before any volume: NiiVue uploads the table with it
 await nv.attachTo("gl");
 window.viewer = { state, nv };  // for the browser tests and the console
 nv.opts.mouseEventConfig = { leftButton: { primary: DRAG_MODE.callbackOnly }, rightButton: DRAG_MODE.windowing,
