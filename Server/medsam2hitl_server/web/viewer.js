@@ -98,7 +98,9 @@ function showLegend() {
     + `<span class="swatch" style="background:#${objectColor(n)}"></span>${n === state.active ? "▸ " : ""}`
     + `${objectName(n)}: <span class="ml">${(object.voxels * voxelMl).toFixed(2)} mL</span> `
     + `(<span class="voxels">${object.voxels}</span> voxels)</li>`);
-  if (state.objects.length > 1) rows.push(`<li><span class="swatch" style="background:#${objectColor(0, OVERLAP)}"></span>overlap</li>`);
+  if (state.objects.length > 1) {
+    rows.push(`<li><span class="swatch" style="background:#${objectColor(0, OVERLAP)}"></span>overlap</li>`);
+  }
   $("legend").innerHTML = rows.join("");
 }
 
@@ -152,7 +154,7 @@ async function openFile(file) {
   }
   nv.volumes.slice().forEach((v) => nv.removeVolume(v));
   nv.addVolume(volume);
-  Object.assign(state, { bytes, name: file.name, print: "", grid: new VoxelGrid(nv.volumes[0]), objects: [],
+  Object.assign(state, { bytes, name: file.name, print: "", grid: new VoxelGrid(nv.volumes[0]), views: null, objects: [],
     active: 0, box: null, history: [], future: [] });
   $("box-text").textContent = "drag a box on a slice";
   nv.createEmptyDrawing();
@@ -320,7 +322,8 @@ function showInfo() {
     presetRange = null;
   }
   $("wl-info").textContent = `W ${number(high - low)} L ${number((high + low) / 2)}`;
-  $("zoom-info").textContent = `zoom ${Math.round(100 * nv.scene.pan2Dxyzmm[3])}%${nv.opts.isRadiologicalConvention ? "  radiological" : ""}`;
+  const convention = nv.opts.isRadiologicalConvention ? "  radiological" : "";
+  $("zoom-info").textContent = `zoom ${Math.round(100 * nv.scene.pan2Dxyzmm[3])}%${convention}`;
 }
 
 // ---- marks on the image: the box and the active object's clicks, where they are on the slices shown ----
