@@ -487,7 +487,7 @@ def seg_nrrd_segment(data: bytes) -> tuple[str, tuple[float, float, float]]:
     return fields["Segment0_Name"], tuple(float(v) for v in fields["Segment0_Color"].split())
 
 
-def test_a_pan_keeps_the_box_a_new_object_starts_clean_and_the_image_tells_what_it_shows(page, tmp_path):
+def test_a_pan_keeps_the_box_a_new_object_starts_clean_and_the_image_tells_what_it_shows(page, service, tmp_path):
     """A middle-drag pan after the box: S segments the drawn box. The legend's voxels and mL are the download's;
     the .seg.nrrd carries the page's name and colour. N (with the Eraser active) clears the box and selects the
     Box tool; object 2 over object 1 shows as overlap. Slice, W/L and zoom are on the image; no sideways scroll."""
@@ -518,6 +518,10 @@ def test_a_pan_keeps_the_box_a_new_object_starts_clean_and_the_image_tells_what_
     swatch = page.evaluate("getComputedStyle(document.querySelector('#legend li .swatch')).backgroundColor")
     assert name == "object 1" and legend.text_content().startswith("▸ object 1")
     assert swatch == "rgb({}, {}, {})".format(*(round(255 * c) for c in colour))
+    with service.client() as client:  # the name and colour are checked on the service
+        refused = client.get(f"/api/v1/jobs/{remembered(page)['objects'][0]['job']}/result",
+                             params={"format": "seg.nrrd", "segment_color": "red"})
+    assert refused.status_code == 422 and "segment_color" in refused.json()["detail"]
 
     page.mouse.move(*start)
     page.mouse.down(button="right")  # a right-drag sets W/L: the preset's name goes
@@ -550,7 +554,8 @@ def drop(page: Page, path: Path) -> None:
     """Drop a file on the page, as dragging it from the desktop does."""
     page.evaluate("""([name, text]) => { const bytes = Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
         const files = new DataTransfer(); files.items.add(new File([bytes], name));
-        document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true})); }""",
+        document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));
+        }""",
                   [path.name, base64.b64encode(path.read_bytes()).decode()])
 
 
@@ -592,21 +597,31 @@ def test_files_keep_their_sessions_and_a_refused_file_changes_nothing(page, tmp_
     assert remembered(page) == held_second and not uploads
 
 
-def test_the_keyboard_reaches_and_presses_every_control(page, tmp_path):
+def painted(page: Page, stroke: list[list[int]]) -> int:
+    """Pen voxels added by a pen stroke through axial RAS voxels."""
+    before = int((drawing(page) == 1).sum())
+    with page.expect_response(lambda r: r.url.endswith("/slices") and r.request.method == "PUT"):
+        page.mouse.move(*canvas_point(page, stroke[0], 0))
+        page.mouse.down()
+        for voxel in stroke[1:]:
+            page.mouse.move(*canvas_point(page, voxel, 0), steps=4)
+        page.mouse.up()
+    return int((drawing(page) == 1).sum()) - before
+
+
+def keyboard_checks(page: Page, case: Case) -> None:
     """Tab reaches every control, Open included; each has a descriptive title and ARIA label; Enter on a focused
     button presses that button (not Propagate); the shortcuts work while the opacity slider has focus."""
-    case = Case(tmp_path, 2123, "identity")
-    upload(page, case)
     show_slice(page, case.corners[0])
     drag(page, canvas_point(page, case.corners[0], 0), canvas_point(page, case.corners[1], 0))  # Propagate enabled
     controls = page.evaluate("""() => [...document.querySelectorAll("button, select, input")]
         .filter((c) => !c.disabled && c.offsetParent !== null).map((c) => c.id || c.dataset.view || c.dataset.tool)""")
+    page.evaluate("""() => { window.reached = new Set(); document.addEventListener("focusin",
+        (e) => reached.add(e.target.id || e.target.dataset.view || e.target.dataset.tool)); }""")
     page.focus("#token")
-    reached = set()
-    for _ in range(3 * len(controls)):
+    for _ in range(len(controls) + 2):
         page.keyboard.press("Tab")
-        reached.add(page.evaluate("(c => c.id || c.dataset.view || c.dataset.tool)(document.activeElement)"))
-    assert "open" in controls and set(controls) <= reached
+    assert "open" in controls and set(controls) <= set(page.evaluate("[...reached]"))
     labels = page.evaluate("""() => [...document.querySelectorAll("button, select, input:not([type=file])")]
         .map((c) => [c.id || c.dataset.view || c.dataset.tool, c.getAttribute("aria-label") || ""])""")
     assert all(len(label) > 8 for _, label in labels), labels
@@ -626,26 +641,22 @@ def test_the_keyboard_reaches_and_presses_every_control(page, tmp_path):
     expect(page.locator("[data-tool='pen']")).to_have_attribute("aria-pressed", "true")
     page.keyboard.press("1")
     expect(page.locator("[data-view='0']")).to_have_attribute("aria-pressed", "true")
+    page.keyboard.press("l")  # radiological convention and outlines, from the keyboard too
+    page.keyboard.press("o")
+    expect(page.locator("#zoom-info")).to_contain_text("radiological")
+    assert page.evaluate("[viewer.nv.opts.isRadiologicalConvention, viewer.nv.drawRimOpacity]") == [True, 1]
+    page.keyboard.press("l")
+    page.keyboard.press("o")
     page.wait_for_timeout(500)
     assert not propagations
 
 
-def painted(page: Page, stroke: list[list[int]]) -> int:
-    """Pen voxels added by a pen stroke through axial RAS voxels."""
-    before = int((drawing(page) == 1).sum())
-    with page.expect_response(lambda r: r.url.endswith("/slices") and r.request.method == "PUT"):
-        page.mouse.move(*canvas_point(page, stroke[0], 0))
-        page.mouse.down()
-        for voxel in stroke[1:]:
-            page.mouse.move(*canvas_point(page, voxel, 0), steps=4)
-        page.mouse.up()
-    return int((drawing(page) == 1).sum()) - before
-
-
-def test_pen_size_fill_and_click_markers(page, tmp_path):
-    """The brush size widens a stroke; the pen's closed shape is filled; a click's marker shows on the image."""
+def test_keyboard_pen_size_fill_and_click_markers(page, tmp_path):
+    """The keyboard reaches and presses every control (keyboard_checks); the brush size widens a stroke; the pen's
+    closed shape is filled; a click's marker shows on the image."""
     case = Case(tmp_path, 2124, "identity")
     upload(page, case)
+    keyboard_checks(page, case)
     z = case.key
     show_slice(page, [10, 10, z])
     page.click("[data-tool='pen']")
@@ -663,7 +674,8 @@ def test_pen_size_fill_and_click_markers(page, tmp_path):
     voxel = case.page_voxel(case.key, *inside_point(case.phantom.mask[case.key]))
     click(page, voxel, "positive")
     x, y = canvas_point(page, voxel, 0)
-    alpha = page.evaluate("""([x, y]) => { const marks = document.getElementById("marks"), rect = marks.getBoundingClientRect();
+    alpha = page.evaluate("""([x, y]) => {
+        const marks = document.getElementById("marks"), rect = marks.getBoundingClientRect();
         const scale = marks.width / rect.width;
         return marks.getContext("2d").getImageData((x - rect.left) * scale, (y - rect.top) * scale, 1, 1).data[3]; }""",
                           [x, y])
