@@ -518,10 +518,12 @@ def test_a_pan_keeps_the_box_a_new_object_starts_clean_and_the_image_tells_what_
     swatch = page.evaluate("getComputedStyle(document.querySelector('#legend li .swatch')).backgroundColor")
     assert name == "object 1" and legend.text_content().startswith("▸ object 1")
     assert swatch == "rgb({}, {}, {})".format(*(round(255 * c) for c in colour))
-    with service.client() as client:  # the name and colour are checked on the service
-        refused = client.get(f"/api/v1/jobs/{remembered(page)['objects'][0]['job']}/result",
-                             params={"format": "seg.nrrd", "segment_color": "red"})
+    with service.client() as client:  # the name and colour are checked on the service; without them, the default
+        url = f"/api/v1/jobs/{remembered(page)['objects'][0]['job']}/result"
+        refused = client.get(url, params={"format": "seg.nrrd", "segment_color": "red"})
+        plain = client.get(url, params={"format": "seg.nrrd"})
     assert refused.status_code == 422 and "segment_color" in refused.json()["detail"]
+    assert seg_nrrd_segment(plain.content)[0] == "Segment_1"
 
     page.mouse.move(*start)
     page.mouse.down(button="right")  # a right-drag sets W/L: the preset's name goes
