@@ -190,8 +190,8 @@ async function settled(job, label) {
   return status;
 }
 
-/** Bring back the objects this tab had on this volume before a reload, their labels from the service (the undo
- * history starts afresh). Returns how many of them the service no longer has. */
+/** Bring back the objects this tab had on this volume (before a reload, or before another file was opened), their
+ * labels from the service (the undo history starts afresh). Returns how many of them the service no longer has. */
 async function resumeObjects(saved) {
   if (!saved) return 0;
   state.running = "resume";
