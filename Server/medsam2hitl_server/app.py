@@ -48,6 +48,8 @@ UPLOAD_BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": VOLUME_FILE}}},
 }}
 BINARY = {"schema": {"type": "string", "format": "binary"}}
+SEGMENT_NAME = Query(None, min_length=1, max_length=64, pattern=r"^[\w .()+-]+$",
+                     description="the segment's name (.seg.nrrd default Segment_1, DICOM SEG default Object)")
 RESULT_FILE = {200: {"description": "the mask file", "content": {"application/gzip": BINARY,
                                                                  "application/octet-stream": BINARY,
                                                                  "application/dicom": BINARY}}}
@@ -344,10 +346,11 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    def exported(record: dict, format: str) -> Path:
+    def exported(record: dict, format: str, segment_name: str = "Segment_1",
+                 segment_color: str | None = None) -> Path:
         if store.holder(record["id"]):
             raise HTTPException(409, "a propagation is running on this job; download when it has finished")
-        reply = dispatcher.call(record["id"], "medsam2hitl.export", format)
+        reply = dispatcher.call(record["id"], "medsam2hitl.export", format, segment_name, segment_color)
         name = raise_failure(reply)["file"]
         path = job_dir(settings, record["id"]) / name
         if not path.is_file():
@@ -361,21 +364,24 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
     @router.get("/jobs/{job_id}/result", response_class=FileResponse,
                 responses={**RESULT_FILE, **errors(409, 500, 503)})
     def result(record: dict = Job, format: Literal["nii.gz", "seg.nrrd", "dicom-seg"] = "nii.gz",
-               name: str = Query("Object", min_length=1, max_length=64, description="the DICOM SEG's segment")):
-        """The 3D mask: NIfTI with the input's affine and voxel order, Slicer's .seg.nrrd, or for a job read from
-        DICOM a DICOM SEG linked to its series."""
+               segment_name: str | None = SEGMENT_NAME,
+               segment_color: str | None = Query(None, pattern=r"^[0-9a-fA-F]{6}$",
+                                                 description="the .seg.nrrd segment's colour, rrggbb hex")):
+        """The 3D mask: NIfTI with the input's affine and voxel order, Slicer's .seg.nrrd (its segment named
+        `segment_name`, coloured `segment_color` when given, e.g. as the web viewer shows it), or for a job read
+        from DICOM a DICOM SEG linked to its series."""
         if format == "dicom-seg":
-            return FileResponse(dicom_seg(record, name), media_type="application/dicom",
+            return FileResponse(dicom_seg(record, segment_name or "Object"), media_type="application/dicom",
                                 filename=f"{record['id']}.dcm")
-        path = exported(record, format)
+        path = exported(record, format, segment_name or "Segment_1", segment_color)
         media = "application/gzip" if format == "nii.gz" else "application/octet-stream"
         return FileResponse(path, media_type=media, filename=f"{record['id']}.{format}")
 
     @router.post("/jobs/{job_id}/result/store", response_model=StoredResult, responses=errors(403, 409, 502, 503))
-    def store_result(record: dict = Job, name: str = Query("Object", min_length=1, max_length=64)) -> dict:
+    def store_result(record: dict = Job, segment_name: str | None = SEGMENT_NAME) -> dict:
         """Store the result as a DICOM SEG on the service's DICOMweb server (STOW-RS; off unless
         MEDSAM2HITL_DICOMWEB_STORE=1)."""
-        return dicomweb_jobs.store_seg(settings, lambda: dicom_seg(record, name))
+        return dicomweb_jobs.store_seg(settings, lambda: dicom_seg(record, segment_name or "Object"))
 
     @router.delete("/jobs/{job_id}", status_code=204)
     def delete(record: dict = Job) -> Response:

@@ -210,15 +210,19 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
 
 @app.task(name="medsam2hitl.export")
 @_replying
-def export(job_id: str, fmt: str) -> dict:
-    """Write the job's labels as NIfTI (the input's affine and voxel order) or .seg.nrrd, beside the volume."""
+def export(job_id: str, fmt: str, segment_name: str = "Segment_1", segment_color: str | None = None) -> dict:
+    """Write the job's labels as NIfTI (the input's affine and voxel order) or .seg.nrrd, beside the volume; the
+    .seg.nrrd's segment gets the name and colour (rrggbb hex, or Slicer's default) that the client shows."""
     from MedSAM2HITLLib.export import export_labelmap_nifti, export_seg_nrrd
     from MedSAM2HITLLib.segment_writer import create_segmentation, get_or_create_segment, write_slices
 
     volume = _opened(job_id)
     segmentation = create_segmentation(session.scene, volume.node, "result")
     try:
-        segment_id = get_or_create_segment(segmentation, "Segment_1")
+        segment_id = get_or_create_segment(segmentation, segment_name)
+        if segment_color:
+            segmentation.GetSegmentation().GetSegment(segment_id).SetColor(
+                *(int(segment_color[at:at + 2], 16) / 255 for at in (0, 2, 4)))
         write_slices(segmentation, segment_id, volume.node, 0,
                      {k: volume.labels[k] > 0 for k in range(volume.labels.shape[0]) if volume.labels[k].any()})
         name = f"result.{fmt}"  # written, read back and only then put in place by the exporters
