@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import closing
 
 import httpx
 import nibabel as nib
@@ -37,10 +38,8 @@ def api(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_playwright() as playwright:
-        opened = launch(playwright)
+    with sync_playwright() as playwright, closing(launch(playwright)) as opened:
         yield opened
-        opened.close()
 
 
 @pytest.fixture
