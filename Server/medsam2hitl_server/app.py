@@ -13,11 +13,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
+import fastapi_offline
 import redis
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -100,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop.set()
 
     app = FastAPI(title="MedSAM2HITL inference service", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # FastAPI's pages load scripts from a CDN; /docs is below, ReDoc
+                  # is off (its bundle still fetches a logo from cdn.redoc.ly)
                   description="Box-prompted 3D segmentation with MedSAM2: upload a volume, segment a slice, "
                               "propagate through the volume, download the mask.")
     app.state.settings, app.state.store, app.state.dispatcher = settings, store, dispatcher
@@ -111,8 +116,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        exempt=lambda path: path == "/api/v1/jobs" or path.startswith("/api/v1/internal/"))
     _error_handlers(app)
     app.include_router(_health(store))
-    app.include_router(_jobs_router(store, dispatcher, settings), prefix="/api/v1")
+    bearer = HTTPBearer(scheme_name="token", auto_error=False,  # `caller` checks it; this is /docs' Authorize
+                        description="one of MEDSAM2HITL_TOKENS (none needed on loopback without tokens)")
+    app.include_router(_jobs_router(store, dispatcher, settings), prefix="/api/v1", dependencies=[Security(bearer)])
     app.include_router(_worker_files_router(store, settings), prefix="/api/v1/internal")
+    docs_assets = "/docs/assets"  # fastapi-offline's copy of Swagger UI 5: /docs works without internet
+    app.mount(docs_assets, StaticFiles(directory=Path(fastapi_offline.__file__).with_name("static")),
+              name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=root + app.openapi_url, title=f"{app.title} - Swagger UI",
+                                   swagger_js_url=f"{root}{docs_assets}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}{docs_assets}/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}{docs_assets}/favicon.png")
+
     app.mount("/", StaticFiles(directory=WEB_VIEWER, html=True), name="web-viewer")  # last: the API routes win
     _with_event_schemas(app)
     return app
