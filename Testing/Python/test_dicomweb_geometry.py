@@ -20,6 +20,8 @@ import SimpleITK as sitk
 
 from dicom_fixtures import write_ct_series
 
+pytestmark = pytest.mark.unit
+
 MARKER_HU, MARKER_CENTRE = 20000, (10, 31, 33)  # k, row, column of a 3x3x3 cube, far above any phantom tissue
 SPACING = (0.9, 0.8, 2.5)  # between columns, between rows, between slices (mm)
 

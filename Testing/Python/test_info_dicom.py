@@ -10,6 +10,8 @@ import pytest
 
 from test_real_files import LPS_TO_RAS, write_series
 
+pytestmark = pytest.mark.unit
+
 GAP = 2.0
 
 
