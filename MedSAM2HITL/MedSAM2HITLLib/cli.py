@@ -416,7 +416,7 @@ def run_info(args) -> int:
     import numpy as np
     import slicer.util
 
-    from .mrml_scene import create_scene, load_volume
+    from .mrml_scene import DICOM_TILT_ATTRIBUTE, create_scene, load_volume
     from .nifti_volume import load_nifti_geometry
     from .roi_box import array_axis_for_view, volume_ijk_to_world
 
@@ -439,6 +439,14 @@ def run_info(args) -> int:
         print("index order: " + (f"the file's grid is left-handed: turned right-handed as Slicer does, by reversing K; "
                                  f"slice n here and in --start/--end is the file's k = {slices - 1} - n"
                                  if nifti.left_handed else "the file's own i, j, k"))
+    tilt = volume.GetAttribute(DICOM_TILT_ATTRIBUTE)
+    if tilt is not None:
+        print("index order: i along a row, j down the rows, k along the slice normal (row x column of "
+              "ImageOrientationPatient): slice n here and in --start/--end is the n-th image by its "
+              "ImagePositionPatient on that normal, not by file name or InstanceNumber")
+        print("tilt:        " + (f"{float(tilt):.1f} degrees (gantry tilt or sheared slice positions): resampled onto "
+                                 "an orthogonal grid that holds every slice (--no-regularize refuses it)"
+                                 if float(tilt) > 0 else "none (the slice positions lie on the slice normal)"))
     print(f"intensity:   {array.min():g} .. {array.max():g}")
     for view in VIEWS:
         axis = array_axis_for_view(volume, view)

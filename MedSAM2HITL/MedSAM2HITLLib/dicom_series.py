@@ -31,7 +31,7 @@ _LOG = logging.getLogger(__name__)
 class DicomVolume:
     voxels: np.ndarray  # [k, j, i]: k along the slice normal, j down the rows, i along a row
     ijk_to_lps: np.ndarray  # 4x4, DICOM's patient coordinates (LPS mm)
-    tilt_degrees: float  # how far the slice positions leaned off the normal before resampling (0: not at all)
+    tilt_degrees: float  # how far the slice positions leaned off the normal before resampling (0: not resampled)
 
     def sitk_image(self):
         """The volume as a SimpleITK image (LPS), for writing it to a single file (the service's DICOM jobs)."""
@@ -100,9 +100,9 @@ def read_dicom(path: str | Path, series_uid: str | None = None, max_bytes: int |
     voxels = _decode_planes([planes[n] for n in order], datasets, multiframe)
     first_plane = planes[order[0]]
     pixels = offsets[order] / np.array(first_plane.spacing)  # in-plane drift, in columns and rows
-    tilt = _tilt_degrees(offsets[order], slice_spacing)
-    origin = first_plane.position
+    tilt, origin = 0.0, first_plane.position
     if np.abs(offsets).max(initial=0.0) > SPACING_TOLERANCE_MM:
+        tilt = _tilt_degrees(offsets[order], slice_spacing)
         if not regularize:
             raise BadInputError(f"{what} is tilted by {tilt:.1f} degrees (gantry tilt, or slice positions sheared off "
                                 "the slice normal) and resampling is off (--no-regularize); leave that out to "

@@ -22,6 +22,7 @@ from .errors import BadInputError
 from .volume_file import VOLUME_SUFFIXES, check_volume_file
 
 ROI_SUFFIX = ".mrk.json"
+DICOM_TILT_ATTRIBUTE = "MedSAM2HITL.DicomTiltDegrees"  # how far a DICOM series leaned off its normal before resampling
 
 _HEADLESS: dict[str, Any] = {}
 
@@ -121,7 +122,8 @@ def load_volume(scene, path: str | Path, name: str | None = None, max_bytes: int
     unless `regularize` is False (`dicom_series`); NRRD and MetaImage through Slicer's own reader. All are checked
     first: a header that claims more than `max_bytes` (default `max_volume_bytes()`) or than free memory, truncated
     data or a broken series are refused before anything is allocated. A file's node keeps a storage node naming the
-    file, so `export` can write results back on the file's own grid.
+    file, so `export` can write results back on the file's own grid; a DICOM node keeps its series' tilt (degrees,
+    0 when none) in the attribute DICOM_TILT_ATTRIBUTE, for `info`.
     """
     from .dicom_series import is_dicom_path, read_dicom
     from .nifti_volume import is_nifti, read_nifti
@@ -132,7 +134,9 @@ def load_volume(scene, path: str | Path, name: str | None = None, max_bytes: int
     if is_dicom_path(path):
         dicom = read_dicom(path, series_uid, max_bytes, regularize)
         lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-        return add_volume_from_array(scene, dicom.voxels, lps_to_ras @ dicom.ijk_to_lps, name or _stem(path))
+        node = add_volume_from_array(scene, dicom.voxels, lps_to_ras @ dicom.ijk_to_lps, name or _stem(path))
+        node.SetAttribute(DICOM_TILT_ATTRIBUTE, repr(dicom.tilt_degrees))
+        return node
     if series_uid is not None:
         raise BadInputError(f"'{path.name}' is a file, not a DICOM folder: a series UID (--series) applies only to "
                             "DICOM folders; leave it out")
