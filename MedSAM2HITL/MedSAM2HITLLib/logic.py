@@ -118,8 +118,7 @@ class SegmentationLogic:
         """
         check_volume_node(volume_node)
         axis_index = self.array_axis(volume_node, axis)
-        early_stop = early_stop and (range_from_roi or (start is None and end is None and not (
-            from_segment and self.slice_sources(segmentation_node, segment_id).predicted_slices(axis_index))))
+        whole = start is None and end is None
         if from_segment:
             if key_index is None:
                 raise BadInputError("'propagate from this slice' needs the slice index (key_index)")
@@ -140,6 +139,8 @@ class SegmentationLogic:
             start, end = roi_box.roi_slice_range(volume_node, roi_node, axis_index)
         self.check_range(volume_node, axis_index, key_index, start, end)
         segmentation_node, segment_id = self._target(volume_node, segmentation_node, segment_id, roi_node)
+        early_stop = early_stop and (range_from_roi or (whole and not (
+            from_segment and self.slice_sources(segmentation_node, segment_id).predicted_slices(axis_index))))
         prompts = {**self._user_slices(volume_node, segmentation_node, segment_id, axis_index, start, end),
                    key_index: prompt}
         result = Request(self.client, "propagate", on_done=on_done, on_error=on_error)
