@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--end", type=int, help="last slice of the range (inclusive)")
     segment.add_argument("--window", default="mr", help=f"{', '.join(window_names())} or W,L (default mr)")
     segment.add_argument("--largest-component", action="store_true", help="keep the largest 3D connected part")
+    segment.add_argument("--no-early-stop", action="store_true",
+                         help="track through the whole range even after the object has ended (a range given with\n"
+                              "--start/--end is always followed exactly)")
     segment.add_argument("--checkpoint", default=DEFAULT_MODEL, help=f"registry name or file (default {DEFAULT_MODEL})")
     segment.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     segment.add_argument("--threads", type=int, help="CPU threads for inference")
@@ -297,19 +300,22 @@ def _propagate(logic, volume, segmentation, objects, args) -> bool:
     One object propagates from its ROI's box, or from its clicked slice when it has no ROI; several ROIs go
     through one pass.
     """
+    from .engine import describe_early_end
+
     started = time.monotonic()
     progress = _ProgressBar("propagating")
     roi, segment_id = objects[0]
     if len(objects) > 1:
         request = logic.propagate_objects(volume, segmentation, objects, axis=args.axis, start=args.start,
-                                          end=args.end, window=args.window, on_progress=progress.update)
+                                          end=args.end, window=args.window, early_stop=not args.no_early_stop,
+                                          on_progress=progress.update)
     else:
         sources = logic.slice_sources(segmentation, segment_id)
         key = sources.user_slices(logic.array_axis(volume, args.axis))[0] if roi is None else None
         request = logic.propagate(volume, segmentation, segment_id, axis=args.axis, roi_node=roi,
                                   from_segment=roi is None, key_index=key, start=args.start, end=args.end,
                                   window=args.window, largest_component=args.largest_component,
-                                  on_progress=progress.update)
+                                  early_stop=not args.no_early_stop, on_progress=progress.update)
     try:
         written = request.wait(REQUEST_TIMEOUT_SECONDS)
     except KeyboardInterrupt:
@@ -329,6 +335,9 @@ def _propagate(logic, volume, segmentation, objects, args) -> bool:
     progress.close()
     count = len(written) if isinstance(written, list) else sum(len(w) for w in written.values())
     _say(f"propagated {count} slices ({time.monotonic() - started:.1f} s)")
+    ended = describe_early_end(request.reply.get("ended_early") or {}, len(objects))
+    if ended:
+        _say(ended)
     return True
 
 

@@ -30,6 +30,7 @@ CANCEL_GRACE_SECONDS = 5.0
 HEARTBEAT_TIMEOUT_SECONDS = 30.0
 STDERR_TAIL_LINES = 20
 MAX_LINE_BYTES = 2000
+BACKGROUND_REQUESTS = ("status", "prefetch")  # never make the worker "busy", never cancelled
 ERRORS_BY_KIND = {cls.kind: cls for cls in (BadInputError, ModelError, OutOfMemoryError)}
 
 
@@ -429,22 +430,25 @@ class WorkerClient:
         largest_component: bool = False,
         on_slice: Callable | None = None,
         conditioning: dict | None = None,
+        early_stop: bool = False,
         **callbacks,
     ) -> Request:
         """Track from the key slice through start..end; each slice goes to `on_slice(SliceMask)` as it arrives.
 
         `prompt` is a box or a 2D bool mask of the key slice, `conditioning` more slices' masks (index → mask)
-        that condition the tracking too; `result` lists the completed slice indices.
+        that condition the tracking too; `result` lists the completed slice indices. With `early_stop`, each
+        direction stops where the object has ended (engine.EARLY_STOP_PATIENCE empty slices); `reply` then
+        has `ended_early` (direction → last slice done) for the directions that stopped before the range's end.
         """
         prompts = {**(conditioning or {}), key_index: prompt}
         return self.propagate_objects(volume_id, axis, [prompts], start, end, window, largest_component, on_slice,
-                                      **callbacks)
+                                      early_stop, **callbacks)
 
     def propagate_objects(self, volume_id: str, axis: int, objects: list[dict], start: int | None = None,
                           end: int | None = None, window="mr", largest_component: bool = False,
-                          on_slice: Callable | None = None, **callbacks) -> Request:
+                          on_slice: Callable | None = None, early_stop: bool = False, **callbacks) -> Request:
         """Several objects in one pass, each from its conditioning slices (index → box or mask); SliceMask.object
-        tells whose a slice is."""
+        tells whose a slice is. `early_stop`: as in `propagate`, stopping when every object has ended."""
 
         def fields():
             arrays, described = {}, []
@@ -465,10 +469,24 @@ class WorkerClient:
                 "end": None if end is None else int(end),
                 "window": _window(window),
                 "largest_component": bool(largest_component),
+                "early_stop": bool(early_stop),
             }
             return values, arrays
 
         return self._submit(self._request("propagate", callbacks, on_slice=on_slice), volume_id, fields)
+
+    def prefetch(self, volume_id: str, axis: int, index: int, window="mr", neighbours: int = 1,
+                 **callbacks) -> Request:
+        """Have the worker encode slice `index` (and `neighbours` on each side, at most 2) while it is idle, so a
+        box drawn there costs only the mask decoder. It never delays another request: the worker abandons it
+        when one arrives. `result`: {"encoded": slices now in its cache, "gave_way": whether it stopped early}.
+        Not counted as busy, and not stopped by `cancel()`."""
+
+        def fields():
+            return {"volume_id": volume_id, "axis": int(axis), "index": int(index), "window": _window(window),
+                    "neighbours": int(neighbours)}, {}
+
+        return self._submit(self._request("prefetch", callbacks), volume_id, fields)
 
     def status(self, **callbacks) -> Request:
         """Worker pid, model info, volumes and the running request (answered even while it propagates)."""
@@ -483,7 +501,7 @@ class WorkerClient:
         Propagations stop before their next slice and fail with PropagationCancelled(completed). Returns False
         when nothing was pending.
         """
-        targets = [r for r in self._pending.values() if r.type not in ("status", "hello")]
+        targets = [r for r in self._pending.values() if r.type not in BACKGROUND_REQUESTS + ("hello",)]
         if not targets or self._transport is None:
             return False
         for request in targets:
@@ -706,7 +724,7 @@ class WorkerClient:
             state = "starting"
         elif any(r.type == "load_model" for r in self._pending.values()):
             state = "loading"
-        elif any(r.type != "status" for r in self._pending.values()):
+        elif any(r.type not in BACKGROUND_REQUESTS for r in self._pending.values()):
             state = "busy"
         else:
             state = "ready"

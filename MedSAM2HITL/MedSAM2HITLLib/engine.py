@@ -33,6 +33,37 @@ class SliceMask:
     object: int = 0
 
 
+EARLY_STOP_PATIENCE = 3  # empty slices in a row after which an object counts as ended (measured: bench_early_stop.py)
+
+
+class Propagation:
+    """The slices of a propagation as they are computed (iterate over it), and where tracking stopped early.
+
+    `ended_early` fills in as the pass goes: direction ("forward" / "backward") → the last slice done there, for
+    each direction where every object had ended before the range did.
+    """
+
+    def __init__(self, run: Callable[[dict], Iterator[SliceMask]]):
+        self.ended_early: dict[str, int] = {}
+        self._slices = run(self.ended_early)
+
+    def __iter__(self) -> "Propagation":
+        return self
+
+    def __next__(self) -> SliceMask:
+        return next(self._slices)
+
+
+def describe_early_end(ended_early: Mapping[str, int], objects: int = 1) -> str:
+    """A line for the user: where tracking stopped because the object(s) ended ("" when it did not)."""
+    if not ended_early:
+        return ""
+    what = "the object ended" if objects == 1 else "all objects ended"
+    where = " and ".join(f"slice {index} ({direction})" for direction, index in sorted(ended_early.items(),
+                                                                                      reverse=True))
+    return f"done at {where}: {what}"
+
+
 class VolumeFrames:
     """The slices start..end of a volume along an axis as model input frames, made when asked for."""
 
@@ -143,6 +174,28 @@ class Engine:
         """Whether a box on this slice costs only the mask decoder (its embedding is in the cache)."""
         return (self.volume_id, axis, index, self.window(window)) in self._embeddings
 
+    def prefetch(self, axis: int, index: int, window="mr", should_stop: Callable[[], bool] | None = None) -> bool:
+        """Encode a slice before a prompt on it arrives, into the embedding cache (same bound); True when it is
+        there. `should_stop()` is asked before each block of the image encoder (a few milliseconds apart): when
+        it says yes, the encoding is abandoned, nothing is cached, and the answer is False.
+        """
+        self._check_index(axis, index)
+
+        def give_way(_module, _inputs) -> None:
+            if should_stop is not None and should_stop():
+                raise _GaveWay
+
+        blocks = self.model.predictor.image_encoder.trunk.blocks
+        hooks = [block.register_forward_pre_hook(give_way) for block in blocks]
+        try:
+            self._embedding(axis, index, self.window(window))
+            return True
+        except _GaveWay:
+            return False
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     def segment_slice(self, axis: int, index: int, box=None, window="mr", points=None, mask=None) -> np.ndarray:
         """Mask (bool, the slice's shape) for a box and/or clicks on slice `index` along array axis `axis`.
 
@@ -186,7 +239,8 @@ class Engine:
         largest_component: bool = False,
         should_cancel: Callable[[], bool] | None = None,
         conditioning: Mapping[int, np.ndarray] | None = None,
-    ) -> Iterator[SliceMask]:
+        patience: int | None = None,
+    ) -> Propagation:
         """Track the object from the key slice forward to `end` and backward to `start` (inclusive).
 
         `conditioning` adds slices the user drew or corrected (index → mask): each slice is tracked with the
@@ -195,9 +249,14 @@ class Engine:
         first conditioning slice, then the backward pass. With `largest_component`, slices that the 3D
         largest-component filter changes are yielded again at the end. `should_cancel()` is asked before each
         slice; cancelling raises PropagationCancelled listing the slices already yielded, which stay valid.
+
+        With `patience`, each direction stops once the object has been absent (an empty mask) on that many
+        slices in a row and no conditioning slice lies further on; the slices beyond are not computed and not
+        yielded. The slices that are yielded have the masks they have without it.
         """
         prompts = {**(conditioning or {}), key_index: prompt}
-        return self.propagate_objects(axis, [prompts], start, end, window, largest_component, should_cancel)
+        return self.propagate_objects(axis, [prompts], start, end, window, largest_component, should_cancel,
+                                      patience)
 
     def propagate_objects(
         self,
@@ -208,11 +267,14 @@ class Engine:
         window="mr",
         largest_component: bool = False,
         should_cancel: Callable[[], bool] | None = None,
-    ) -> Iterator[SliceMask]:
+        patience: int | None = None,
+    ) -> Propagation:
         """Several objects in one pass, each from its own conditioning slices (index → box or mask).
 
         Each slice is encoded once for all objects; each object is tracked as `propagate` tracks one, so the
         masks equal those of one request per object. SliceMask.object is the object's position in `objects`.
+        With `patience`, an object that has ended in a direction is tracked no further there, and the pass stops
+        in that direction when every object has ended.
         """
         volume = self._require_volume()
         if axis not in (0, 1, 2):
@@ -222,6 +284,8 @@ class Engine:
         end = count - 1 if end is None else int(end)
         if not objects or not all(objects):
             raise BadInputError("each object needs at least one conditioning slice (a box or a mask)")
+        if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
+            raise BadInputError(f"patience must be a whole number of slices ≥ 1, got {patience!r}")
         indices = sorted({int(i) for prompts in objects for i in prompts})
         if not 0 <= start <= indices[0] <= indices[-1] <= end < count:
             named = f"key slice {indices[0]}" if len(indices) == 1 else \
@@ -231,9 +295,11 @@ class Engine:
         checked = [{int(i) - start: self._conditioning(prompt, shape) for i, prompt in prompts.items()}
                    for prompts in objects]
         frames = VolumeFrames(volume, axis, start, end, self.window(window), self.model)
-        return self._propagate(frames, checked, largest_component, should_cancel)
+        return Propagation(lambda ended_early: self._propagate(frames, checked, largest_component, should_cancel,
+                                                               patience, ended_early))
 
-    def _propagate(self, frames, objects: list[dict], largest_component, should_cancel) -> Iterator[SliceMask]:
+    def _propagate(self, frames, objects: list[dict], largest_component, should_cancel, patience,
+                   ended_early: dict) -> Iterator[SliceMask]:
         predictor = self.model.predictor
         state = _tracking_state(frames, self.model.device)
         total = len(frames) * len(objects)
@@ -246,6 +312,9 @@ class Engine:
                 order = range(max(firsts) - 1, -1, -1) if reverse else range(min(firsts), len(frames))
                 if not order:
                     continue
+                # Objects with nothing to track this way have ended in it from the start.
+                ended = {obj for obj in range(len(objects)) if reverse and firsts[obj] == 0}
+                absent = [0] * len(objects)  # empty slices in a row, per object, in this direction
                 predictor.reset_state(state)
                 with self._inference("preparing the conditioning slices"):
                     for obj, prompts in enumerate(objects):
@@ -254,8 +323,8 @@ class Engine:
                     predictor.propagate_in_video_preflight(state)
                 for frame in order:
                     for obj, prompts in enumerate(objects):
-                        if (frame >= firsts[obj]) == reverse:  # forward: from its first slice; backward: below it
-                            continue
+                        if (frame >= firsts[obj]) == reverse or obj in ended:  # forward: from its first slice;
+                            continue  # backward: below it
                         if should_cancel is not None and should_cancel():
                             raise PropagationCancelled(completed)
                         exact = prompts[frame][1] if frame in prompts else None
@@ -267,9 +336,18 @@ class Engine:
                             completed.append(index)
                         if kept is not None:
                             kept[obj][frame] = exact
+                        absent[obj] = 0 if exact.any() else absent[obj] + 1
+                        if patience is not None and absent[obj] >= patience and \
+                                not any(f < frame if reverse else f > frame for f in prompts):
+                            ended.add(obj)
+                            total -= frame if reverse else len(frames) - 1 - frame  # its slices not to be done
                         yielded += 1
                         yield SliceMask(index, exact, yielded, total, obj)
                     _release_unneeded_outputs(predictor, state, frame, reverse)
+                    if len(ended) == len(objects):
+                        if frame != order[-1]:
+                            ended_early["backward" if reverse else "forward"] = frames.start + frame
+                        break
         finally:
             predictor.reset_state(state)
             state.clear()
@@ -349,6 +427,10 @@ class Engine:
             raise BadInputError(f"axis must be 0, 1 or 2, got {axis}")
         if not 0 <= index < volume.shape[axis]:
             raise BadInputError(f"slice {index} is outside the volume: axis {axis} has slices 0..{volume.shape[axis] - 1}")
+
+
+class _GaveWay(Exception):
+    """A prefetch stopped encoding because real work is waiting."""
 
 
 def _slice_shape(volume: np.ndarray, axis: int) -> tuple[int, int]:

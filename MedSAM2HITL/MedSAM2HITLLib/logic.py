@@ -100,7 +100,8 @@ class SegmentationLogic:
     def propagate(self, volume_node, segmentation_node, segment_id: str, axis="axial", roi_node=None,
                   from_segment: bool = False, key_index: int | None = None, start: int | None = None,
                   end: int | None = None, range_from_roi: bool = False, window="mr", largest_component: bool = False,
-                  on_progress: Callable[[int, int], None] | None = None, on_done=None, on_error=None) -> Request:
+                  early_stop: bool = True, on_progress: Callable[[int, int], None] | None = None, on_done=None,
+                  on_error=None) -> Request:
         """Fill slices forward and backward from a key slice; result: the list of slice indices written.
 
         The prompt is the ROI's box on the slice through its centre, or (`from_segment`) the segment's own mask
@@ -109,9 +110,15 @@ class SegmentationLogic:
         is re-run: the slices between the user's nearest slices below and above it. Slices are written as they
         arrive; a cancelled or failed propagation keeps the slices already written, and one `undo()` removes
         them all.
+
+        `early_stop` (whole volume and ROI-extent ranges): each direction stops once the object has ended, and
+        the slices beyond are left as they are; the result's `reply["ended_early"]` says where. A range you give
+        is followed exactly, and so is the range a corrected slice depends on once the segment has predicted
+        slices (it already ends where the segment does, and stopping sooner would leave stale slices in it).
         """
         check_volume_node(volume_node)
         axis_index = self.array_axis(volume_node, axis)
+        whole = start is None and end is None
         if from_segment:
             if key_index is None:
                 raise BadInputError("'propagate from this slice' needs the slice index (key_index)")
@@ -132,6 +139,8 @@ class SegmentationLogic:
             start, end = roi_box.roi_slice_range(volume_node, roi_node, axis_index)
         self.check_range(volume_node, axis_index, key_index, start, end)
         segmentation_node, segment_id = self._target(volume_node, segmentation_node, segment_id, roi_node)
+        early_stop = early_stop and (range_from_roi or (whole and not (
+            from_segment and self.slice_sources(segmentation_node, segment_id).predicted_slices(axis_index))))
         prompts = {**self._user_slices(volume_node, segmentation_node, segment_id, axis_index, start, end),
                    key_index: prompt}
         result = Request(self.client, "propagate", on_done=on_done, on_error=on_error)
@@ -140,18 +149,19 @@ class SegmentationLogic:
         volume_id = self._send_volume(volume_node)
         request = self.client.propagate_objects(volume_id, axis_index, [prompts], start, end,
                                                 self.window(volume_node, window), largest_component,
-                                                on_slice=_guarded(writer.arrived, result))
+                                                on_slice=_guarded(writer.arrived, result), early_stop=early_stop)
         _finish_with(request, writer, result, segment_id)
         return result
 
     def propagate_objects(self, volume_node, segmentation_node, objects, axis="axial", start: int | None = None,
-                          end: int | None = None, window="mr", allow_overlap: bool = False,
+                          end: int | None = None, window="mr", allow_overlap: bool = False, early_stop: bool = True,
                           on_progress: Callable[[int, int], None] | None = None, on_done=None,
                           on_error=None) -> Request:
         """Several objects in one pass: `objects` is [(ROI node, segment ID or None)], each ROI's box on the slice
         through its centre, with the segment's own user slices as more conditioning. Result: segment ID →
         slice indices written. Each slice is encoded once for all objects. Unless `allow_overlap`, a voxel
-        already given to an earlier object of the list on that slice is left out of later ones.
+        already given to an earlier object of the list on that slice is left out of later ones. `early_stop`
+        (whole volume only): each direction stops once every object has ended there.
         """
         check_volume_node(volume_node)
         if not objects:
@@ -175,7 +185,8 @@ class SegmentationLogic:
         volume_id = self._send_volume(volume_node)
         request = self.client.propagate_objects(volume_id, axis_index, [prompts for _, _, prompts in targets], start,
                                                 end, self.window(volume_node, window),
-                                                on_slice=_guarded(writer.arrived, result))
+                                                on_slice=_guarded(writer.arrived, result),
+                                                early_stop=early_stop and start is None and end is None)
         _finish_with(request, writer, result)
         return result
 
@@ -386,6 +397,7 @@ def _finish_with(request: Request, writer: _StreamWriter, result: Request, segme
 
     def finished(_) -> None:
         written = writer.finish()
+        result.reply = request.reply  # e.g. where the object ended (`ended_early`)
         result.finish(written if segment_id is None else written[segment_id])
 
     def failed(error: MedSAM2Error) -> None:

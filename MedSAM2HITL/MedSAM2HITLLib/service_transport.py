@@ -47,6 +47,14 @@ class Unreachable(Exception):
     """The service cannot be reached (refused, reset, timed out): the transport ends."""
 
 
+def _ended_early_of_all(ends: list[dict]) -> dict:
+    """Objects propagated one after another: a direction ended early where every object did, at the farthest
+    slice any of them reached (as one pass over all of them reports it)."""
+    farthest = {"forward": max, "backward": min}
+    return {direction: pick(end[direction] for end in ends) for direction, pick in farthest.items()
+            if ends and all(direction in end for end in ends)}
+
+
 def service_transport_factory(url: str, token: str | None = None) -> Callable:
     """A WorkerClient transport factory for the service at `url` (e.g. http://gpu-box:8000)."""
     return lambda handler: ServiceTransport(handler, url, token)
@@ -278,22 +286,26 @@ class ServiceTransport(SubprocessTransport):
         """The service propagates one object per request: several objects run one after another."""
         f = frame.fields
         completed: list[int] = []
+        ends: list[dict] = []  # each object's `ended_early`
         done_before = 0
         try:
             for number, described in enumerate(f["objects"]):
-                outcome = self._propagate_object(frame, number, described, completed, done_before)
+                outcome = self._propagate_object(frame, number, described, completed, done_before, ends)
                 if outcome is not None:
                     self._reply(*outcome)
                     return
                 done_before += self._range_length(f)
-            self._reply("done", frame.id, {"completed": completed})
+            self._reply("done", frame.id, {"completed": completed, "ended_early": _ended_early_of_all(ends)})
         finally:
             self.running.pop(frame.id, None)
 
-    def _propagate_object(self, frame, number: int, described: dict, completed: list[int], done_before: int):
-        """Run one object's propagation, relaying its slices; a final reply (type, id, fields) if it ended early.
+    def _propagate_object(self, frame, number: int, described: dict, completed: list[int], done_before: int,
+                          ends: list[dict]):
+        """Run one object's propagation, relaying its slices; a final reply (type, id, fields) if it failed or was
+        cancelled. Where the object ended (its `done` event's `ended_early`) goes to `ends`.
 
-        The event stream ends only in one of these events, or by raising when the connection is lost."""
+        The event stream ends only in one of these events, or by raising when the connection is lost. Early stop
+        (the frame's `early_stop`) reaches the service for the whole range only: it follows custom ranges exactly."""
         f = frame.fields
         axis, volume_id = f["axis"], f["volume_id"]
         view, total = VIEW_OF_AXIS[axis], self._range_length(f) * len(f["objects"])
@@ -301,11 +313,13 @@ class ServiceTransport(SubprocessTransport):
         masks = {index: frame.arrays[f"mask{number}_{index}"] for index in described.get("masks") or []}
         boxes = {box[0]: box[1:] for box in described.get("boxes") or []}
         key = min(boxes) if boxes else min(masks)
-        body = {"view": view, "slice": key, "window": f.get("window", "mr"), "range": "custom",
-                "start": 0 if f.get("start") is None else f["start"],
-                "end": count - 1 if f.get("end") is None else f["end"],
-                "largest_component": bool(f.get("largest_component")),
+        whole = f.get("early_stop") is True and f.get("start") is None and f.get("end") is None
+        body = {"view": view, "slice": key, "window": f.get("window", "mr"), "range": "whole" if whole else "custom",
+                "largest_component": bool(f.get("largest_component")), "early_stop": whole,
                 "conditioning": sorted(index for index in masks if index != key)}
+        if not whole:
+            body["start"] = 0 if f.get("start") is None else f["start"]
+            body["end"] = count - 1 if f.get("end") is None else f["end"]
         if key in boxes:
             body["box"] = boxes[key]
         else:
@@ -329,6 +343,7 @@ class ServiceTransport(SubprocessTransport):
                                                 "total": total, "object": number},
                             {"mask": mask_codec.decode(data["mask"], shape)})
             elif kind == "done":
+                ends.append(data.get("ended_early") or {})
                 return None
             elif kind == "cancelled":
                 return "cancelled", frame.id, {"completed": completed}

@@ -40,6 +40,7 @@ from MedSAM2HITLLib.protocol import (
 )
 
 READ_CHUNK = 1 << 20
+PREFETCH_MAX_NEIGHBOURS = 2  # a prefetch encodes at most 5 slices: the embedding cache (8) keeps recent prompts
 FINAL_REPLIES = ("done", "error", "cancelled")
 log = logging.getLogger("MedSAM2HITLLib.worker")
 
@@ -312,9 +313,11 @@ class Worker:
         engine = self._engine_for(f.get("volume_id"))
         started = time.perf_counter()
         axis, index = integer(frame, "axis"), integer(frame, "index")
+        cached = engine.is_cached(axis, index, f.get("window", "mr")) if axis in (0, 1, 2) else False
         mask = engine.segment_slice(axis, index, f.get("box"), f.get("window", "mr"), f.get("points"),
                                     frame.arrays.get("mask"))
-        self.channel.send("done", frame.id, {"seconds": time.perf_counter() - started}, {"mask": mask})
+        self.channel.send("done", frame.id, {"seconds": time.perf_counter() - started, "embedding_cached": cached},
+                          {"mask": mask})
 
     def on_propagate(self, frame: Frame) -> None:
         f = frame.fields
@@ -322,6 +325,8 @@ class Worker:
 
         def should_cancel() -> bool:
             return frame.id in self.cancelled or self.closing.is_set()
+
+        from MedSAM2HITLLib.engine import EARLY_STOP_PATIENCE
 
         completed: list[int] = []
         slices = engine.propagate_objects(
@@ -332,13 +337,40 @@ class Worker:
             f.get("window", "mr"),
             bool(f.get("largest_component", False)),
             should_cancel,
+            EARLY_STOP_PATIENCE if f.get("early_stop") is True else None,
         )
         for item in slices:
             if item.index not in completed:
                 completed.append(item.index)
             fields = {"index": item.index, "completed": item.completed, "total": item.total, "object": item.object}
             self.channel.send("slice", frame.id, fields, {"mask": item.mask})
-        self.channel.send("done", frame.id, {"completed": completed})
+        self.channel.send("done", frame.id, {"completed": completed, "ended_early": slices.ended_early})
+
+    def on_prefetch(self, frame: Frame) -> None:
+        """Encode the slice the user is looking at, then its neighbours (nearest first), while nothing else waits.
+
+        Any request that arrives meanwhile (another prefetch too) is never delayed by more than one block of the
+        image encoder: the encoding is abandoned and the reply says `gave_way`. A prefetch that finds another
+        request queued behind it is dropped at once.
+        """
+        f = frame.fields
+        engine = self._engine_for(f.get("volume_id"))
+        axis, index = integer(frame, "axis"), integer(frame, "index")
+        neighbours = min(max(integer(frame, "neighbours", 1), 0), PREFETCH_MAX_NEIGHBOURS)
+        count = engine.volume.shape[axis] if axis in (0, 1, 2) else 0
+
+        def gives_way() -> bool:
+            return not self.inbox.empty() or frame.id in self.cancelled or self.closing.is_set()
+
+        encoded: list[int] = []
+        for offset in [0, *(sign * step for step in range(1, neighbours + 1) for sign in (1, -1))]:
+            if not 0 <= index + offset < count and offset:
+                continue
+            if gives_way() or not engine.prefetch(axis, index + offset, f.get("window", "mr"), gives_way):
+                self.channel.send("done", frame.id, {"encoded": encoded, "gave_way": True})
+                return
+            encoded.append(index + offset)
+        self.channel.send("done", frame.id, {"encoded": encoded, "gave_way": False})
 
     def on_forget_volume(self, frame: Frame) -> None:
         """Drop a volume the client no longer uses (the engine may still hold its current one)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from MedSAM2HITLLib import mask_codec
 from MedSAM2HITLLib.errors import BadInputError
@@ -92,7 +92,8 @@ class Propagate(Prompt):
     """Without a box, the key slice's mask prompts: `mask` as sent, or the job's current mask on `slice`.
 
     `conditioning`: more slices (same view) whose current masks in the job condition the tracking too and are
-    kept exactly: the user's corrected slices.
+    kept exactly: the user's corrected slices. `early_stop`: tracking stops in each direction once the object has
+    been absent for a few slices in a row (engine.EARLY_STOP_PATIENCE); the `done` event says where (`ended_early`).
     """
 
     mask: Mask | None = None
@@ -100,6 +101,7 @@ class Propagate(Prompt):
     start: Annotated[int, Field(ge=0)] | None = None
     end: Annotated[int, Field(ge=0)] | None = None
     largest_component: bool = False
+    early_stop: StrictBool = True  # ranges "whole" and "box" stop where the object ends; "custom" is followed exactly
     conditioning: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1024)] | None = None
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ import time
 import numpy as np
 from celery import signals
 
+from MedSAM2HITLLib.engine import EARLY_STOP_PATIENCE
 from MedSAM2HITLLib.errors import BadInputError, MedSAM2Error, PropagationCancelled
 
 from MedSAM2HITLLib import mask_codec
@@ -171,9 +172,11 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
             _write(volume.labels, axis, key, user_mask)
         start, end = prompt["start"], prompt["end"]
         store.set_state(job_id, "running", done=0, total=end - start + 1, error="")
+        early_stop = params.get("early_stop", True) is True and params.get("range", "whole") != "custom"
         slices = engine.propagate(axis, key, user_mask if user_mask is not None else prompt["box"], start, end,
                                   params.get("window", "mr"), bool(params.get("largest_component")),
-                                  lambda: store.cancel_requested(job_id, propagation_id), conditioning)
+                                  lambda: store.cancel_requested(job_id, propagation_id), conditioning,
+                                  EARLY_STOP_PATIENCE if early_stop else None)
         kept = set(conditioning) | ({key} if user_mask is not None else set())
         for item in slices:
             told = store.event(job_id, "slice", {
@@ -189,7 +192,8 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
             store.update(job_id, done=item.completed, total=item.total)
             _save(job_id, volume, force=False)
         _save(job_id, volume)
-        outcome = ("succeeded", "", "done", {"propagation": propagation_id, "slices": len(completed)})
+        outcome = ("succeeded", "", "done", {"propagation": propagation_id, "slices": len(completed),
+                                             "ended_early": slices.ended_early})
     except PropagationCancelled as cancelled:
         _keep(job_id)
         outcome = ("cancelled", "", "cancelled", {"propagation": propagation_id, "slices": len(cancelled.completed)})

@@ -105,10 +105,13 @@ def test_seed_flow_upload_segment_propagate_download(service, grid):
         events = read_events(client, job_id, started.json()["events_after"])
         slices = [data for kind, data in events if kind == "slice"]
         assert events[-1][0] == "done"
-        assert sorted({s["slice"] for s in slices}) == list(range(SIZE[0]))  # every slice, each reported
-        assert max(s["done"] for s in slices) == slices[-1]["total"] == SIZE[0]
+        ended = events[-1][1]["ended_early"]  # the whole range stops where the object ends (early_stop)
+        first, last = ended.get("backward", 0), ended.get("forward", SIZE[0] - 1)
+        assert sorted({s["slice"] for s in slices}) == list(range(first, last + 1))  # each slice done, reported
+        done = last - first + 1
+        assert max(s["done"] for s in slices) == slices[-1]["total"] == done
         status = client.get(f"/api/v1/jobs/{job_id}/status").json()
-        assert status["state"] == "succeeded" and status["progress"] == {"done": SIZE[0], "total": SIZE[0]}
+        assert status["state"] == "succeeded" and status["progress"] == {"done": done, "total": done}
 
         result = download(client, job_id)
         assert np.allclose(result.affine, case.affine, atol=1e-4)
@@ -206,3 +209,19 @@ def test_clicks_and_corrected_slices_through_the_api(service):
         labels = np.asarray(download(client, job_id).dataobj) > 0  # the file's (i, j, k)
         assert np.array_equal(labels[:, :, corrected].T, drawn)
         assert dice(labels, case.truth) >= 0.8
+
+
+def test_early_stop_can_be_turned_off_and_a_custom_range_is_followed_exactly(service):
+    case = Upload(2041)  # object on slices 7-34: stopping would show inside either range
+    with service.client() as client:
+        job_id = create_job(client, case.data)
+        body = {"box_ras": case.box_ras, "window": "abdomen"}
+        refused = client.post(f"/api/v1/jobs/{job_id}/propagate", json={**body, "early_stop": "no"})
+        assert refused.status_code == 422 and "early_stop" in refused.text
+        for extra, first, last in (({"early_stop": False}, 0, SIZE[0] - 1),
+                                   ({"range": "custom", "start": 1, "end": SIZE[0] - 2}, 1, SIZE[0] - 2)):
+            started = client.post(f"/api/v1/jobs/{job_id}/propagate", json={**body, **extra})
+            assert started.status_code == 202, started.text
+            events = read_events(client, job_id, started.json()["events_after"])
+            assert events[-1][0] == "done" and events[-1][1]["ended_early"] == {}
+            assert sorted({data["slice"] for kind, data in events if kind == "slice"}) == list(range(first, last + 1))
