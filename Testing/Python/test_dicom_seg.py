@@ -14,6 +14,8 @@ from test_cli import cli
 from MedSAM2HITLLib.dicom_seg import build_dicom_seg, read_source_series, segment_code
 from MedSAM2HITLLib.errors import BadInputError
 
+pytestmark = pytest.mark.slow
+
 COMMON = ["--window", "abdomen", "--checkpoint", str(DATA / "phantom_sam2.pt"), "--device", "cpu", "--threads", "2"]
 
 

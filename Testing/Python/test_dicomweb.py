@@ -16,6 +16,8 @@ from orthanc_fixtures import PASSWORD, USER, Orthanc
 from service_fixtures import free_port
 from test_cli import cli
 
+pytestmark = pytest.mark.service
+
 COMMON = ["--window", "abdomen", "--checkpoint", str(DATA / "phantom_sam2.pt"), "--device", "cpu", "--threads", "2"]
 LOGIN = {"MEDSAM2HITL_DICOMWEB_USER": USER, "MEDSAM2HITL_DICOMWEB_PASSWORD": PASSWORD}
 

@@ -19,6 +19,8 @@ from phantoms import bounding_box, make_phantom  # noqa: E402
 
 from MedSAM2HITLLib.errors import BadInputError  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 PATIENCE = 3
 
 

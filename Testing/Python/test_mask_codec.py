@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from MedSAM2HITLLib import mask_codec
 from MedSAM2HITLLib.errors import BadInputError
 
+pytestmark = pytest.mark.unit
+
 SHAPE = (7, 9)
 PIXELS = SHAPE[0] * SHAPE[1]
 

@@ -14,6 +14,8 @@ import pytest
 from MedSAM2HITLLib.client import WorkerClient
 from MedSAM2HITLLib.errors import BadInputError
 
+pytestmark = pytest.mark.slow
+
 BOX = (16, 16, 47, 47)
 VOLUME = (np.random.default_rng(3).normal(300, 60, (12, 64, 64))).astype(np.int16)
 

@@ -22,6 +22,8 @@ from test_untrusted_volumes import detached_mha, detached_nrrd, nifti_pair, with
 from MedSAM2HITLLib import mask_codec
 from MedSAM2HITLLib.errors import BadInputError
 
+pytestmark = pytest.mark.service
+
 TOKEN = "security-token-for-tests"
 
 

@@ -17,6 +17,8 @@ from test_cli import _env
 from MedSAM2HITLLib.errors import BadInputError
 from MedSAM2HITLLib.volume_file import check_volume_file
 
+pytestmark = pytest.mark.slow
+
 SHAPE = (6, 7, 8)
 
 
