@@ -186,6 +186,15 @@ class JobStore:
     def worker_gone(self, name: str) -> None:
         self.redis.delete(f"{KEY}:worker:{name}")
 
+    def replaced(self, host: str, pid: int, successor: str) -> list[str]:
+        """Declare dead the workers of `host` whose process was `pid` (one its supervisor saw exit), now rather
+        than when their heartbeat lapses; the API then moves their jobs as for any stopped worker. Returns them."""
+        gone = [w.name for w in self.workers()
+                if w.name != successor and w.info.get("host") == host and w.info.get("pid") == pid]
+        for name in gone:
+            self.worker_gone(name)
+        return gone
+
     def alive(self, name: str) -> bool:
         return bool(name) and bool(self.redis.exists(f"{KEY}:worker:{name}"))
 

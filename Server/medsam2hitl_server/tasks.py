@@ -51,10 +51,18 @@ def _stop(**_) -> None:
 
 
 def _heartbeat() -> None:
+    """Beat every few seconds. A worker that replaces one its supervisor saw exit declares that one dead right
+    after its own first beat, so that the API moves the jobs here at once rather than after the old heartbeat
+    lapses."""
+    replacing = settings.replaces_pid
     while True:
         try:
             store.heartbeat(NAME, worker_queue(NAME), {"pid": os.getpid(), "host": socket.gethostname(),
                                                       "busy": _busy.is_set(), "model": _model_info})
+            if replacing:
+                for name in store.replaced(socket.gethostname(), replacing, NAME):
+                    log.info("worker %s replaces %s, whose process exited", NAME, name)
+                replacing = 0
         except Exception as error:  # Redis restarting: keep trying, the key expires meanwhile
             log.warning("heartbeat failed: %s", error.__class__.__name__)
         time.sleep(settings.worker_heartbeat_seconds)
