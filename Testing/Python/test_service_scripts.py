@@ -91,3 +91,26 @@ def test_a_redis_that_was_already_running_is_used_and_left_alone(tmp_path):
     finally:
         outside.terminate()
         outside.wait(10)
+
+
+def test_a_replacement_declares_dead_only_the_process_its_supervisor_saw_exit():
+    """Same host and the exited pid only: a worker of another host with that pid, another pid of this host and the
+    replacement itself keep beating."""
+    from medsam2hitl_server.store import JobStore, connect
+
+    redis_port = free_port()
+    server = subprocess.Popen([redis_server(), "--port", str(redis_port), "--save", "", "--bind", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL)
+    try:
+        store = JobStore(connect(f"redis://127.0.0.1:{redis_port}/0"), dead_after_seconds=300)
+        wait_for(lambda: store.redis.ping(), 10, "redis answering")
+        for name, host, pid in [("a-10", "a", 10), ("a-11", "a", 11), ("b-10", "b", 10), ("new", "a", 12)]:
+            store.heartbeat(name, f"m2h.w.{name}", {"host": host, "pid": pid})
+        assert store.replaced("a", 10, "new") == ["a-10"]
+        assert sorted(w.name for w in store.workers()) == ["a-11", "b-10", "new"]
+        assert store.dead_workers() == ["a-10"]  # the API's housekeeping now moves its jobs
+        store.heartbeat("a-12", "m2h.w.a-12", {"host": "a", "pid": 12})
+        assert store.replaced("a", 12, "a-12") == ["new"]  # never itself
+    finally:
+        server.terminate()
+        server.wait(10)
