@@ -20,7 +20,7 @@ from MedSAM2HITLLib.process_tree import descendants
 
 pytestmark = pytest.mark.service
 HEARTBEAT_LAPSE_SECONDS = 300  # recovery within the bound cannot come from the killed worker's heartbeat lapsing
-RECOVERY_BOUND_SECONDS = 90
+RECOVERY_BOUND_SECONDS = 120
 
 
 def run(script: str, env: dict, *parts: str) -> subprocess.CompletedProcess:
@@ -56,8 +56,8 @@ def a_killed_worker_is_replaced(api: str, supervisor: int) -> int:
     """kill -9 the worker under start.sh's supervisor: a 2D request of a job made before succeeds again, with no
     person acting: the new worker loads the model, declares the killed one dead (its heartbeat would last
     HEARTBEAT_LAPSE_SECONDS, longer than the bound) and the API moves the job to it. The time is printed; the
-    bound leaves room for a 2-core machine busy with other work (38 s seen there before this declaration, 15-30 s
-    after it). Returns the new worker's pid."""
+    bound leaves room for a 2-core machine busy with other work (13-15 s seen there at load 4, 48 s at load
+    18). Returns the new worker's pid."""
     case = Upload(61)
     with httpx.Client(base_url=api, timeout=60) as client:
         job_id = create_job(client, case.data)
