@@ -73,8 +73,8 @@ class Dispatcher:
         record = self.store.get(job_id) or {}
         if record.get("worker") and self.store.alive(record["worker"]):
             self.send(record["worker"], "medsam2hitl.forget", job_id)
+        self.store.forget(job_id, expired)  # first: a worker that then finds the folder gone sees the job gone too
         shutil.rmtree(job_dir(self.settings, job_id), ignore_errors=True)
-        self.store.forget(job_id, expired)
 
     def reap(self) -> None:
         """One round of housekeeping: expire jobs, fail or re-bind jobs of stopped workers, bind parked jobs."""
