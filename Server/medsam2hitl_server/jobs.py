@@ -17,9 +17,6 @@ from .session import job_dir
 from .settings import Settings
 from .store import JobStore
 
-PROPAGATION_LOST = ("the worker stopped during the propagation; the finished slices are kept — "
-                    "propagate again to continue")
-
 
 class Dispatcher:
     def __init__(self, store: JobStore, settings: Settings):
@@ -47,7 +44,7 @@ class Dispatcher:
         worker = record.get("worker", "")
         if self.store.alive(worker):
             return worker
-        self.orphaned(job_id)
+        self.store.orphaned(job_id)
         worker = self.bind(job_id)
         if worker is None:
             raise HTTPException(503, "no model worker is running; start one (scripts/start.sh celery) and retry",
@@ -72,24 +69,12 @@ class Dispatcher:
                 raise HTTPException(504, f"no answer from the model worker in {self.settings.segment_timeout_seconds} s; "
                                          "it may be busy with other jobs — retry later")
 
-    def orphaned(self, job_id: str) -> None:
-        """A job whose worker stopped: a running propagation ends as failed (its slices are kept)."""
-        record = self.store.get(job_id)
-        if record is None:
-            return
-        holder = self.store.holder(job_id)
-        if holder:
-            self.store.unlock(job_id, holder)
-            self.store.set_state(job_id, "failed", error=PROPAGATION_LOST)
-            self.store.event(job_id, "error", {"propagation": holder, "kind": "worker_lost",
-                                               "message": PROPAGATION_LOST})
-
     def purge(self, job_id: str, expired: bool) -> None:
         record = self.store.get(job_id) or {}
         if record.get("worker") and self.store.alive(record["worker"]):
             self.send(record["worker"], "medsam2hitl.forget", job_id)
+        self.store.forget(job_id, expired)  # first: a worker that then finds the folder gone sees the job gone too
         shutil.rmtree(job_dir(self.settings, job_id), ignore_errors=True)
-        self.store.forget(job_id, expired)
 
     def reap(self) -> None:
         """One round of housekeeping: expire jobs, fail or re-bind jobs of stopped workers, bind parked jobs."""
@@ -101,7 +86,7 @@ class Dispatcher:
             jobs = self.store.jobs_of(name)
             self.store.drop_worker(name)
             for job_id in jobs:
-                self.orphaned(job_id)
+                self.store.orphaned(job_id)
                 self.bind(job_id)
         if self.store.workers():
             for job_id in self.store.unbound():

@@ -48,6 +48,7 @@ class Settings:
     threads: int = field(default_factory=lambda: _int("THREADS", 0))
     precision: str = field(default_factory=lambda: _env("PRECISION", "auto"))
     worker_name: str = field(default_factory=lambda: _env("WORKER_NAME", ""))
+    replaces_pid: int = field(default_factory=lambda: _int("REPLACES_PID", 0))  # set by scripts/supervise.sh
     api_url: str = field(default_factory=lambda: _env("API_URL", ""))
     worker_token: str = field(default_factory=lambda: _env("WORKER_TOKEN", ""))
     dicomweb_url: str = field(default_factory=lambda: _env("DICOMWEB_URL", ""))

@@ -19,6 +19,8 @@ KEY = "m2h"
 STATES = ("queued", "ready", "running", "succeeded", "failed", "cancelled", "expired")
 EVENTS_KEPT = 20_000  # per job; a propagation sends one event per slice
 TOMBSTONE_SECONDS = 7 * 24 * 3600  # how long an expired job answers 410 instead of 404
+PROPAGATION_LOST = ("the worker stopped during the propagation; the finished slices are kept — "
+                    "propagate again to continue")
 
 
 def job_key(job_id: str) -> str:
@@ -186,6 +188,15 @@ class JobStore:
     def worker_gone(self, name: str) -> None:
         self.redis.delete(f"{KEY}:worker:{name}")
 
+    def replaced(self, host: str, pid: int, successor: str) -> list[str]:
+        """Declare dead the workers of `host` whose process was `pid` (one its supervisor saw exit), now rather
+        than when their heartbeat lapses; the API then moves their jobs as for any stopped worker. Returns them."""
+        gone = [w.name for w in self.workers()
+                if w.name != successor and w.info.get("host") == host and w.info.get("pid") == pid]
+        for name in gone:
+            self.worker_gone(name)
+        return gone
+
     def alive(self, name: str) -> bool:
         return bool(name) and bool(self.redis.exists(f"{KEY}:worker:{name}"))
 
@@ -225,6 +236,14 @@ class JobStore:
             pipe.sadd(f"{KEY}:worker-jobs:{worker.name}", job_id)
         pipe.execute()
         self.update(job_id, worker=worker.name if worker else "", loaded=False, binding=uuid.uuid4().hex)
+
+    def orphaned(self, job_id: str) -> None:
+        """A job whose worker stopped: a running propagation ends as failed (its slices are kept)."""
+        holder = self.holder(job_id)
+        if holder and self.get(job_id) is not None:
+            self.unlock(job_id, holder)
+            self.set_state(job_id, "failed", error=PROPAGATION_LOST)
+            self.event(job_id, "error", {"propagation": holder, "kind": "worker_lost", "message": PROPAGATION_LOST})
 
     def jobs_of(self, worker_name: str) -> list[str]:
         return list(self.redis.smembers(f"{KEY}:worker-jobs:{worker_name}"))

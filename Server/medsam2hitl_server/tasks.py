@@ -52,10 +52,23 @@ def _stop(**_) -> None:
 
 
 def _heartbeat() -> None:
+    """Beat every few seconds. Before the first beat, jobs still bound to this worker's name are released: they
+    are an exited process's of the same name (a container restarted as the same pid, a fixed
+    MEDSAM2HITL_WORKER_NAME). After it, a worker that replaces one its supervisor saw exit declares that one dead,
+    so that the API moves its jobs here at once rather than after its heartbeat lapses."""
+    first = True
     while True:
         try:
+            if first:
+                for job_id in store.jobs_of(NAME):
+                    store.orphaned(job_id)
+                    store.bind(job_id, None)  # parked: the API binds it to a live worker, then it loads afresh
             store.heartbeat(NAME, worker_queue(NAME), {"pid": os.getpid(), "host": socket.gethostname(),
                                                       "busy": _busy.is_set(), "model": _model_info})
+            if first and settings.replaces_pid:
+                for name in store.replaced(socket.gethostname(), settings.replaces_pid, NAME):
+                    log.info("worker %s replaces %s, whose process exited", NAME, name)
+            first = False
         except Exception as error:  # Redis restarting: keep trying, the key expires meanwhile
             log.warning("heartbeat failed: %s", error.__class__.__name__)
         time.sleep(settings.worker_heartbeat_seconds)

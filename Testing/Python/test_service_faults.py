@@ -105,6 +105,33 @@ def test_worker_killed_mid_propagation_fails_the_job_within_15_s_and_another_wor
     service.start_worker(first_worker)  # back to two workers for the next tests
 
 
+def test_a_worker_restarted_under_the_dead_ones_name_fails_its_propagation_and_serves_the_job(tmp_path):
+    """A container restarted as the same pid, or a fixed MEDSAM2HITL_WORKER_NAME: the name beats again before the
+    old heartbeat lapses (300 s here), so only the new process can tell that the propagation is lost."""
+    service = Service(tmp_path, extra_env={"MEDSAM2HITL_WORKER_DEAD_AFTER_SECONDS": "300"}).start(workers=1)
+    try:
+        case = Upload(33)
+        with service.client() as client:
+            job_id = create_job(client, case.data)
+            body = {"box_ras": case.box_ras, "window": "abdomen"}
+            started = client.post(f"/api/v1/jobs/{job_id}/propagate", json=body)
+            wait_for(lambda: client.get(f"/api/v1/jobs/{job_id}/status").json()["progress"]["done"] >= 3, 120,
+                     "three slices")
+            service.kill("w0", signal.SIGKILL)
+            service.start_worker("w0")
+            status = wait_for(lambda: (s := client.get(f"/api/v1/jobs/{job_id}/status").json())["state"] == "failed"
+                              and s, 90, "the job saying failed")
+            assert "worker stopped" in status["error"]
+            reported = {data["slice"] for kind, data in read_events(client, job_id, started.json()["events_after"])
+                        if kind == "slice"}
+            assert len(reported) >= 3
+            wait_for(lambda: client.get(f"/api/v1/jobs/{job_id}/status").json()["loaded"], 60, "the job loaded again")
+            assert slices_of(result_kji(client, job_id)) >= reported
+            assert client.post(f"/api/v1/jobs/{job_id}/segment-2d", json=body).status_code == 200
+    finally:
+        service.stop()
+
+
 def test_redis_restart_gives_503_meanwhile_and_recovers_by_itself(service):
     case = Upload(33)
     with service.client() as client:
