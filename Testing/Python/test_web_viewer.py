@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gzip
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
+from MedSAM2HITLLib.engine import EARLY_STOP_PATIENCE
 from conftest import REPO
 from service_fixtures import Service, wait_for
 from web_viewer_fixtures import canvas_point, drag, drawing, launch, ras_order, show_slice
@@ -116,11 +118,13 @@ def box_and_segment(page: Page, case: Case, view: str) -> None:
     expect(page.locator("#message")).to_contain_text("segmented", timeout=60_000)
 
 
-def start_propagation(page: Page) -> None:
-    """Enter, and wait until the service has accepted the propagation (its 202): the tests act right after."""
+def start_propagation(page: Page, early_stop: bool = True) -> None:
+    """*Stop where the object ends* ticked or not (unticked: the whole range, as a user who wants it does), then
+    *Propagate*; wait until the service has accepted the propagation (its 202): the tests act right after."""
+    page.set_checked("#early-stop", early_stop)
     with page.expect_response(lambda r: r.url.endswith("/propagate") and r.request.method == "POST") as started:
-        page.keyboard.press("Enter")
-    assert started.value.status == 202
+        page.click("#propagate")
+    assert started.value.status == 202 and started.value.request.post_data_json["early_stop"] is early_stop
 
 
 def shown_slices(page: Page, case: Case) -> set[int]:
@@ -175,8 +179,7 @@ def test_box_segment_propagate_download(page, tmp_path, grid, view):
 
     page.keyboard.press("Enter")
     expect(page.locator("#message")).to_contain_text("propagated", timeout=180_000)
-    count = case.truth.shape[case.file_axis]
-    expect(page.locator("#progress-text")).to_have_text(f"{count}/{count}")
+    expect(page.locator("#progress-text")).to_have_text(re.compile(r"^(\d+)/\1$"))  # where the object ended, maybe
     assert page.evaluate("document.getElementById('progress').value") == 1
     assert dice(drawing(page) > 0, case.to_ras(case.truth > 0)) >= 0.8
     screenshot(page, tmp_path, f"viewer_result_{grid}.png")
@@ -192,7 +195,7 @@ def test_cancel_keeps_finished_slices_then_undo_and_redo(page, tmp_path):
     case = Case(tmp_path, 2101, "identity", size=LONGER)
     upload(page, case)
     box_and_segment(page, case, "axial")
-    start_propagation(page)
+    start_propagation(page, early_stop=False)  # the whole volume: a long propagation
     # after the key slice and two more, not before: a cancel that beats them leaves no propagation to undo (the
     # worker can be hundreds of slices ahead when the cancel reaches it, hence LONGER)
     page.wait_for_function("parseInt(document.getElementById('progress-text').textContent) >= 3", timeout=60_000)
@@ -216,6 +219,34 @@ def test_cancel_keeps_finished_slices_then_undo_and_redo(page, tmp_path):
     expect(page.locator("#message")).to_contain_text("redo: propagate", timeout=60_000)
     assert shown_slices(page, case) == kept
     assert downloaded_slices(page) == kept
+
+
+def test_propagation_stops_where_the_object_ends_unless_unticked(page, tmp_path):
+    """With *Stop where the object ends* (the default) the page says where tracking stopped in each direction and
+    the download has labels only there, within the object's slices ± the patience; unticked, the whole volume."""
+    case = Case(tmp_path, 2131, "identity")  # its object: slices 11-31 of 0-39, well inside the volume
+    upload(page, case)
+    box_and_segment(page, case, "axial")
+    start_propagation(page)
+    expect(page.locator("#message")).to_contain_text("the object ended", timeout=180_000)
+    message = page.locator("#message").text_content()
+    ended = re.fullmatch(r"propagated: (\d+) slices, done at slice (\d+) \(forward\) and slice (\d+) \(backward\): "
+                         r"the object ended", message)
+    assert ended, message
+    slices, forward, backward = map(int, ended.groups())
+    assert slices == forward - backward + 1
+    expect(page.locator("#progress-text")).to_have_text(f"{slices}/{slices}")
+    assert page.evaluate("document.getElementById('progress').value") == 1
+    present = np.flatnonzero(case.truth.any(axis=(0, 1)))
+    first, last = int(present[0]), int(present[-1])
+    assert first - EARLY_STOP_PATIENCE - 1 <= backward < first and last < forward <= last + EARLY_STOP_PATIENCE + 1
+    in_download = downloaded_slices(page)
+    assert in_download <= set(range(backward, forward + 1)) and len(in_download) >= 0.8 * (last - first + 1)
+
+    start_propagation(page, early_stop=False)
+    count = case.truth.shape[case.file_axis]
+    expect(page.locator("#message")).to_have_text(f"propagated: {count} slices", timeout=180_000)
+    expect(page.locator("#progress-text")).to_have_text(f"{count}/{count}")
 
 
 def test_eraser_correction_propagates_from_the_corrected_slice(page, tmp_path):
@@ -409,7 +440,7 @@ def test_a_reload_mid_propagation_waits_for_it_and_loses_no_slice(page, service,
     case = Case(tmp_path, 2113, "identity", size=LONGER)
     upload(page, case)
     box_and_segment(page, case, "axial")
-    start_propagation(page)
+    start_propagation(page, early_stop=False)  # the whole volume: a long propagation
     said = reopen(page, case, "picked up your last session on this volume: 1 object(s)")
     assert any("waiting for its propagation to finish on the service" in message for message in said)
     count = case.truth.shape[case.file_axis]
@@ -439,7 +470,7 @@ def test_a_connection_lost_mid_propagation_resumes_where_it_stopped(page, servic
     case = Case(tmp_path, 2104, "identity", size=LONG)
     upload(page, case)
     box_and_segment(page, case, "axial")
-    start_propagation(page)
+    start_propagation(page, early_stop=False)  # the whole volume: a long propagation
     service.kill("api")  # at once: the worker goes on, the page's event stream is cut within its first slices
     try:
         expect(page.locator("#message")).to_contain_text("reconnecting and resuming", timeout=15_000)

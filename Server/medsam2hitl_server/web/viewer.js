@@ -586,7 +586,8 @@ async function propagate(params, axis, label) {
   const kept = new Set(params.mask ? [...conditioning, params.slice] : conditioning);
   propagation = new AbortController();
   try {
-    const started = await api.propagate(job, { ...params, conditioning, window: windowParam() });
+    const started = await api.propagate(job, { ...params, conditioning, early_stop: $("early-stop").checked,
+      window: windowParam() });
     if (params.mask) markUserSlice(entry, axis, params.slice);
     say(conditioning.length ? `propagating with your slices ${conditioning.join(", ")}…` : "propagating…");
     let outcome = null;
@@ -607,8 +608,10 @@ async function propagate(params, axis, label) {
       onRetry: () => say("lost the connection to the service: reconnecting and resuming…", true),
       signal: propagation.signal,
     });
-    if (outcome.kind === "done") say(`propagated: ${outcome.data.slices} slices`);
-    else if (outcome.kind === "cancelled") say(`cancelled: the ${outcome.data.slices} finished slices are kept`);
+    if (outcome.kind === "done") {
+      $("progress").value = 1;  // its total shrank by the slices an ended object skipped
+      say(`propagated: ${outcome.data.slices} slices${describeEarlyEnd(outcome.data.ended_early)}`);
+    } else if (outcome.kind === "cancelled") say(`cancelled: the ${outcome.data.slices} finished slices are kept`);
     else say(`propagation failed: ${outcome.data.message} (the ${outcome.data.slices_kept} finished slices are kept)`, true);
   } catch (error) {
     failed(error);
@@ -617,6 +620,15 @@ async function propagate(params, axis, label) {
   propagation = null;
   state.running = null;
   refreshButtons();
+}
+
+/** Where tracking stopped because the object ended, from a `done` event's `ended_early` (direction → last slice
+ * done), as engine.describe_early_end words it: ", done at slice 48 (forward) and slice 12 (backward): the object
+ * ended"; "" when it went to the range's ends. */
+function describeEarlyEnd(endedEarly) {
+  const ends = Object.entries(endedEarly || {}).sort(([a], [b]) => b.localeCompare(a));
+  if (!ends.length) return "";
+  return `, done at ${ends.map(([direction, slice]) => `slice ${slice} (${direction})`).join(" and ")}: the object ended`;
 }
 
 function rangeParams() {
