@@ -101,6 +101,7 @@ def test_a_series_chosen_in_the_list_is_segmented_and_its_dicom_seg_downloads(pa
         expect(page.locator("#download-dicom-seg")).to_be_hidden()  # no volume yet
 
         entry.click()
+        expect(entry).to_have_class("active")
         expect(page.locator("#message")).to_contain_text("ready: drag a box", timeout=90_000)
         assert created == ['{"dicomweb":{"series":"%s","study":"%s"}}' % (series.series_uid, series.study_uid)]
         assert page.evaluate("viewer.state.grid.dims") == [96, 96, 20]  # the series' grid, nothing uploaded

@@ -23,17 +23,22 @@ function fileName(series) {
  * from `source.newJob()`; `say` and `failed` report as the viewer does. */
 export function seriesList({ open, say, failed }) {
   let choosing = false;
+  let chosen = null;  // the series UID opened last: marked in the list, also after it is listed again
+  let asked = 0;  // the latest listing: an older reply (e.g. without the token just entered) is dropped
 
   async function load() {
+    const ask = ++asked;
     $("pacs-text").textContent = "listing…";
     try {
       const { series } = await api.pacsSeries();
+      if (ask !== asked) return;
       $("pacs-series").replaceChildren(...series.map((item) => {
         const button = document.createElement("button");
         button.textContent = describe(item);
         button.title = `series ${item.series_uid}`;
         button.dataset.series = item.series_uid;
-        button.addEventListener("click", () => choose(item, button));
+        button.classList.toggle("active", item.series_uid === chosen);
+        button.addEventListener("click", () => choose(item));
         const row = document.createElement("li");
         row.append(button);
         return row;
@@ -41,6 +46,7 @@ export function seriesList({ open, say, failed }) {
       $("pacs-text").textContent = series.length ? `${series.length} series` : "no image series";
       $("pacs").hidden = false;
     } catch (error) {
+      if (ask !== asked) return;
       if (error instanceof ApiError && error.status === 503) {  // no DICOMweb server, or none answering
         $("pacs").hidden = true;
         return;
@@ -51,10 +57,11 @@ export function seriesList({ open, say, failed }) {
     }
   }
 
-  async function choose(series, button) {
+  async function choose(series) {
     if (choosing) return;
     choosing = true;
-    document.querySelectorAll("#pacs-series button").forEach((b) => b.classList.toggle("active", b === button));
+    chosen = series.series_uid;
+    document.querySelectorAll("#pacs-series button").forEach((b) => b.classList.toggle("active", b.dataset.series === chosen));
     say(`the service is fetching ${describe(series)} from the PACS…`);
     let unused = null;  // the job made to fetch the volume, until the viewer takes it for its first object
     try {
