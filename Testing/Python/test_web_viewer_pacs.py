@@ -16,7 +16,7 @@ from playwright.sync_api import expect, sync_playwright
 from conftest import REPO
 from dicom_fixtures import check_seg_against_labelmap, write_ct_series
 from orthanc_fixtures import PASSWORD, USER, Orthanc
-from service_fixtures import Service
+from service_fixtures import Service, free_port
 from web_viewer_fixtures import canvas_point, drag, drawing, launch, ras_order, show_slice
 
 pytestmark = pytest.mark.browser
@@ -49,8 +49,14 @@ def pacs(tmp_path_factory):
         orthanc.stop()
 
 
-def test_the_series_list_has_no_patient_data_and_the_volume_route_checks_the_token(pacs):
+def test_the_series_list_has_no_patient_data_503_without_a_pacs_and_the_volume_route_checks_the_token(pacs):
+    import dataclasses
+
     import SimpleITK as sitk
+    from fastapi.testclient import TestClient
+
+    from medsam2hitl_server.app import create_app
+    from medsam2hitl_server.settings import Settings
 
     series, service = pacs
     with service.client(token="") as anonymous:
@@ -71,6 +77,12 @@ def test_the_series_list_has_no_patient_data_and_the_volume_route_checks_the_tok
         with service.client(token="") as anonymous:
             assert anonymous.get(f"/api/v1/jobs/{job}/volume").status_code == 401
         client.delete(f"/api/v1/jobs/{job}")
+    for url, message in ((f"http://{USER}:{PASSWORD}@127.0.0.1:{free_port()}/dicom-web", "is unreachable"),
+                         ("", "no DICOMweb server configured")):  # the same job store, another PACS setting
+        settings = dataclasses.replace(Settings(), redis_url=service.env["MEDSAM2HITL_REDIS_URL"],
+                                       data_dir=Path(service.env["MEDSAM2HITL_DATA_DIR"]), dicomweb_url=url)
+        refused = TestClient(create_app(settings)).get("/api/v1/dicomweb/series")
+        assert refused.status_code == 503 and message in refused.json()["detail"] and PASSWORD not in refused.text
     path = service.folder / "volume.nrrd"
     path.write_bytes(volume.content)
     image = sitk.ReadImage(str(path))
