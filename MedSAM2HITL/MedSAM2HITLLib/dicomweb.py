@@ -81,6 +81,53 @@ def _calling(server: DicomWebServer, what: str, call):
                                   f"({type(error).__name__}); check the URL and that the server runs") from None
 
 
+@dataclass(frozen=True)
+class SeriesSummary:
+    """A series as a list shows it: UIDs, modality, description, number and instance count, nothing about the
+    patient (no name, ID, birth date or study date)."""
+
+    series_uid: str
+    study_uid: str
+    modality: str
+    description: str
+    number: int | None
+    instances: int | None
+
+
+NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "DOC", "REG", "RTSTRUCT", "RTPLAN", "RTRECORD"})
+SERIES_FIELDS = ("SeriesInstanceUID", "StudyInstanceUID", "Modality", "SeriesDescription", "SeriesNumber",
+                 "NumberOfSeriesRelatedInstances")
+
+
+def _value(item: dict, tag: str):
+    values = item.get(tag, {}).get("Value") or [None]
+    return values[0]
+
+
+def _whole(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def search_series(server: DicomWebServer, study_uid: str | None = None, limit: int = 100,
+                  offset: int = 0) -> list[SeriesSummary]:
+    """The server's image series (QIDO-RS; all studies, or one), `limit` from `offset` in the server's order.
+    Segmentations, reports and other non-image series are left out: nothing there can be segmented."""
+    client = _client(server)
+    found = _calling(server, "listing series", lambda: client.search_for_series(
+        study_instance_uid=study_uid, limit=limit, offset=offset, fields=SERIES_FIELDS))
+    listed = []
+    for item in found:
+        uid, study, modality = _value(item, "0020000E"), _value(item, "0020000D"), _value(item, "00080060") or ""
+        if not uid or not study or modality.upper() in NON_IMAGE_MODALITIES:
+            continue
+        listed.append(SeriesSummary(str(uid), str(study), str(modality), str(_value(item, "0008103E") or ""),
+                                    _whole(_value(item, "00200011")), _whole(_value(item, "00201209"))))
+    return listed
+
+
 def find_study(server: DicomWebServer, series_uid: str, study_uid: str | None = None) -> str:
     """The study that holds `series_uid` (QIDO-RS), or SeriesNotFound."""
     client = _client(server)

@@ -34,6 +34,7 @@ from .schemas import (EVENT_PAYLOADS, Cancelling, ErrorDetail, Health, JobCreate
                       PropagationStarted, Propagate, Readiness, SegmentedSlice, Segment2D, SliceWrite, StoredResult,
                       WrittenSlice,
                       check_against_volume)
+from .schemas import PacsSeriesList
 from .session import LABELS_FILE, job_dir
 from .shared_files import WORKER_FILES
 from .settings import Settings, load
@@ -401,6 +402,26 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         """Store the result as a DICOM SEG on the service's DICOMweb server (STOW-RS; off unless
         MEDSAM2HITL_DICOMWEB_STORE=1)."""
         return dicomweb_jobs.store_seg(settings, lambda: dicom_seg(record, segment_name or "Object"))
+
+    @router.get("/jobs/{job_id}/volume", response_class=FileResponse,
+                responses={200: {"description": "the volume file", "content": {"application/octet-stream": BINARY}},
+                           **errors(503)})
+    def volume(record: dict = Job):
+        """The job's volume as the worker reads it: the upload, or for a DICOMweb job the volume.nrrd made from
+        its series (the viewer shows it)."""
+        name = record["volume_file"]
+        return FileResponse(dicomweb_jobs.volume_file(settings, record["id"], name),
+                            media_type="application/octet-stream", filename=name)
+
+    @router.get("/dicomweb/series", response_model=PacsSeriesList, tags=["dicomweb"], responses=errors(503))
+    def dicomweb_series(owner: str = Caller,
+                        study: str | None = Query(None, pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64,
+                                                  description="only this study's series"),
+                        limit: int = Query(100, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+        """The image series on the service's DICOMweb server (QIDO-RS), without patient names or IDs: what
+        `POST /jobs` with {"dicomweb": {"series": ...}} can open. 503 when no server is configured or it is
+        unreachable."""
+        return dicomweb_jobs.list_series(settings, study, limit, offset)
 
     @router.delete("/jobs/{job_id}", status_code=204)
     def delete(record: dict = Job) -> Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Callable
 
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from MedSAM2HITLLib.dicomweb import DicomWebServer, DicomWebUnreachable, SeriesNotFound, retrieve_series, \
-    store_instance
+    search_series, store_instance
 from MedSAM2HITLLib.errors import BadInputError
 from MedSAM2HITLLib.dicom_series import read_dicom
 from MedSAM2HITLLib.volume_file import VolumeHeader, check_volume_file
@@ -55,6 +56,29 @@ def configured_server(settings: Settings) -> DicomWebServer:
         raise HTTPException(503, "this service has no DICOMweb server configured (MEDSAM2HITL_DICOMWEB_URL)")
     return DicomWebServer(settings.dicomweb_url, settings.dicomweb_user or None, settings.dicomweb_password or None,
                           settings.dicomweb_token or None)
+
+
+def list_series(settings: Settings, study: str | None, limit: int, offset: int) -> dict:
+    """The configured server's image series (QIDO-RS), patient-free; 503 when there is none or it is unreachable,
+    404 for a study it lacks."""
+    server = configured_server(settings)
+    try:
+        found = search_series(server, study, limit, offset)
+    except SeriesNotFound as error:
+        raise HTTPException(404, str(error)) from None
+    except DicomWebUnreachable as error:
+        raise HTTPException(503, str(error)) from None
+    return {"server": server.shown(), "series": [asdict(series) for series in found]}
+
+
+def volume_file(settings: Settings, job_id: str, name: str) -> Path:
+    """The job's volume as the worker reads it (for a DICOMweb job the volume.nrrd made from its series), so a
+    viewer shows the very grid that the masks are on."""
+    path = job_dir(settings, job_id) / name
+    if not path.is_file():
+        raise HTTPException(503, "the job's volume is not on this server's disk; see the README on workers "
+                                 "without a shared data folder")
+    return path
 
 
 async def receive_series(request: Request, folder: Path, settings: Settings) -> tuple[str, VolumeHeader]:

@@ -240,6 +240,23 @@ class StoredResult(BaseModel):
     server: str = Field(description="the DICOMweb server it went to, without credentials")
 
 
+class PacsSeries(BaseModel):
+    """A series on the service's DICOMweb server, without anything about the patient."""
+
+    series_uid: str
+    study_uid: str
+    modality: str
+    description: str = Field(description="SeriesDescription, empty when the series has none")
+    number: int | None = Field(description="SeriesNumber")
+    instances: int | None = Field(description="how many instances (slices, for most CT/MR) the series holds")
+
+
+class PacsSeriesList(BaseModel):
+    server: str = Field(description="the DICOMweb server asked, without credentials")
+    series: list[PacsSeries] = Field(description="image series only: SEG, SR, PR and other non-image series are "
+                                                 "left out")
+
+
 class JobCreated(BaseModel):
     id: str
     state: JobState

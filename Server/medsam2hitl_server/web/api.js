@@ -43,6 +43,13 @@ async function request(method, path, { body, json, signal } = {}) {
 
 export const api = {
   createJob: async (bytes) => (await request("POST", "/jobs", { body: bytes })).json(),
+  /** A job from a series of the service's DICOMweb server (the service fetches it; `study` may be omitted). */
+  createDicomwebJob: async (series, study) => (await request("POST", "/jobs", { json: { dicomweb: { series, study } } })).json(),
+  /** The image series on the service's DICOMweb server, without patient data; 503 when it has none. */
+  pacsSeries: async () => (await request("GET", "/dicomweb/series")).json(),
+  /** The job's volume file as the worker reads it. */
+  volume: async (job) => (await request("GET", `/jobs/${job}/volume`)).arrayBuffer(),
+  deleteJob: (job) => request("DELETE", `/jobs/${job}`),
   status: async (job) => (await request("GET", `/jobs/${job}/status`)).json(),
   segment: async (job, params) => (await request("POST", `/jobs/${job}/segment-2d`, { json: params })).json(),
   propagate: async (job, params) => (await request("POST", `/jobs/${job}/propagate`, { json: params })).json(),

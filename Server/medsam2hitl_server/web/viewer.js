@@ -3,10 +3,14 @@ import { Niivue, NVImage, SLICE_TYPE, DRAG_MODE } from "./vendor/niivue/index.js
 import { api, token, followEvents, ApiError } from "./api.js";
 import { VoxelGrid, OVERLAP, decodeMask, encodeMask } from "./voxels.js";
 import { fingerprint, remember, recall, labelsFromNifti } from "./resume.js";
+import { seriesList } from "./series.js";
 
 const $ = (id) => document.getElementById(id);
 const CT_WINDOWS = { abdomen: [400, 40], lung: [1500, -600], brain: [80, 40], mediastinum: [350, 50], bone: [1800, 400] };
 const VIEW_NAMES = ["axial", "coronal", "sagittal"];
+/** Where a volume's jobs come from: an opened file is uploaded; series.js opens PACS series with a source of its own
+ * (`dicom`: its jobs have a DICOM SEG). */
+const UPLOADED = { newJob: (bytes) => api.createJob(bytes), dicom: false };
 
 const state = {
   bytes: null, name: "", print: "", grid: null, views: null,
@@ -81,6 +85,8 @@ function refreshButtons() {
   $("undo").disabled = !idle || !state.history.length;
   $("redo").disabled = !idle || !state.future.length;
   $("cancel").disabled = !state.running;
+  $("download-dicom-seg").hidden = !state.source?.dicom;
+  $("download-dicom-seg").disabled = !idle;
   if (state.print) remember(state.print, state.objects, state.active);  // what a reload picks up again
   document.querySelectorAll("[data-tool]").forEach((b) => {
     b.classList.toggle("active", b.dataset.tool === state.tool);
@@ -136,7 +142,7 @@ async function readVolume(file, bytes) {
   return volume;
 }
 
-async function openFile(file) {
+async function openFile(file, source = UPLOADED) {
   if (!/\.(nii|nii\.gz|nrrd|nhdr|mha)$/i.test(file.name)) {
     say(`${file.name} is not a NIfTI (.nii, .nii.gz) or NRRD (.nrrd) volume: open one of those`, true);
     return;
@@ -156,6 +162,7 @@ async function openFile(file) {
   nv.addVolume(volume);
   Object.assign(state, { bytes, name: file.name, print: "", grid: new VoxelGrid(nv.volumes[0]), views: null, objects: [],
     active: 0, box: null, history: [], future: [] });
+  state.source = source;
   $("box-text").textContent = "drag a box on a slice";
   nv.createEmptyDrawing();
   applyOpacity();
@@ -243,7 +250,7 @@ async function addObject() {
   setTool("box");
   say("uploading the volume to the service…");
   try {
-    const job = await api.createJob(state.bytes);
+    const job = await state.source.newJob(state.bytes);
     const status = await settled(job.id, "the volume");
     state.views = status.volume.views;
     state.objects.push({ job: job.id, labels: new Uint8Array(state.grid.size), voxels: 0, clicks: new Map(),
@@ -735,14 +742,15 @@ nv.onMouseUp = () => {
 
 // ---- downloads ----
 
-/** Download the active object; the .seg.nrrd carries the object's name and colour as the page shows them. */
+/** Download the active object; the .seg.nrrd carries the object's name and colour as the page shows them, a PACS
+ * series' DICOM SEG its name. */
 async function download(format) {
   const n = state.active;
   try {
-    const blob = await api.result(jobOf(n), format, format === "seg.nrrd" ? { name: objectName(n), color: objectColor(n) } : {});
+    const blob = await api.result(jobOf(n), format, format === "nii.gz" ? {} : { name: objectName(n), color: objectColor(n) });
     const link = document.createElement("a");
     link.href = URL.createObjectURL(blob);
-    link.download = `${state.name.replace(/\.(nii\.gz|nii|nrrd|nhdr|mha)$/i, "")}_object${state.active + 1}.${format}`;
+    link.download = `${state.name.replace(/\.(nii\.gz|nii|nrrd|nhdr|mha)$/i, "")}_object${state.active + 1}.${format === "dicom-seg" ? "dcm" : format}`;
     link.click();
     setTimeout(() => URL.revokeObjectURL(link.href), 10000);
   } catch (error) {
@@ -787,6 +795,8 @@ $("zoom-out").addEventListener("click", () => zoom(0.8));
 $("zoom-reset").addEventListener("click", () => zoom(1));
 $("download-nii").addEventListener("click", () => download("nii.gz"));
 $("download-seg").addEventListener("click", () => download("seg.nrrd"));
+$("download-dicom-seg").addEventListener("click", () => download("dicom-seg"));
+seriesList({ open: openFile, say, failed });  // after the token's listener: the list is asked for with the new token
 
 function setBrush() {
   nv.opts.penSize = Number($("brush").value);
