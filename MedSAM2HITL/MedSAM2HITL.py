@@ -136,6 +136,7 @@ class MedSAM2HITLParameterNode:
     device: Device = Device.AUTO
     precision: Precision = Precision.AUTO
     largestComponent: bool = False
+    earlyStop: bool = True
 
 
 class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -372,6 +373,7 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         custom = p.rangeMode == RangeMode.CUSTOM
         self.ui.rangeStartSpinBox.enabled = custom
         self.ui.rangeEndSpinBox.enabled = custom
+        self.ui.earlyStopCheckBox.enabled = not custom  # a custom range is followed exactly
         self._updateButtons()
 
     def _updateButtons(self) -> None:
@@ -480,6 +482,14 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return sliceNode
         raise ValueError(_("No slice view shows the {axis} orientation: set a view to it first.").format(axis=wanted))
 
+    def _shownSliceNode(self):
+        """The view of the current axis, whose slice is encoded while the user places a prompt; None without one
+        (encoding ahead only saves time, it is never a reason to fail)."""
+        try:
+            return self._sliceNodeForAxis()
+        except ValueError:
+            return None
+
     # --- shortcuts ------------------------------------------------------------------------------------------
 
     def _installShortcuts(self) -> None:
@@ -504,10 +514,8 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- actions --------------------------------------------------------------------------------------------
 
     def onPlaceRoi(self) -> None:
-        from MedSAM2HITLLib import panel_controller
-
         with slicer.util.tryWithErrorDisplay(_("Failed to start placing an ROI."), waitCursor=True):
-            roi = panel_controller.start_roi_placement(slicer.mrmlScene)
+            roi = self.controller.start_roi_placement(slicer.mrmlScene, self._parameterNode, self._shownSliceNode())
             self.addObserver(roi, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onRoiPlaced)
             self._parameterNode.segmentId = ""  # a new ROI is a new object: its own segment, named after it
             self._parameterNode.roiNode = roi
@@ -522,10 +530,8 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPlaceClick(self, positive: bool) -> None:
         """One click in a view: a positive or negative point of the object, then its slice is segmented again."""
-        from MedSAM2HITLLib import panel_controller
-
         with slicer.util.tryWithErrorDisplay(_("Failed to start placing a click."), waitCursor=True):
-            points = panel_controller.start_click_placement(self._parameterNode)
+            points = self.controller.start_click_placement(self._parameterNode, self._shownSliceNode())
             self.removeObserver(points, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onClickPlaced)
             self.addObserver(points, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onClickPlaced)
             self._clickIsPositive = positive
@@ -630,8 +636,12 @@ class MedSAM2HITLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(_("Segmented the key slice in {seconds:.2f} s.").format(seconds=seconds))
             return
         slices = len(result) if isinstance(result, list) else sum(len(w) for w in result.values())
-        self._setStatus(_("Propagated {count} slices in {seconds:.1f} s ({perSlice:.2f} s/slice).").format(
-            count=slices, seconds=seconds, perSlice=seconds / slices if slices else 0.0))
+        counts = dict(count=slices, seconds=seconds, perSlice=seconds / slices if slices else 0.0)
+        if self.controller.early_end:  # e.g. "done at slice 48 (forward): the object ended"
+            self._setStatus(_("Propagated {count} slices in {seconds:.1f} s ({perSlice:.2f} s/slice), {end}.").format(
+                end=self.controller.early_end, **counts))
+            return
+        self._setStatus(_("Propagated {count} slices in {seconds:.1f} s ({perSlice:.2f} s/slice).").format(**counts))
 
     def _onProgress(self, completed, total) -> None:
         self.ui.progressBar.setRange(0, total)

@@ -190,6 +190,13 @@ class SegmentationLogic:
         _finish_with(request, writer, result)
         return result
 
+    def prefetch(self, volume_node, axis, index: int, window="mr", on_done=None, on_error=None) -> Request:
+        """Have an idle worker encode slice `index` (and its neighbours) ahead of a prompt drawn there; it gives
+        way to any real request (client.prefetch)."""
+        check_volume_node(volume_node)
+        return self.client.prefetch(self._send_volume(volume_node), self.array_axis(volume_node, axis), index,
+                                    self.window(volume_node, window), on_done=on_done, on_error=on_error)
+
     def slice_sources(self, segmentation_node, segment_id: str) -> slice_sources.SliceSources:
         """Which slices of the segment are the user's (conditioning) and which were predicted."""
         return slice_sources.read(segmentation_node, segment_id)

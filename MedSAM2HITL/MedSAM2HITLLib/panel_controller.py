@@ -7,7 +7,8 @@ tested headless (slicer-core MRML, a real worker). The rules:
   (a generation counter), and such a request is stopped while its segmentation is still in the scene;
 - packages are checked (and installed, after asking) only when a model action starts, never from a refresh;
 - a new compute choice counts only once its client exists; the old worker is stopped without waiting;
-- Test connection runs on a thread and its answer is taken on the main thread by `poll()`.
+- Test connection runs on a thread and its answer is taken on the main thread by `poll()`;
+- starting to place an ROI or a click has an idle local worker encode the slice shown meanwhile (never starts it).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class PanelController:
         self.closed = False
         self.compute = (compute_backend.LOCAL, "", "")  # what the current client serves (or will, once made)
         self.unusable: str | None = None  # why the compute last chosen could not be used (actions refuse)
+        self.early_end = ""  # where the last finished propagation stopped because its object(s) ended, for the status
         self.download = None  # a checkpoints.BackgroundDownload while one runs
         self._core = None
         self._model = None  # the model choice last sent to the client
@@ -175,7 +177,16 @@ class PanelController:
                     callback(*args)
             return run
 
-        done, error = current(on_done, True), current(on_error, True)
+        def finished(result, seconds: float) -> None:
+            from .engine import describe_early_end
+
+            reply = running.request.reply if running.request is not None else {}
+            objects = len(result) if isinstance(result, dict) else 1
+            self.early_end = describe_early_end(reply.get("ended_early") or {}, objects)
+            on_done(result, seconds)
+
+        self.early_end = ""
+        done, error = current(finished, True), current(on_error, True)
         try:
             running.request = self._request(action, p, current(on_progress, False), done, error, key_index)
         except Exception:
@@ -205,8 +216,8 @@ class PanelController:
         if action == Action.PROPAGATE_ALL:
             self._prepare(p, need_roi=False, on_error=on_error)
             return core.propagate_objects(p.inputVolume, p.segmentationNode, objects_of(p), axis=p.axis.value,
-                                          start=start, end=end, window=p.intensity.value, on_progress=on_progress,
-                                          on_done=on_done, on_error=on_error)
+                                          start=start, end=end, window=p.intensity.value, early_stop=p.earlyStop,
+                                          on_progress=on_progress, on_done=on_done, on_error=on_error)
         from_segment = action == Action.PROPAGATE_FROM_SLICE
         if from_segment and not (p.segmentationNode and p.segmentId):
             raise BadInputError("select the segment whose mask on this slice is the prompt")
@@ -216,8 +227,8 @@ class PanelController:
         return core.propagate(p.inputVolume, p.segmentationNode, p.segmentId, axis=p.axis.value, roi_node=p.roiNode,
                               from_segment=from_segment, key_index=key_index, start=start, end=end,
                               range_from_roi=p.rangeMode.value == "roi", window=p.intensity.value,
-                              largest_component=p.largestComponent, on_progress=on_progress, on_done=on_done,
-                              on_error=on_error)
+                              largest_component=p.largestComponent, early_stop=p.earlyStop, on_progress=on_progress,
+                              on_done=on_done, on_error=on_error)
 
     def _prepare(self, p, need_roi: bool, on_error) -> None:
         """Check the inputs, (re)load the model when its choice changed, and make sure the target segment exists.
@@ -249,6 +260,54 @@ class PanelController:
 
     def cancel(self) -> bool:
         return bool(self.busy and self._core and self._core.cancel())
+
+    # ---- placing prompts, and encoding ahead meanwhile ----------------------------------------------------------
+
+    def start_roi_placement(self, scene, p, slice_node=None):
+        """A new box ROI that the next two clicks in a view define (see placement.start_placement); the slice
+        `slice_node` shows is encoded meanwhile (`encode_ahead`)."""
+        from .placement import start_placement
+
+        roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", scene.GenerateUniqueName("ROI"))
+        roi.CreateDefaultDisplayNodes()
+        start_placement(roi)
+        self.encode_ahead(p, slice_node)
+        return roi
+
+    def start_click_placement(self, p, slice_node=None):
+        """The object's point list (made on first use, named after its ROI), in place mode for one click; the
+        slice `slice_node` shows is encoded meanwhile (`encode_ahead`)."""
+        from .placement import start_placement
+
+        if not p.inputVolume:
+            raise BadInputError("select a volume first")
+        if not p.pointsNode:
+            scene = p.inputVolume.GetScene()
+            name = p.roiNode.GetName() if p.roiNode else "MedSAM2"
+            points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
+                                             scene.GenerateUniqueName(f"{name} clicks"))
+            points.CreateDefaultDisplayNodes()
+            p.pointsNode = points
+        start_placement(p.pointsNode)
+        self.encode_ahead(p, slice_node)
+        return p.pointsNode
+
+    def encode_ahead(self, p, slice_node) -> bool:
+        """Have the local worker encode the slice `slice_node` shows while the user draws there, so the prompt
+        costs only the mask decoder; True if asked. Only a worker already running with the panel's model and
+        idle is asked: this never starts a worker, checks packages or waits, and the service is not asked (its
+        transport has no prefetch). The request gives way to any real one; its answer is not needed."""
+        if (self.closed or self.busy or slice_node is None or self._core is None or self._model is None
+                or self.compute[0] != compute_backend.LOCAL or self._core.client.state != "ready"
+                or not (p and p.inputVolume and p.inputVolume.GetImageData() is not None)):
+            return False
+        try:
+            self._core.prefetch(p.inputVolume, p.axis.value, slice_index_in_view(p, slice_node), p.intensity.value,
+                                on_error=lambda error: log.info("MedSAM2HITL: encoding ahead failed: %s", error))
+        except MedSAM2Error as error:  # e.g. the view shows no slice of the volume: nothing to encode, nothing to say
+            log.info("MedSAM2HITL: nothing encoded ahead: %s", error)
+            return False
+        return True
 
     def undo(self, segmentation) -> bool:
         return bool(not self.busy and self.can_undo(segmentation) and self._core.undo(segmentation))
@@ -423,32 +482,6 @@ def slice_index_in_view(p, slice_node) -> int:
     if not 0 <= index < count:
         raise BadInputError(f"the slice view shows no slice of the volume (slice {index} of 0..{count - 1})")
     return index
-
-
-def start_roi_placement(scene):
-    """A new box ROI that the next two clicks in a view define (see placement.start_placement)."""
-    from .placement import start_placement
-
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", scene.GenerateUniqueName("ROI"))
-    roi.CreateDefaultDisplayNodes()
-    start_placement(roi)
-    return roi
-
-
-def start_click_placement(p):
-    """The object's point list (made on first use, named after its ROI), in place mode for one click."""
-    from .placement import start_placement
-
-    if not p.inputVolume:
-        raise BadInputError("select a volume first")
-    if not p.pointsNode:
-        scene = p.inputVolume.GetScene()
-        name = p.roiNode.GetName() if p.roiNode else "MedSAM2"
-        points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", scene.GenerateUniqueName(f"{name} clicks"))
-        points.CreateDefaultDisplayNodes()
-        p.pointsNode = points
-    start_placement(p.pointsNode)
-    return p.pointsNode
 
 
 class SegmentationWatch:

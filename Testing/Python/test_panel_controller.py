@@ -21,8 +21,7 @@ import pytest
 from MedSAM2HITLLib import compute_backend
 from MedSAM2HITLLib.dependencies import DependencyError
 from MedSAM2HITLLib.errors import BadInputError
-from MedSAM2HITLLib.panel_controller import (Action, PanelController, SegmentationWatch, make_client,
-                                             slice_index_in_view, start_click_placement, start_roi_placement)
+from MedSAM2HITLLib.panel_controller import Action, PanelController, SegmentationWatch, make_client, slice_index_in_view
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +66,8 @@ def panel_inputs(checkpoint, segment: bool = False):
     p = SimpleNamespace(inputVolume=volume, segmentationNode=segmentation, segmentId=segment_id, roiNode=roi,
                         pointsNode=None, axis=choice(value="axial"), rangeMode=choice(value="custom"),
                         rangeStart=RANGE[0], rangeEnd=RANGE[-1], intensity=choice(value="abdomen"), checkpoint=str(checkpoint),
-                        device=choice(value="cpu"), precision=choice(value="fp32"), largestComponent=False)
+                        device=choice(value="cpu"), precision=choice(value="fp32"), largestComponent=False,
+                        earlyStop=True)
     return scene, p
 
 
@@ -262,6 +262,7 @@ def test_the_slice_a_view_shows_and_the_placement_tools(random_checkpoint):
 
     from MedSAM2HITLLib.placement import SELECTION_NODE_ID
 
+    controller = PanelController(client_factory=make_client, check_dependencies=lambda: None)
     scene, p = panel_inputs(random_checkpoint)
     view = scene.AddNewNodeByClass("vtkMRMLSliceNode")
     view.SetOrientation("Axial")
@@ -272,12 +273,85 @@ def test_the_slice_a_view_shows_and_the_placement_tools(random_checkpoint):
     with pytest.raises(BadInputError, match="no slice of the volume.*slice 30 of 0..13"):
         slice_index_in_view(p, view)
     selection = scene.GetNodeByID(SELECTION_NODE_ID)
-    roi = start_roi_placement(scene)
+    roi = controller.start_roi_placement(scene, p, view)
     assert isinstance(roi, slicer.vtkMRMLMarkupsROINode) and selection.GetActivePlaceNodeID() == roi.GetID()
-    points = start_click_placement(p)
+    points = controller.start_click_placement(p, view)
     assert points.GetName() == "Lesion clicks" and p.pointsNode is points
     assert selection.GetActivePlaceNodeID() == points.GetID()
-    assert start_click_placement(p) is points  # the object's one point list
+    assert controller.start_click_placement(p) is points  # the object's one point list
+    assert controller.worker_state() == "stopped"  # placing never starts a worker (nothing to encode ahead for)
+
+
+def test_stop_where_the_object_ends_reaches_the_propagation_and_is_reported():
+    """Issue 27, with the phantom-trained fixture on a phantom it never saw (object on slices 15-32 of 48): the
+    checkbox on stops each direction after the object and the status says where; off fills the whole volume."""
+    import sys
+
+    from MedSAM2HITLLib.engine import describe_early_end
+    from MedSAM2HITLLib.mrml_scene import add_volume_from_array, create_scene
+
+    from conftest import DATA, REPO
+
+    sys.path.insert(0, str(REPO / "Testing" / "Training"))
+    from phantoms import make_phantom
+
+    phantom = make_phantom(1_000_074, size=(48, 96, 96))
+    truth = np.flatnonzero(phantom.mask.any(axis=(1, 2)))
+    x0, y0, x1, y1 = phantom.box()
+    controller = PanelController(client_factory=make_client, check_dependencies=lambda: None)
+    runs = {}
+    for early_stop in (True, False):
+        scene = create_scene()
+        volume = add_volume_from_array(scene, phantom.volume, np.eye(4), "phantom")  # identity: RAS = (i, j, k)
+        roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Target")
+        roi.SetCenter((x0 + x1) / 2, (y0 + y1) / 2, phantom.key_index)
+        roi.SetSize(x1 - x0 + 2, y1 - y0 + 2, 1)
+        choice = SimpleNamespace
+        p = SimpleNamespace(inputVolume=volume, segmentationNode=None, segmentId="", roiNode=roi, pointsNode=None,
+                            axis=choice(value="axial"), rangeMode=choice(value="whole"), rangeStart=0, rangeEnd=0,
+                            intensity=choice(value=phantom.window), checkpoint=str(DATA / "phantom_sam2.pt"),
+                            device=choice(value="cpu"), precision=choice(value="fp32"), largestComponent=False,
+                            earlyStop=early_stop)
+        answers = Answers()
+        assert answers.start(controller, Action.PROPAGATE, p)
+        pump_until(controller, lambda: not controller.busy)
+        assert answers.errors == []
+        runs[early_stop] = (sorted(answers.done[0]), controller.early_end)
+    controller.close()
+    written, early_end = runs[True]
+    backward, forward = written[0], written[-1]
+    assert 0 < backward < truth[0] and truth[-1] < forward < 47 and written == list(range(backward, forward + 1))
+    assert early_end == describe_early_end({"forward": forward, "backward": backward})
+    assert early_end.startswith(f"done at slice {forward} (forward) and slice {backward} (backward)")
+    assert runs[False] == (list(range(48)), "")  # off: every slice, no stop reported
+
+
+def test_placing_a_prompt_encodes_the_shown_slice_only_on_an_idle_running_worker(worker_panel, random_checkpoint,
+                                                                                  monkeypatch):
+    """Issue 27: starting an ROI or a click has the idle local worker encode the slice the view shows (one
+    prefetch, answered with that slice and its neighbours); none while a request runs."""
+    controller, _ = worker_panel
+    scene, p = panel_inputs(random_checkpoint)
+    view = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    view.SetOrientation("Axial")
+    view.GetSliceToRAS().SetElement(2, 3, 4.0)  # k = 4
+    answers = Answers()
+    assert answers.start(controller, Action.SEGMENT, p)  # the worker runs with the panel's model afterwards
+    client = controller.core.client
+    sent = []  # the prefetch requests, as the real client makes and sends them
+    real_prefetch = client.prefetch
+    monkeypatch.setattr(client, "prefetch", lambda *args, **options: sent.append(real_prefetch(*args, **options))
+                        or sent[-1])
+    controller.start_click_placement(p, view)  # while the segmentation runs: the worker is busy
+    assert sent == []
+    pump_until(controller, lambda: not controller.busy)
+    assert answers.errors == [] and client.state == "ready"
+    controller.start_roi_placement(scene, p, view)
+    assert len(sent) == 1
+    pump_until(controller, lambda: sent[0].done)
+    assert sent[0].reply["encoded"] == [4, 5, 3] and client.state == "ready"
+    controller.start_click_placement(p, view)
+    assert len(sent) == 2  # one per placement
 
 
 class SlowService(http.server.BaseHTTPRequestHandler):
