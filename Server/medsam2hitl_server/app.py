@@ -11,7 +11,7 @@ import threading
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import StringConstraints
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -58,6 +59,12 @@ EVENT_STREAM = {200: {"description": "`id:`, `event:` (the kind) and `data:` (it
                               "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
                                   "oneOf": [{"$ref": f"#/components/schemas/{model.__name__}"}
                                             for model in EVENT_PAYLOADS.values()]}}}}}}}}
+
+
+SegmentName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+ObjectQuery = Query(None, ge=1, le=255, description="one object's mask (0/1); without it, all objects")
+NameQuery = Query([], description="segment names, one per object in the result, in object-number order "
+                                  "(repeat the parameter); default Segment_<number>")
 
 
 def errors(*codes: int) -> dict:
@@ -216,7 +223,7 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
             check_against_volume(body, json.loads(record["geometry"]) if record.get("geometry") else None)
         except BadInputError as error:
             raise HTTPException(400, str(error)) from None
-        return body.model_dump()
+        return body.params() if isinstance(body, Propagate) else body.model_dump()
 
     def raise_failure(reply: dict) -> dict:
         if "error" in reply:
@@ -277,7 +284,8 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
                 "worker": record["worker"] or None, "loaded": record["loaded"] == "1",
                 "queue_position": position, "error": record["error"] or None,
                 "created": float(record["created"]), "expires": float(record["expires"]),
-                "volume": json.loads(geometry) if geometry else json.loads(record["header"])}
+                "volume": json.loads(geometry) if geometry else json.loads(record["header"]),
+                "objects": json.loads(record.get("objects") or "[]")}
 
     def call_when_idle(record: dict, task: str, body) -> dict:
         """Run a short task on the job's worker and return its reply; 409 while a propagation holds the job."""
@@ -298,7 +306,8 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
     @router.post("/jobs/{job_id}/propagate", status_code=202, response_model=PropagationStarted,
                  responses=errors(400, 409))
     def propagate(body: Propagate, record: dict = Job) -> dict:
-        """Start filling the range from the key slice; follow it on /events or /status. 409 if one runs."""
+        """Start filling the range from the key slice of each object (one, or several in `objects`, tracked in one
+        pass); follow it on /events or /status. 409 if one runs."""
         params = checked(body, record)
         propagation_id = str(uuid.uuid4())
         if not store.try_lock(record["id"], propagation_id):
@@ -344,38 +353,42 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    def exported(record: dict, format: str) -> Path:
+    def exported(record: dict, format: str, number: int | None = None, names: list[str] | None = None) -> dict:
+        """The exported file's path, the objects it holds and their segment names."""
         if store.holder(record["id"]):
             raise HTTPException(409, "a propagation is running on this job; download when it has finished")
-        reply = dispatcher.call(record["id"], "medsam2hitl.export", format)
-        name = raise_failure(reply)["file"]
-        path = job_dir(settings, record["id"]) / name
+        reply = raise_failure(dispatcher.call(record["id"], "medsam2hitl.export", format, number, names))
+        path = job_dir(settings, record["id"]) / reply["file"]
         if not path.is_file():
             raise HTTPException(503, "the result file is not on this server's disk; see the README on "
                                      "workers without a shared data folder")
-        return path
+        return {**reply, "path": path}
 
-    def dicom_seg(record: dict, name: str) -> Path:
-        return dicomweb_jobs.dicom_seg(settings, record["id"], lambda: exported(record, "nii.gz"), name)
+    def dicom_seg(record: dict, number: int | None, names: list[str]) -> Path:
+        made = exported(record, "nii.gz", number, names)
+        segments = {1: made["names"][0]} if number is not None else dict(zip(made["objects"], made["names"]))
+        return dicomweb_jobs.dicom_seg(settings, record["id"], lambda: made["path"], segments)
 
     @router.get("/jobs/{job_id}/result", response_class=FileResponse,
                 responses={**RESULT_FILE, **errors(409, 500, 503)})
     def result(record: dict = Job, format: Literal["nii.gz", "seg.nrrd", "dicom-seg"] = "nii.gz",
-               name: str = Query("Object", min_length=1, max_length=64, description="the DICOM SEG's segment")):
-        """The 3D mask: NIfTI with the input's affine and voxel order, Slicer's .seg.nrrd, or for a job read from
-        DICOM a DICOM SEG linked to its series."""
+               object: int | None = ObjectQuery, name: list[SegmentName] = NameQuery):
+        """The 3D mask of one `object` (0/1), or of all the job's objects (label value = object number; one
+        segment per object in .seg.nrrd and DICOM SEG): NIfTI with the input's affine and voxel order, Slicer's
+        .seg.nrrd, or for a job read from DICOM a DICOM SEG linked to its series."""
         if format == "dicom-seg":
-            return FileResponse(dicom_seg(record, name), media_type="application/dicom",
+            return FileResponse(dicom_seg(record, object, name), media_type="application/dicom",
                                 filename=f"{record['id']}.dcm")
-        path = exported(record, format)
+        path = exported(record, format, object, name)["path"]
         media = "application/gzip" if format == "nii.gz" else "application/octet-stream"
         return FileResponse(path, media_type=media, filename=f"{record['id']}.{format}")
 
     @router.post("/jobs/{job_id}/result/store", response_model=StoredResult, responses=errors(403, 409, 502, 503))
-    def store_result(record: dict = Job, name: str = Query("Object", min_length=1, max_length=64)) -> dict:
+    def store_result(record: dict = Job, object: int | None = ObjectQuery,
+                     name: list[SegmentName] = NameQuery) -> dict:
         """Store the result as a DICOM SEG on the service's DICOMweb server (STOW-RS; off unless
         MEDSAM2HITL_DICOMWEB_STORE=1)."""
-        return dicomweb_jobs.store_seg(settings, lambda: dicom_seg(record, name))
+        return dicomweb_jobs.store_seg(settings, lambda: dicom_seg(record, object, name))
 
     @router.delete("/jobs/{job_id}", status_code=204)
     def delete(record: dict = Job) -> Response:
