@@ -13,11 +13,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
+import fastapi_offline
 import redis
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import StringConstraints
 from starlette.concurrency import run_in_threadpool
@@ -49,6 +52,13 @@ UPLOAD_BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": VOLUME_FILE}}},
 }}
 BINARY = {"schema": {"type": "string", "format": "binary"}}
+OBJECT = Query(None, ge=1, le=255, description="one object's mask (0/1); without it, all the job's objects")
+SEGMENT_NAMES = Query([], description="segment names, one per object of the result in number order (repeat the "
+                                      "parameter); default .seg.nrrd Segment_<number>, DICOM SEG Object")
+SEGMENT_COLORS = Query([], description="the .seg.nrrd segments' colours, rrggbb hex, one per object in number "
+                                       "order (repeat the parameter)")
+SegmentName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\w .()+-]+$")]
+SegmentColor = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{6}$")]
 RESULT_FILE = {200: {"description": "the mask file", "content": {"application/gzip": BINARY,
                                                                  "application/octet-stream": BINARY,
                                                                  "application/dicom": BINARY}}}
@@ -59,12 +69,6 @@ EVENT_STREAM = {200: {"description": "`id:`, `event:` (the kind) and `data:` (it
                               "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
                                   "oneOf": [{"$ref": f"#/components/schemas/{model.__name__}"}
                                             for model in EVENT_PAYLOADS.values()]}}}}}}}}
-
-
-SegmentName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-ObjectQuery = Query(None, ge=1, le=255, description="one object's mask (0/1); without it, all objects")
-NameQuery = Query([], description="segment names, one per object in the result, in object-number order "
-                                  "(repeat the parameter); default Segment_<number>")
 
 
 def errors(*codes: int) -> dict:
@@ -105,6 +109,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop.set()
 
     app = FastAPI(title="MedSAM2HITL inference service", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # FastAPI's pages load scripts from a CDN; /docs is below, ReDoc
+                  # is off (its bundle still fetches a logo from cdn.redoc.ly)
                   description="Box-prompted 3D segmentation with MedSAM2: upload a volume, segment a slice, "
                               "propagate through the volume, download the mask.")
     app.state.settings, app.state.store, app.state.dispatcher = settings, store, dispatcher
@@ -116,8 +122,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        exempt=lambda path: path == "/api/v1/jobs" or path.startswith("/api/v1/internal/"))
     _error_handlers(app)
     app.include_router(_health(store))
-    app.include_router(_jobs_router(store, dispatcher, settings), prefix="/api/v1")
+    bearer = HTTPBearer(scheme_name="token", auto_error=False,  # `caller` checks it; this is /docs' Authorize
+                        description="one of MEDSAM2HITL_TOKENS (none needed on loopback without tokens)")
+    app.include_router(_jobs_router(store, dispatcher, settings), prefix="/api/v1", dependencies=[Security(bearer)])
     app.include_router(_worker_files_router(store, settings), prefix="/api/v1/internal")
+    docs_assets = "/docs/assets"  # fastapi-offline's copy of Swagger UI 5: /docs works without internet
+    app.mount(docs_assets, StaticFiles(directory=Path(fastapi_offline.__file__).with_name("static")),
+              name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=root + app.openapi_url, title=f"{app.title} - Swagger UI",
+                                   swagger_js_url=f"{root}{docs_assets}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}{docs_assets}/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}{docs_assets}/favicon.png")
+
     app.mount("/", StaticFiles(directory=WEB_VIEWER, html=True), name="web-viewer")  # last: the API routes win
     _with_event_schemas(app)
     return app
@@ -353,11 +373,12 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    def exported(record: dict, format: str, number: int | None = None, names: list[str] | None = None) -> dict:
+    def exported(record: dict, format: str, number: int | None = None, names: list[str] | None = None,
+                 colors: list[str] | None = None) -> dict:
         """The exported file's path, the objects it holds and their segment names."""
         if store.holder(record["id"]):
             raise HTTPException(409, "a propagation is running on this job; download when it has finished")
-        reply = raise_failure(dispatcher.call(record["id"], "medsam2hitl.export", format, number, names))
+        reply = raise_failure(dispatcher.call(record["id"], "medsam2hitl.export", format, number, names, colors))
         path = job_dir(settings, record["id"]) / reply["file"]
         if not path.is_file():
             raise HTTPException(503, "the result file is not on this server's disk; see the README on "
@@ -366,29 +387,33 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
 
     def dicom_seg(record: dict, number: int | None, names: list[str]) -> Path:
         made = exported(record, "nii.gz", number, names)
-        segments = {1: made["names"][0]} if number is not None else dict(zip(made["objects"], made["names"]))
+        defaults = ["Object" if len(made["objects"]) == 1 else f"Object {n}" for n in made["objects"]]
+        named = names + defaults[len(names):]
+        segments = {1: named[0]} if number is not None else dict(zip(made["objects"], named))
         return dicomweb_jobs.dicom_seg(settings, record["id"], lambda: made["path"], segments)
 
     @router.get("/jobs/{job_id}/result", response_class=FileResponse,
                 responses={**RESULT_FILE, **errors(409, 500, 503)})
     def result(record: dict = Job, format: Literal["nii.gz", "seg.nrrd", "dicom-seg"] = "nii.gz",
-               object: int | None = ObjectQuery, name: list[SegmentName] = NameQuery):
+               object: int | None = OBJECT, segment_name: list[SegmentName] = SEGMENT_NAMES,
+               segment_color: list[SegmentColor] = SEGMENT_COLORS):
         """The 3D mask of one `object` (0/1), or of all the job's objects (label value = object number; one
         segment per object in .seg.nrrd and DICOM SEG): NIfTI with the input's affine and voxel order, Slicer's
-        .seg.nrrd, or for a job read from DICOM a DICOM SEG linked to its series."""
+        .seg.nrrd (segments named and coloured as given, e.g. as the web viewer shows them), or for a job read
+        from DICOM a DICOM SEG linked to its series."""
         if format == "dicom-seg":
-            return FileResponse(dicom_seg(record, object, name), media_type="application/dicom",
+            return FileResponse(dicom_seg(record, object, segment_name), media_type="application/dicom",
                                 filename=f"{record['id']}.dcm")
-        path = exported(record, format, object, name)["path"]
+        path = exported(record, format, object, segment_name, segment_color)["path"]
         media = "application/gzip" if format == "nii.gz" else "application/octet-stream"
         return FileResponse(path, media_type=media, filename=f"{record['id']}.{format}")
 
     @router.post("/jobs/{job_id}/result/store", response_model=StoredResult, responses=errors(403, 409, 502, 503))
-    def store_result(record: dict = Job, object: int | None = ObjectQuery,
-                     name: list[SegmentName] = NameQuery) -> dict:
+    def store_result(record: dict = Job, object: int | None = OBJECT,
+                     segment_name: list[SegmentName] = SEGMENT_NAMES) -> dict:
         """Store the result as a DICOM SEG on the service's DICOMweb server (STOW-RS; off unless
         MEDSAM2HITL_DICOMWEB_STORE=1)."""
-        return dicomweb_jobs.store_seg(settings, lambda: dicom_seg(record, object, name))
+        return dicomweb_jobs.store_seg(settings, lambda: dicom_seg(record, object, segment_name))
 
     @router.delete("/jobs/{job_id}", status_code=204)
     def delete(record: dict = Job) -> Response:

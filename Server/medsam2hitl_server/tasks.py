@@ -223,9 +223,11 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
 
 @app.task(name="medsam2hitl.export")
 @_replying
-def export(job_id: str, fmt: str, number: int | None = None, names: list[str] | None = None) -> dict:
+def export(job_id: str, fmt: str, number: int | None = None, names: list[str] | None = None,
+           colors: list[str] | None = None) -> dict:
     """Write one object's mask (0/1), or all objects (label value = object number; in .seg.nrrd one segment per
-    object, named by `names` in number order), as NIfTI (the input's affine and voxel order) or .seg.nrrd."""
+    object, named and coloured (rrggbb hex, else Slicer's default) by `names` and `colors` in number order, as the
+    client shows them), as NIfTI (the input's affine and voxel order) or .seg.nrrd."""
     from MedSAM2HITLLib.export import export_label_array_nifti, export_seg_nrrd
     from MedSAM2HITLLib.segment_writer import create_segmentation, get_or_create_segment, write_slices
 
@@ -234,16 +236,20 @@ def export(job_id: str, fmt: str, number: int | None = None, names: list[str] | 
     if number is not None and number not in volume.voxels:
         raise BadInputError(f"the job has no object {number}; its objects are {', '.join(map(str, known))}")
     numbers = known if number is None else [number]
-    names = list(names or [])
-    if len(names) > len(numbers):
-        raise BadInputError(f"{len(names)} names for {len(numbers)} object(s): give at most one name per object")
+    names, colors = list(names or []), list(colors or [])
+    if len(names) > len(numbers) or len(colors) > len(numbers):
+        raise BadInputError(f"more segment names or colours than the {len(numbers)} object(s) of the result: give "
+                            "at most one per object")
     names += [f"Segment_{n}" for n in numbers[len(names):]]
     name = f"result.{fmt}"  # written, read back and only then put in place by the exporters
     if fmt == "seg.nrrd":
         segmentation = create_segmentation(session.scene, volume.node, "result")
         try:
-            for value, segment_name in zip(numbers, names):
+            for at, (value, segment_name) in enumerate(zip(numbers, names)):
                 segment_id = get_or_create_segment(segmentation, segment_name)
+                if at < len(colors):
+                    segmentation.GetSegmentation().GetSegment(segment_id).SetColor(
+                        *(int(colors[at][i:i + 2], 16) / 255 for i in (0, 2, 4)))
                 planes = {k: plane == value for k, plane in enumerate(volume.labels)}
                 write_slices(segmentation, segment_id, volume.node, 0, {k: m for k, m in planes.items() if m.any()})
             export_seg_nrrd(segmentation, volume.folder / name)

@@ -112,14 +112,14 @@ def test_a_service_job_from_the_pacs_gives_a_seg_that_is_stored_back(pacs, servi
         assert started.status_code == 202, started.text
         assert read_events(client, job_id, started.json()["events_after"])[-1][0] == "done"
         nifti = client.get(f"/api/v1/jobs/{job_id}/result")
-        seg = client.get(f"/api/v1/jobs/{job_id}/result", params={"format": "dicom-seg", "name": "Lesion"})
+        seg = client.get(f"/api/v1/jobs/{job_id}/result", params={"format": "dicom-seg", "segment_name": "Lesion"})
         assert nifti.status_code == 200 and seg.status_code == 200, seg.text
         (tmp_path / "labels.nii.gz").write_bytes(nifti.content)
         (tmp_path / "seg.dcm").write_bytes(seg.content)
         labels = check_seg_against_labelmap(tmp_path / "seg.dcm", series, tmp_path / "labels.nii.gz", ["Lesion"])
         assert np.count_nonzero(labels.any(axis=(1, 2))) >= 5
 
-        stored = client.post(f"/api/v1/jobs/{job_id}/result/store", params={"name": "Lesion"})
+        stored = client.post(f"/api/v1/jobs/{job_id}/result/store", params={"segment_name": "Lesion"})
         assert stored.status_code == 200, stored.text
     pacs_client = DICOMwebClient(orthanc.dicomweb_url, session=create_session_from_user_pass(USER, PASSWORD))
     [found] = pacs_client.search_for_instances(series.study_uid, search_filters={

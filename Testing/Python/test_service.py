@@ -261,8 +261,8 @@ def test_several_objects_in_one_job(service):
         after = np.asarray(download(client, job_id).dataobj)
         assert np.array_equal(after == 1, labels == 1)
 
-        seg = client.get(f"/api/v1/jobs/{job_id}/result", params=[("format", "seg.nrrd"), ("name", "Liver"),
-                                                                     ("name", "Spleen")])
+        seg = client.get(f"/api/v1/jobs/{job_id}/result", params=[("format", "seg.nrrd"), ("segment_name", "Liver"),
+                                                                     ("segment_name", "Spleen")])
         assert seg.status_code == 200, seg.text
         path = service.folder / "objects.seg.nrrd"
         path.write_bytes(seg.content)

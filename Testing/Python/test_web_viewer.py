@@ -7,6 +7,7 @@ computed here independently (nibabel's orientation), not with the page's own map
 
 from __future__ import annotations
 
+import base64
 import gzip
 import os
 import sys
@@ -133,7 +134,7 @@ def shown_slices(page: Page, case: Case) -> set[int]:
 
 def screenshot(page: Page, folder: Path, name: str) -> None:
     """The page as the user sees it; the README's copies in docs/screenshots are refreshed on request."""
-    keep = os.environ.get("MEDSAM2HITL_SAVE_SCREENSHOTS") == "1" and name.endswith("_identity.png")
+    keep = os.environ.get("MEDSAM2HITL_SAVE_SCREENSHOTS") == "1" and name.endswith(("_identity.png", "_info.png"))
     page.screenshot(path=str((SCREENSHOTS if keep else folder) / name))
 
 
@@ -471,3 +472,216 @@ def test_stopped_server_shows_an_error_and_the_page_stays_usable(page, service, 
     wait_for(lambda: httpx.get(f"{service.url}/readyz").status_code == 200, 60, "the API restarting")
     page.keyboard.press("s")
     expect(page.locator("#message")).to_contain_text("segmented", timeout=60_000)
+
+
+def middle_drag(page: Page, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """A pan: NiiVue's middle-button drag."""
+    page.mouse.move(*start)
+    page.mouse.down(button="middle")
+    page.mouse.move(*end, steps=6)
+    page.mouse.up(button="middle")
+
+
+def seg_nrrd_segment(data: bytes) -> tuple[str, tuple[float, float, float]]:
+    """The first segment's name and colour (0-1 RGB) in a .seg.nrrd's header."""
+    header = data.split(b"\n\n", 1)[0].decode("latin-1")
+    fields = dict(line.split(":=", 1) for line in header.splitlines() if ":=" in line)
+    return fields["Segment0_Name"], tuple(float(v) for v in fields["Segment0_Color"].split())
+
+
+def test_a_pan_keeps_the_box_a_new_object_starts_clean_and_the_image_tells_what_it_shows(page, service, tmp_path):
+    """A middle-drag pan after the box: S segments the drawn box. The legend's voxels and mL are the download's;
+    the .seg.nrrd carries the page's name and colour. N (with the Eraser active) clears the box and selects the
+    Box tool; object 2 over object 1 shows as overlap. Slice, W/L and zoom are on the image; no sideways scroll."""
+    case = Case(tmp_path, 2120, "flipped")
+    upload(page, case)
+    show_slice(page, case.corners[0])
+    count = case.truth.shape[case.file_axis]
+    expect(page.locator("#slice-info")).to_have_text(f"axial {case.key}/{count - 1}")
+    expect(page.locator("#wl-info")).to_have_text("W 400 L 40")  # the abdomen preset
+    start, end = canvas_point(page, case.corners[0], 0), canvas_point(page, case.corners[1], 0)
+    drag(page, start, end)
+    drawn = page.locator("#box-text").text_content()
+    middle_drag(page, end, (end[0] + 60, end[1] + 40))
+    expect(page.locator("#box-text")).to_have_text(drawn)
+    with page.expect_request(lambda r: r.url.endswith("/segment-2d")) as sent:
+        page.keyboard.press("s")
+    assert drawn.endswith(f"[{', '.join(map(str, sent.value.post_data_json['box']))}]")  # the drawn box, not the pan
+    expect(page.locator("#message")).to_contain_text("segmented", timeout=60_000)
+    assert dice(drawing(page) > 0, case.to_ras(case.truth > 0) & key_slice(case)) >= 0.8
+
+    result = downloaded_nifti(page)
+    voxels = int((np.asarray(result.dataobj) > 0).sum())
+    millilitres = voxels * float(np.prod(result.header.get_zooms()[:3])) / 1000
+    legend = page.locator("#legend li").first
+    expect(legend.locator(".voxels")).to_have_text(str(voxels))
+    expect(legend.locator(".ml")).to_have_text(f"{millilitres:.2f} mL")
+    name, colour = seg_nrrd_segment(downloaded(page, "#download-seg"))
+    swatch = page.evaluate("getComputedStyle(document.querySelector('#legend li .swatch')).backgroundColor")
+    assert name == "object 1" and legend.text_content().startswith("▸ object 1")
+    assert swatch == "rgb({}, {}, {})".format(*(round(255 * c) for c in colour))
+    with service.client() as client:  # the name and colour are checked on the service; without them, the default
+        url = f"/api/v1/jobs/{remembered(page)['objects'][0]['job']}/result"
+        refused = client.get(url, params={"format": "seg.nrrd", "segment_color": "red"})
+        plain = client.get(url, params={"format": "seg.nrrd"})
+    assert refused.status_code == 422 and "segment_color" in refused.json()["detail"]
+    assert seg_nrrd_segment(plain.content)[0] == "Segment_1"
+
+    page.mouse.move(*start)
+    page.mouse.down(button="right")  # a right-drag sets W/L: the preset's name goes
+    page.mouse.move(start[0] + 40, start[1] + 30, steps=5)
+    page.mouse.up(button="right")
+    expect(page.locator("#window")).to_have_value("custom")
+    expect(page.locator("#wl-info")).not_to_have_text("W 400 L 40")
+    page.keyboard.press("z")
+    expect(page.locator("#zoom-info")).to_contain_text("zoom 125%")
+    page.keyboard.press("r")
+
+    page.keyboard.press("e")
+    page.keyboard.press("n")
+    expect(page.locator("#message")).to_contain_text("(object 2)", timeout=90_000)
+    expect(page.locator("#box-text")).to_have_text("drag a box on a slice")
+    expect(page.locator("[data-tool='box']")).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#segment")).to_be_disabled()
+    drag(page, start, end)
+    page.keyboard.press("s")
+    expect(page.locator("#message")).to_contain_text("segmented", timeout=60_000)
+    shown = drawing(page)
+    assert set(np.unique(shown).tolist()) >= {0, 255} and (shown == 255).sum() > 0.5 * (shown > 0).sum()  # overlap
+    expect(page.locator("#legend")).to_contain_text("overlap")
+    screenshot(page, tmp_path, "viewer_objects_info.png")
+    page.set_viewport_size({"width": 1024, "height": 640})
+    assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+
+
+def drop(page: Page, path: Path) -> None:
+    """Drop a file on the page, as dragging it from the desktop does."""
+    page.evaluate("""([name, text]) => { const bytes = Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+        const files = new DataTransfer(); files.items.add(new File([bytes], name));
+        document.body.dispatchEvent(new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));
+        }""",
+                  [path.name, base64.b64encode(path.read_bytes()).decode()])
+
+
+def test_files_keep_their_sessions_and_a_refused_file_changes_nothing(page, tmp_path):
+    """Two files alternated: each keeps its objects (per-volume sessions by fingerprint). A 4D drop is refused
+    before anything is shown, naming the file; a garbage file leaves the shown volume and its objects as they were."""
+    first = Case(tmp_path, 2121, "identity")
+    first.path = first.path.replace(tmp_path / "first.nii")
+    upload(page, first)
+    box_and_segment(page, first, "axial")
+    shown_first, held_first = drawing(page), remembered(page)
+    second = Case(tmp_path, 2122, "identity")
+    second.path = second.path.replace(tmp_path / "second.nii")
+    upload(page, second)
+    held_second = remembered(page)
+    assert not drawing(page).any() and held_second["objects"][0]["job"] != held_first["objects"][0]["job"]
+
+    uploads: list[str] = []
+    page.on("request", lambda r: uploads.append(r.url) if r.method == "POST" and r.url.endswith("/jobs") else None)
+    series = tmp_path / "series.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 6, 3), np.int16), np.eye(4)), series)
+    drop(page, series)
+    expect(page.locator("#message")).to_have_text("series.nii.gz has 3 frames (a 4D series): open a single 3D volume")
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(gzip.compress(bytes(range(256)) * 8))
+    drop(page, garbage)
+    expect(page.locator("#message")).to_contain_text("garbage.nii.gz could not be read as a volume")
+    assert page.evaluate("[viewer.nv.volumes.length, viewer.nv.volumes[0].name]") == [1, "second.nii"]
+    expect(page.locator("#volume-name")).to_have_text("second.nii")
+    assert remembered(page) == held_second and not uploads
+
+    page.set_input_files("#file", str(first.path))
+    expect(page.locator("#message")).to_contain_text("picked up your last session on this volume: 1 object(s)",
+                                                     timeout=90_000)
+    assert np.array_equal(drawing(page), shown_first) and remembered(page) == held_first
+    drop(page, second.path)
+    expect(page.locator("#message")).to_contain_text("picked up your last session on this volume: 1 object(s)",
+                                                     timeout=90_000)
+    assert remembered(page) == held_second and not uploads
+
+
+def painted(page: Page, stroke: list[list[int]]) -> int:
+    """Pen voxels added by a pen stroke through axial RAS voxels."""
+    before = int((drawing(page) == 1).sum())
+    with page.expect_response(lambda r: r.url.endswith("/slices") and r.request.method == "PUT"):
+        page.mouse.move(*canvas_point(page, stroke[0], 0))
+        page.mouse.down()
+        for voxel in stroke[1:]:
+            page.mouse.move(*canvas_point(page, voxel, 0), steps=4)
+        page.mouse.up()
+    return int((drawing(page) == 1).sum()) - before
+
+
+def keyboard_checks(page: Page, case: Case) -> None:
+    """Tab reaches every control, Open included; each has a descriptive title and ARIA label; Enter on a focused
+    button presses that button (not Propagate); the shortcuts work while the opacity slider has focus."""
+    show_slice(page, case.corners[0])
+    drag(page, canvas_point(page, case.corners[0], 0), canvas_point(page, case.corners[1], 0))  # Propagate enabled
+    controls = page.evaluate("""() => [...document.querySelectorAll("button, select, input")]
+        .filter((c) => !c.disabled && c.offsetParent !== null).map((c) => c.id || c.dataset.view || c.dataset.tool)""")
+    page.evaluate("""() => { window.reached = new Set(); document.addEventListener("focusin",
+        (e) => reached.add(e.target.id || e.target.dataset.view || e.target.dataset.tool)); }""")
+    page.focus("#token")
+    for _ in range(len(controls) + 2):
+        page.keyboard.press("Tab")
+    assert "open" in controls and set(controls) <= set(page.evaluate("[...reached]"))
+    labels = page.evaluate("""() => [...document.querySelectorAll("button, select, input:not([type=file])")]
+        .map((c) => [c.id || c.dataset.view || c.dataset.tool, c.getAttribute("aria-label") || ""])""")
+    assert all(len(label) > 8 for _, label in labels), labels
+    assert page.get_attribute("[data-tool='box']", "aria-label") == "Box tool (B)"
+
+    propagations: list[str] = []
+    page.on("request", lambda r: propagations.append(r.url) if r.url.endswith("/propagate") else None)
+    page.focus("[data-view='1']")
+    page.keyboard.press("Enter")
+    expect(page.locator("[data-view='1']")).to_have_attribute("aria-pressed", "true")
+    page.focus("#outline")
+    page.keyboard.press("Enter")  # not a shortcut for Propagate either
+    page.focus("#opacity")
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#opacity")).to_have_value("0.55")
+    page.keyboard.press("p")
+    expect(page.locator("[data-tool='pen']")).to_have_attribute("aria-pressed", "true")
+    page.keyboard.press("1")
+    expect(page.locator("[data-view='0']")).to_have_attribute("aria-pressed", "true")
+    page.keyboard.press("l")  # radiological convention and outlines, from the keyboard too
+    page.keyboard.press("o")
+    expect(page.locator("#zoom-info")).to_contain_text("radiological")
+    assert page.evaluate("[viewer.nv.opts.isRadiologicalConvention, viewer.nv.drawRimOpacity]") == [True, 1]
+    page.keyboard.press("l")
+    page.keyboard.press("o")
+    page.wait_for_timeout(500)
+    assert not propagations
+
+
+def test_keyboard_pen_size_fill_and_click_markers(page, tmp_path):
+    """The keyboard reaches and presses every control (keyboard_checks); the brush size widens a stroke; the pen's
+    closed shape is filled; a click's marker shows on the image."""
+    case = Case(tmp_path, 2124, "identity")
+    upload(page, case)
+    keyboard_checks(page, case)
+    z = case.key
+    show_slice(page, [10, 10, z])
+    page.click("[data-tool='pen']")
+    thin = painted(page, [[6, 8, z], [30, 8, z]])
+    page.keyboard.press("]")
+    page.keyboard.press("]")
+    expect(page.locator("#brush-text")).to_have_text("5")
+    wide = painted(page, [[6, 20, z], [30, 20, z]])
+    assert thin >= 20 and wide >= 3.5 * thin, (thin, wide)
+    page.keyboard.press("[")
+    page.keyboard.press("[")
+    square = painted(page, [[40, 30, z], [60, 30, z], [60, 50, z], [40, 50, z], [40, 31, z]])
+    assert square >= 0.8 * 21 * 21 and drawing(page)[50, 40, z] == 1  # filled, the middle too
+
+    voxel = case.page_voxel(case.key, *inside_point(case.phantom.mask[case.key]))
+    click(page, voxel, "positive")
+    x, y = canvas_point(page, voxel, 0)
+    alpha = page.evaluate("""([x, y]) => {
+        const marks = document.getElementById("marks"), rect = marks.getBoundingClientRect();
+        const scale = marks.width / rect.width;
+        return marks.getContext("2d").getImageData((x - rect.left) * scale, (y - rect.top) * scale, 1, 1).data[3]; }""",
+                          [x, y])
+    assert alpha > 0  # the marker is drawn where the click was
+    screenshot(page, tmp_path, "viewer_edit_info.png")

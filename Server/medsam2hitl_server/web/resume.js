@@ -1,8 +1,10 @@
-// Picking a session up again after a reload: the tab remembers which service jobs hold the objects of the volume
-// it had open (sessionStorage: this tab only, gone when it closes; job ids and slice numbers, never the file's
-// name or voxels), and reopening the same file brings their labels back from the service.
+// Picking sessions up again: the tab remembers, per volume (keyed by a fingerprint of the file's bytes), which
+// service jobs hold that volume's objects (sessionStorage: this tab only, gone when it closes; job ids and slice
+// numbers, never the file's name or voxels). Opening another file never erases them, and reopening a file — after a
+// reload or after working on another one — brings its objects' labels back from the service.
 
-const SESSION_KEY = "medsam2hitl.session";
+const SESSIONS_KEY = "medsam2hitl.sessions";
+const MAX_VOLUMES = 20;  // the oldest volume's session is forgotten beyond this many
 
 /** A fingerprint of a file's bytes (its length and an FNV-1a hash of up to 1 MiB sampled across it). */
 export function fingerprint(bytes) {
@@ -13,22 +15,30 @@ export function fingerprint(bytes) {
   return `${view.length}:${hash.toString(16)}`;
 }
 
-/** Remember the objects (job, clicks, the user's slices) of the volume with fingerprint `print`. */
+function sessions() {
+  try {
+    const saved = JSON.parse(sessionStorage.getItem(SESSIONS_KEY));
+    return saved && typeof saved === "object" && !Array.isArray(saved) ? saved : {};
+  } catch {
+    return {};
+  }
+}
+
+/** Remember the objects (job, clicks, the user's slices) of the volume with fingerprint `print`; the volume
+ * remembered last goes last, and the oldest beyond MAX_VOLUMES are forgotten. */
 export function remember(print, objects, active) {
-  sessionStorage.setItem(SESSION_KEY, JSON.stringify({
-    print, active,
-    objects: objects.map((o) => ({ job: o.job, clicks: [...o.clicks], userSlices: [...o.userSlices] })),
-  }));
+  const all = sessions();
+  delete all[print];
+  all[print] = { active, objects: objects.map((o) => ({ job: o.job, clicks: [...o.clicks], userSlices: [...o.userSlices] })) };
+  const prints = Object.keys(all);
+  prints.slice(0, Math.max(0, prints.length - MAX_VOLUMES)).forEach((old) => delete all[old]);
+  sessionStorage.setItem(SESSIONS_KEY, JSON.stringify(all));
 }
 
 /** What was remembered for the volume with fingerprint `print`, or null. */
 export function recall(print) {
-  try {
-    const saved = JSON.parse(sessionStorage.getItem(SESSION_KEY));
-    return saved && saved.print === print && Array.isArray(saved.objects) ? saved : null;
-  } catch {
-    return null;
-  }
+  const saved = sessions()[print];
+  return saved && Array.isArray(saved.objects) && saved.objects.length ? saved : null;
 }
 
 const NIFTI_TYPES = { 2: Uint8Array, 4: Int16Array, 512: Uint16Array, 8: Int32Array };

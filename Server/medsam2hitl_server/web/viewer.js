@@ -1,24 +1,47 @@
 // The viewer: NiiVue shows the volume and the masks; every segmentation runs on the service (api.js).
-import { Niivue, SLICE_TYPE, DRAG_MODE } from "./vendor/niivue/index.js";
+import { Niivue, NVImage, SLICE_TYPE, DRAG_MODE } from "./vendor/niivue/index.js";
 import { api, token, followEvents, ApiError } from "./api.js";
-import { VoxelGrid, decodeMask, encodeMask } from "./voxels.js";
+import { VoxelGrid, OVERLAP, decodeMask, encodeMask } from "./voxels.js";
 import { fingerprint, remember, recall, labelsFromNifti } from "./resume.js";
 
 const $ = (id) => document.getElementById(id);
 const CT_WINDOWS = { abdomen: [400, 40], lung: [1500, -600], brain: [80, 40], mediastinum: [350, 50], bone: [1800, 400] };
+const VIEW_NAMES = ["axial", "coronal", "sagittal"];
 
 const state = {
   bytes: null, name: "", print: "", grid: null, views: null,
-  objects: [],   // {job, labels (file order, 0/1), clicks ("axis:slice" → [[x, y, 1 | 0]]), userSlices (the
-                 // "axis:slice" the user made: they condition propagations)} per object; object n is pen value n + 1
+  objects: [],   // {job, labels (file order, 0/1), voxels (how many labels are 1), clicks ("axis:slice" →
+                 // [[x, y, 1 | 0]]), userSlices (the "axis:slice" the user made: they condition propagations)} per
+                 // object; object n is pen value n + 1, named objectName(n), in objectColor(n)
   active: 0, box: null, tool: "box", running: null, history: [], future: [],
 };
 
-const nv = new Niivue({ dragAndDropEnabled: false, backColor: [0, 0, 0, 1], crosshairColor: [0.2, 0.8, 0.2, 1] });
+// NiiVue's own on-image information: orientation letters on all four sides, and a thin grey crosshair, a colour no
+// object has (objects take the draw colour table's 1, 2, …: red, green, blue, yellow, …; overlaps are white)
+const nv = new Niivue({ dragAndDropEnabled: false, backColor: [0, 0, 0, 1], crosshairColor: [0.6, 0.6, 0.6, 1],
+  crosshairWidth: 0.3, isOrientationTextVisible: true, showAllOrientationMarkers: true,
+  loadingText: "open a volume: the button, or drop a file" });
+nv.drawLut.lut.set([255, 255, 255, 255], 4 * OVERLAP);  // before any volume: NiiVue uploads the table with it
 await nv.attachTo("gl");
 window.viewer = { state, nv };  // for the browser tests and the console
 nv.opts.mouseEventConfig = { leftButton: { primary: DRAG_MODE.callbackOnly }, rightButton: DRAG_MODE.windowing,
   centerButton: DRAG_MODE.pan };
+
+/** Object n's name, as the legend shows it and the .seg.nrrd download carries it. */
+function objectName(n) {
+  return `object ${n + 1}`;
+}
+
+/** Object n's colour ("rrggbb"): NiiVue's draw colour of its pen value, as the legend shows it and the .seg.nrrd
+ * download carries it. */
+function objectColor(n, value = n + 1) {
+  return Array.from(nv.drawLut.lut.slice(4 * value, 4 * value + 3), (c) => c.toString(16).padStart(2, "0")).join("");
+}
+
+/** The service job that holds object n's labels (one job per object). */
+function jobOf(n) {
+  return state.objects[n].job;
+}
 
 function say(text, isError = false) {
   $("message").textContent = text;
@@ -59,8 +82,26 @@ function refreshButtons() {
   $("redo").disabled = !idle || !state.future.length;
   $("cancel").disabled = !state.running;
   if (state.print) remember(state.print, state.objects, state.active);  // what a reload picks up again
-  document.querySelectorAll("[data-tool]").forEach((b) => b.classList.toggle("active", b.dataset.tool === state.tool));
+  document.querySelectorAll("[data-tool]").forEach((b) => {
+    b.classList.toggle("active", b.dataset.tool === state.tool);
+    b.setAttribute("aria-pressed", String(b.dataset.tool === state.tool));
+  });
   showUserSlices();
+  showLegend();
+}
+
+/** The legend on the image: each object's name, colour, volume (mL) and voxel count; the overlap colour. */
+function showLegend() {
+  const spacing = state.grid ? nv.volumes[0].hdr.pixDims.slice(1, 4) : [0, 0, 0];
+  const voxelMl = Math.abs(spacing[0] * spacing[1] * spacing[2]) / 1000;
+  const rows = state.objects.map((object, n) => `<li${n === state.active ? ' class="active"' : ""}>`
+    + `<span class="swatch" style="background:#${objectColor(n)}"></span>${n === state.active ? "▸ " : ""}`
+    + `${objectName(n)}: <span class="ml">${(object.voxels * voxelMl).toFixed(2)} mL</span> `
+    + `(<span class="voxels">${object.voxels}</span> voxels)</li>`);
+  if (state.objects.length > 1) {
+    rows.push(`<li><span class="swatch" style="background:#${objectColor(0, OVERLAP)}"></span>overlap</li>`);
+  }
+  $("legend").innerHTML = rows.join("");
 }
 
 /** The active object's slices that the user made (they condition propagations), per view. */
@@ -76,26 +117,50 @@ function showUserSlices() {
 
 // ---- loading ----
 
+/** The file read as a 3D scalar volume (not yet shown), or a one-line message saying what is wrong with it. */
+async function readVolume(file, bytes) {
+  let volume;
+  try {
+    volume = await NVImage.new(bytes.slice(0), file.name);
+  } catch (error) {
+    return `${file.name} could not be read as a volume (${error.message}): check the file`;
+  }
+  const dims = volume?.hdr?.dims;
+  if (!dims || !volume.img) return `${file.name} could not be read as a volume (no image found in it): check the file`;
+  const frames = dims.slice(4, Math.max(4, dims[0] + 1)).reduce((a, b) => a * Math.max(b, 1), 1);
+  if (frames > 1) return `${file.name} has ${frames} frames (a 4D series): open a single 3D volume`;
+  if (dims[0] < 3 || dims[3] < 2) return `${file.name} is a 2D image: open a 3D volume`;
+  if ([128, 2304].includes(volume.hdr.datatypeCode)) {
+    return `${file.name} holds colour (RGB) voxels: open a scalar (greyscale) volume`;
+  }
+  return volume;
+}
+
 async function openFile(file) {
   if (!/\.(nii|nii\.gz|nrrd|nhdr|mha)$/i.test(file.name)) {
     say(`${file.name} is not a NIfTI (.nii, .nii.gz) or NRRD (.nrrd) volume: open one of those`, true);
     return;
   }
-  say(`reading ${file.name}…`);
-  const bytes = await file.arrayBuffer();
-  try {
-    nv.volumes.slice().forEach((v) => nv.removeVolume(v));
-    await nv.loadFromArrayBuffer(bytes.slice(0), file.name);
-    if (!nv.volumes.length) throw new Error("no image found in it");
-  } catch (error) {
-    say(`${file.name} could not be read as a volume (${error.message}): check the file`, true);
+  if (state.running) {  // its replies, events and slices belong to the volume shown
+    say(`finish or cancel the ${state.running} first, then open ${file.name}`, true);
     return;
   }
-  Object.assign(state, { bytes, name: file.name, print: "", grid: new VoxelGrid(nv.volumes[0]), objects: [],
+  say(`reading ${file.name}…`);
+  const bytes = await file.arrayBuffer();
+  const volume = await readVolume(file, bytes);
+  if (typeof volume === "string") {  // refused before anything is shown: the open volume and its objects stay
+    say(volume, true);
+    return;
+  }
+  nv.volumes.slice().forEach((v) => nv.removeVolume(v));
+  nv.addVolume(volume);
+  Object.assign(state, { bytes, name: file.name, print: "", grid: new VoxelGrid(nv.volumes[0]), views: null, objects: [],
     active: 0, box: null, history: [], future: [] });
+  $("box-text").textContent = "drag a box on a slice";
   nv.createEmptyDrawing();
-  nv.setDrawOpacity(Number($("opacity").value));
+  applyOpacity();
   $("volume-name").textContent = file.name;
+  $("window").value = $("window").value === "custom" ? "mr" : $("window").value;
   applyWindow();
   const print = fingerprint(bytes);
   const lost = await resumeObjects(recall(print));
@@ -111,7 +176,13 @@ async function settled(job, label) {
   let status = await api.status(job);
   while (status.state === "running" || (!status.loaded && status.state !== "failed")) {
     const { done, total } = status.progress;
-    if (status.state === "running") say(`${label}: waiting for its propagation to finish on the service (${done}/${total})…`);
+    if (status.state === "running") {
+      say(`${label}: waiting for its propagation to finish on the service (${done}/${total})…`);
+      $("progress").value = total ? done / total : 0;
+      $("progress-text").textContent = `${done}/${total}`;
+    } else {
+      say(`${label}: the service is loading the volume…`);
+    }
     await new Promise((r) => setTimeout(r, 300));
     status = await api.status(job);
   }
@@ -119,8 +190,8 @@ async function settled(job, label) {
   return status;
 }
 
-/** Bring back the objects this tab had on this volume before a reload, their labels from the service (the undo
- * history starts afresh). Returns how many of them the service no longer has. */
+/** Bring back the objects this tab had on this volume (before a reload, or before another file was opened), their
+ * labels from the service (the undo history starts afresh). Returns how many of them the service no longer has. */
 async function resumeObjects(saved) {
   if (!saved) return 0;
   state.running = "resume";
@@ -132,8 +203,8 @@ async function resumeObjects(saved) {
         const status = await settled(kept.job, `object ${n + 1}`);
         const labels = await labelsFromNifti(await api.result(kept.job, "nii.gz"), state.grid.dims);
         state.views = status.volume.views;
-        state.objects.push({ job: kept.job, labels, clicks: new Map(kept.clicks),
-          userSlices: new Set(kept.userSlices) });
+        state.objects.push({ job: kept.job, labels, voxels: labels.reduce((sum, v) => sum + v, 0),
+          clicks: new Map(kept.clicks), userSlices: new Set(kept.userSlices) });
       } catch (error) {
         if (!(error instanceof ApiError && [404, 410].includes(error.status))) throw error;
         lost++;  // expired or purged: the service has nothing left of it
@@ -159,25 +230,32 @@ async function resumeObjects(saved) {
 }
 
 function listObjects() {
-  $("objects").innerHTML = state.objects.map((_, n) => `<option value="${n}">object ${n + 1}</option>`).join("");
+  $("objects").innerHTML = state.objects.map((_, n) => `<option value="${n}">${objectName(n)}</option>`).join("");
   $("objects").value = String(state.active);
 }
 
+/** A new object on the volume (a job of its own on the service); it starts with no box and the Box tool. */
 async function addObject() {
+  if (!state.grid || state.running) return;
+  state.running = "upload";
+  state.box = null;
+  $("box-text").textContent = "drag a box on a slice";
+  setTool("box");
   say("uploading the volume to the service…");
-  refreshButtons();
   try {
     const job = await api.createJob(state.bytes);
     const status = await settled(job.id, "the volume");
     state.views = status.volume.views;
-    state.objects.push({ job: job.id, labels: new Uint8Array(state.grid.size), clicks: new Map(),
+    state.objects.push({ job: job.id, labels: new Uint8Array(state.grid.size), voxels: 0, clicks: new Map(),
       userSlices: new Set() });
     state.active = state.objects.length - 1;
     listObjects();
-    say(`ready: drag a box on a slice (object ${state.active + 1})`);
+    setTool("box");  // the new object's pen value
+    say(`ready: drag a box on a slice (${objectName(state.active)})`);
   } catch (error) {
     failed(error);
   }
+  state.running = null;
   refreshButtons();
 }
 
@@ -185,47 +263,173 @@ async function addObject() {
 
 function setView(type) {
   nv.setSliceType(type);
-  outline.hidden = true;  // the box's outline is drawn in screen pixels of the previous layout
-  document.querySelectorAll("[data-view]").forEach((b) => b.classList.toggle("active", Number(b.dataset.view) === type));
+  document.querySelectorAll("[data-view]").forEach((b) => {
+    b.classList.toggle("active", Number(b.dataset.view) === type);
+    b.setAttribute("aria-pressed", String(Number(b.dataset.view) === type));
+  });
 }
+
+/** Zoom the 2D views by `factor` (1: back to fit, and no pan). */
+function zoom(factor) {
+  const [x, y, z, scale] = nv.scene.pan2Dxyzmm;
+  nv.setPan2Dxyzmm(factor === 1 ? [0, 0, 0, 1] : [x, y, z, Math.min(Math.max(scale * factor, 0.25), 16)]);
+}
+
+/** The intensity window that the service is asked to use: the preset, or the W/L the user set by right-drag. */
+function windowParam() {
+  const volume = nv.volumes[0];
+  if ($("window").value !== "custom" || !volume) return $("window").value;
+  return [volume.cal_max - volume.cal_min, (volume.cal_max + volume.cal_min) / 2];
+}
+
+let presetRange = null;  // [cal_min, cal_max] of the preset chosen last
 
 function applyWindow() {
   const volume = nv.volumes[0];
-  if (!volume) return;
+  if (!volume || $("window").value === "custom") return;
   const preset = CT_WINDOWS[$("window").value];
   [volume.cal_min, volume.cal_max] = preset ? [preset[1] - preset[0] / 2, preset[1] + preset[0] / 2]
     : [volume.robust_min, volume.robust_max];
+  presetRange = [volume.cal_min, volume.cal_max];
   nv.updateGLVolume();
 }
 
-// ---- the box ----
+function applyOpacity() {
+  const opacity = Number($("opacity").value);
+  // NiiVue's rim: the edge pixels of each mask at full opacity, the inside barely tinted
+  nv.drawRimOpacity = $("outline").checked ? 1 : -1;
+  nv.setDrawOpacity($("outline").checked ? Math.min(opacity, 0.08) : opacity);
+}
 
-const outline = $("box-outline");
+// ---- on-image information ----
+
+const number = (v) => (Math.abs(v) >= 100 ? Math.round(v) : Number(v.toPrecision(3))).toString();
+
+/** The slice(s) shown (the service's view names and slice numbers, as in every message), W/L, zoom. */
+function showInfo() {
+  const volume = nv.volumes[0];
+  if (!volume || !state.grid) return;
+  const shown = nv.opts.sliceType === SLICE_TYPE.MULTIPLANAR ? [0, 1, 2] : [nv.opts.sliceType].filter((t) => t <= 2);
+  const file = state.grid.rasToFile(Array.from(nv.frac2vox(nv.scene.crosshairPos)));
+  $("slice-info").textContent = shown.map((axCorSag) => {
+    const axis = state.grid.arrayAxisOfView(axCorSag);
+    const count = state.grid.dims[2 - axis];
+    return `${state.views ? viewOf(axis) : VIEW_NAMES[axCorSag]} ${file[2 - axis]}/${count - 1}`;
+  }).join("  ");
+  const [low, high] = [volume.cal_min, volume.cal_max];
+  if (presetRange && (low !== presetRange[0] || high !== presetRange[1])) {  // a right-drag set W/L
+    $("window").value = "custom";
+    presetRange = null;
+  }
+  $("wl-info").textContent = `W ${number(high - low)} L ${number((high + low) / 2)}`;
+  const convention = nv.opts.isRadiologicalConvention ? "  radiological" : "";
+  $("zoom-info").textContent = `zoom ${Math.round(100 * nv.scene.pan2Dxyzmm[3])}%${convention}`;
+}
+
+// ---- marks on the image: the box and the active object's clicks, where they are on the slices shown ----
+
+const marks = $("marks");
+
+/** Canvas (CSS pixel) position of a RAS voxel on view `axCorSag`, or null when the view shows another slice. */
+function screenPoint(ras, axCorSag) {
+  const crosshair = nv.frac2vox(nv.scene.crosshairPos);
+  if (Math.round(ras[2 - axCorSag]) !== crosshair[2 - axCorSag]) return null;
+  const found = nv.frac2canvasPosWithTile(nv.vox2frac(ras), axCorSag);
+  const dpr = nv.uiData.dpr || 1;
+  return found && found.pos ? [found.pos[0] / dpr, found.pos[1] / dpr] : null;
+}
+
+function drawMarks() {
+  const { width, height } = marks.getBoundingClientRect();
+  const dpr = window.devicePixelRatio || 1;
+  if (marks.width !== Math.round(width * dpr) || marks.height !== Math.round(height * dpr)) {
+    [marks.width, marks.height] = [Math.round(width * dpr), Math.round(height * dpr)];
+  }
+  const context = marks.getContext("2d");
+  context.setTransform(dpr, 0, 0, dpr, 0, 0);
+  context.clearRect(0, 0, width, height);
+  if (!state.grid) return;
+  const views = nv.screenSlices.map((tile) => tile.axCorSag).filter((v) => v >= 0 && v <= 2);
+  context.lineWidth = 2;
+  context.strokeStyle = "#ffd000";
+  if (dragFrom && dragTo) {
+    context.strokeRect(dragFrom[0], dragFrom[1], dragTo[0] - dragFrom[0], dragTo[1] - dragFrom[1]);
+  } else if (state.box && views.includes(state.box.axCorSag)) {
+    const [a, b] = state.box.ras.map((ras) => screenPoint(ras, state.box.axCorSag));
+    if (a && b) context.strokeRect(a[0], a[1], b[0] - a[0], b[1] - a[1]);
+  }
+  const object = state.objects[state.active];
+  for (const [key, points] of object ? object.clicks : []) {
+    const [axis, index] = parseSliceKey(key);
+    for (const [x, y, label] of points) {
+      const ras = state.grid.fileToRas(state.grid.pixelToFile(axis, index, y, x));
+      for (const view of views) {
+        const at = screenPoint(ras, view);
+        if (at) drawClick(context, at, label);
+      }
+    }
+  }
+}
+
+/** A click's marker: a ring with + or − in it, white on black so it shows on any image and any mask. */
+function drawClick(context, [x, y], label) {
+  context.beginPath();
+  context.arc(x, y, 7, 0, 2 * Math.PI);
+  context.fillStyle = label ? "#ffffff" : "#202020";
+  context.fill();
+  context.lineWidth = 2;
+  context.strokeStyle = label ? "#202020" : "#ffffff";
+  context.stroke();
+  context.beginPath();
+  context.moveTo(x - 4, y);
+  context.lineTo(x + 4, y);
+  if (label) {
+    context.moveTo(x, y - 4);
+    context.lineTo(x, y + 4);
+  }
+  context.stroke();
+}
+
+const drawScene = nv.drawScene.bind(nv);
+nv.drawScene = () => {  // NiiVue redraws on every pan, zoom, scroll and resize: the marks and the text follow it
+  const drawn = drawScene();
+  drawMarks();
+  showInfo();
+  return drawn;
+};
+
+// ---- the box: a left-drag with the Box tool (a middle-drag pans, a right-drag sets W/L: neither is a box) ----
+
 let dragFrom = null;
+let dragTo = null;
 $("gl").addEventListener("pointerdown", (e) => {
-  if (e.button !== 0 || state.tool !== "box") return;
-  dragFrom = [e.offsetX, e.offsetY];
+  dragFrom = e.button === 0 && state.tool === "box" ? [e.offsetX, e.offsetY] : null;
+  dragTo = null;
 });
 $("gl").addEventListener("pointermove", (e) => {
   if (!dragFrom) return;
-  const [x0, y0] = dragFrom;
-  Object.assign(outline.style, { left: `${Math.min(x0, e.offsetX)}px`, top: `${Math.min(y0, e.offsetY)}px`,
-    width: `${Math.abs(e.offsetX - x0)}px`, height: `${Math.abs(e.offsetY - y0)}px` });
-  outline.hidden = false;
+  dragTo = [e.offsetX, e.offsetY];
+  drawMarks();
 });
-window.addEventListener("pointerup", () => { dragFrom = null; });
+window.addEventListener("pointerup", () => {
+  requestAnimationFrame(() => {  // after NiiVue's own handler has reported the drag
+    dragFrom = null;
+    dragTo = null;
+    drawMarks();
+  });
+});
 
 nv.onDragRelease = (drag) => {
-  if (!ready() || state.tool !== "box") return;
+  if (!ready() || state.tool !== "box" || !dragFrom || drag.axCorSag < 0) return;
   const inside = (vox) => Array.from(vox).map((v, a) => Math.min(Math.max(v, 0), state.grid.dimsRAS[a] - 1));
-  const found = state.grid.boxOf(drag.axCorSag, inside(drag.voxStart), inside(drag.voxEnd));
+  const ras = [inside(drag.voxStart), inside(drag.voxEnd)];
+  const found = state.grid.boxOf(drag.axCorSag, ...ras);
   const view = viewOf(found.axis);
   if (found.box[0] === found.box[2] || found.box[1] === found.box[3]) {
     say("the box is too thin: drag a box around the object on one slice", true);
-    outline.hidden = true;
     return;
   }
-  state.box = { ...found, view };
+  state.box = { ...found, view, ras, axCorSag: drag.axCorSag };
   $("box-text").textContent = `${view} slice ${found.slice}: [${found.box.join(", ")}]`;
   say("box set: Segment slice (S), or Propagate (Enter)");
   refreshButtons();
@@ -239,6 +443,7 @@ function paint(axis, index) {
 
 function redraw() {
   nv.refreshDrawing(true);
+  showLegend();
 }
 
 let redrawQueued = false;
@@ -255,11 +460,11 @@ function redrawSoon() {
 
 /** Apply one slice to the active object's labels, noting what it replaced in the open history entry. */
 function applySlice(entry, axis, index, mask) {
-  const labels = state.objects[entry.object].labels;
+  const object = state.objects[entry.object];
   const key = sliceKey(axis, index);
-  if (!entry.before.has(key)) entry.before.set(key, state.grid.readSlice(labels, axis, index));
+  if (!entry.before.has(key)) entry.before.set(key, state.grid.readSlice(object.labels, axis, index));
   entry.after.set(key, mask);
-  state.grid.writeSlice(labels, axis, index, mask);
+  object.voxels += state.grid.writeSlice(object.labels, axis, index, mask);
   paint(axis, index);
 }
 
@@ -296,7 +501,7 @@ async function sendSlices(entry, which) {
   for (const [key, mask] of entry[which]) {
     const [axis, index] = parseSliceKey(key);
     const view = viewOf(axis);
-    await api.writeSlice(object.job, { view, slice: index, mask: encodeMask(mask, state.grid.sliceShape(axis)) });
+    await api.writeSlice(jobOf(entry.object), { view, slice: index, mask: encodeMask(mask, state.grid.sliceShape(axis)) });
   }
 }
 
@@ -310,7 +515,7 @@ async function restore(entry, which) {
   }
   for (const [key, mask] of entry[which]) {
     const [axis, index] = parseSliceKey(key);
-    state.grid.writeSlice(object.labels, axis, index, mask);
+    object.voxels += state.grid.writeSlice(object.labels, axis, index, mask);
     paint(axis, index);
   }
   redraw();
@@ -343,7 +548,7 @@ async function segmentSlice(view, axis, slice, prompt, label, from = "", onAppli
   refreshButtons();
   say(`segmenting ${view} slice ${slice}${from}…`);
   try {
-    const reply = await api.segment(state.objects[state.active].job, { view, slice, ...prompt, window: $("window").value });
+    const reply = await api.segment(jobOf(state.active), { view, slice, ...prompt, window: windowParam() });
     const entry = openEntry(label);
     onApplied(entry);
     applySlice(entry, axis, reply.slice, decodeMask(reply.mask));
@@ -369,7 +574,7 @@ let propagation = null;
 /** Run a propagation along array `axis`. The user's other slices in the range condition it too; they, and a
  * key slice given as a `mask`, stay as drawn (the service keeps them, whatever its events say). */
 async function propagate(params, axis, label) {
-  const object = state.objects[state.active];
+  const job = jobOf(state.active);
   state.running = "propagate";
   refreshButtons();
   $("progress").value = 0;
@@ -381,11 +586,11 @@ async function propagate(params, axis, label) {
   const kept = new Set(params.mask ? [...conditioning, params.slice] : conditioning);
   propagation = new AbortController();
   try {
-    const started = await api.propagate(object.job, { ...params, conditioning, window: $("window").value });
+    const started = await api.propagate(job, { ...params, conditioning, window: windowParam() });
     if (params.mask) markUserSlice(entry, axis, params.slice);
     say(conditioning.length ? `propagating with your slices ${conditioning.join(", ")}…` : "propagating…");
     let outcome = null;
-    await followEvents(object.job, started.events_after, (event) => {
+    await followEvents(job, started.events_after, (event) => {
       if (event.data.propagation !== started.propagation) return;
       if (event.kind === "slice") {
         if (!kept.has(event.data.slice)) {
@@ -457,7 +662,7 @@ async function cancel() {
   if (state.running !== "propagate") return;
   say("cancelling…");  // before the request: the "cancelled" event may arrive before its reply
   try {
-    await api.cancel(state.objects[state.active].job);
+    await api.cancel(jobOf(state.active));
   } catch (error) {
     failed(error);
   }
@@ -492,8 +697,8 @@ function setTool(tool) {
   // NiiVue draws where its crosshair goes, and clicks go where it is: those tools need the left button on the
   // crosshair, the box does not
   nv.opts.mouseEventConfig.leftButton.primary = tool === "box" ? DRAG_MODE.callbackOnly : DRAG_MODE.crosshair;
-  if (drawing) nv.setPenValue(tool === "pen" ? state.active + 1 : 0, false);
-  outline.hidden = true;
+  // the pen closes and fills its shape (NiiVue's filled pen); both draw brush-size wide
+  if (drawing) nv.setPenValue(tool === "pen" ? state.active + 1 : 0, tool === "pen");
   refreshButtons();
 }
 
@@ -507,7 +712,8 @@ nv.onMouseUp = () => {
   }
   const { view, axis, slice } = currentSlice();
   const entry = openEntry(`${state.tool} on ${view} slice ${slice}`);
-  applySlice(entry, axis, slice, state.grid.drawnSlice(nv.drawBitmap, axis, slice, state.active + 1));
+  const labels = state.objects[state.active].labels;
+  applySlice(entry, axis, slice, state.grid.drawnSlice(nv.drawBitmap, axis, slice, state.active + 1, labels));
   markUserSlice(entry, axis, slice);
   closeEntry(entry);
   redraw();
@@ -517,10 +723,11 @@ nv.onMouseUp = () => {
 
 // ---- downloads ----
 
+/** Download the active object; the .seg.nrrd carries the object's name and colour as the page shows them. */
 async function download(format) {
-  const object = state.objects[state.active];
+  const n = state.active;
   try {
-    const blob = await api.result(object.job, format);
+    const blob = await api.result(jobOf(n), format, format === "seg.nrrd" ? { name: objectName(n), color: objectColor(n) } : {});
     const link = document.createElement("a");
     link.href = URL.createObjectURL(blob);
     link.download = `${state.name.replace(/\.(nii\.gz|nii|nrrd|nhdr|mha)$/i, "")}_object${state.active + 1}.${format}`;
@@ -535,7 +742,11 @@ async function download(format) {
 
 $("token").value = token.get();
 $("token").addEventListener("change", () => token.set($("token").value.trim()));
-$("file").addEventListener("change", () => $("file").files[0] && openFile($("file").files[0]).catch(failed));
+$("open").addEventListener("click", () => $("file").click());
+$("file").addEventListener("change", () => {
+  if ($("file").files[0]) openFile($("file").files[0]).catch(failed);
+  $("file").value = "";  // the same file again is a change too
+});
 document.body.addEventListener("dragover", (e) => { e.preventDefault(); document.body.classList.add("dropping"); });
 document.body.addEventListener("dragleave", () => document.body.classList.remove("dropping"));
 document.body.addEventListener("drop", (e) => {
@@ -554,17 +765,53 @@ $("cancel").addEventListener("click", cancel);
 $("undo").addEventListener("click", () => undoRedo(state.history, state.future, "undo"));
 $("redo").addEventListener("click", () => undoRedo(state.future, state.history, "redo"));
 $("new-object").addEventListener("click", addObject);
-$("objects").addEventListener("change", () => { state.active = Number($("objects").value); setTool(state.tool); });
-$("opacity").addEventListener("input", () => nv.setDrawOpacity(Number($("opacity").value)));
+$("objects").addEventListener("change", () => { state.active = Number($("objects").value); setTool(state.tool); drawMarks(); });
+$("opacity").addEventListener("input", applyOpacity);
+$("outline").addEventListener("change", applyOpacity);
+$("brush").addEventListener("input", setBrush);
+$("radiological").addEventListener("change", () => nv.setRadiologicalConvention($("radiological").checked));
+$("zoom-in").addEventListener("click", () => zoom(1.25));
+$("zoom-out").addEventListener("click", () => zoom(0.8));
+$("zoom-reset").addEventListener("click", () => zoom(1));
 $("download-nii").addEventListener("click", () => download("nii.gz"));
 $("download-seg").addEventListener("click", () => download("seg.nrrd"));
 
+function setBrush() {
+  nv.opts.penSize = Number($("brush").value);
+  $("brush-text").textContent = $("brush").value;
+}
+
+/** Toggle a checkbox from the keyboard, as a click on it would. */
+function toggle(id) {
+  $(id).checked = !$(id).checked;
+  $(id).dispatchEvent(new Event("change"));
+}
+
+/** Brush size one step up or down, as the slider would. */
+function stepBrush(steps) {
+  steps > 0 ? $("brush").stepUp() : $("brush").stepDown();
+  setBrush();
+}
+
 const KEYS = { s: segment, Enter: propagateBox, f: propagateFromHere, Escape: cancel, b: () => setTool("box"),
   p: () => setTool("pen"), e: () => setTool("eraser"), "+": () => setTool("positive"), "-": () => setTool("negative"),
-  n: addObject, 1: () => setView(0), 2: () => setView(1),
-  3: () => setView(2), 4: () => setView(3) };
+  n: addObject, 1: () => setView(0), 2: () => setView(1), 3: () => setView(2), 4: () => setView(3),
+  z: () => zoom(1.25), Z: () => zoom(0.8), r: () => zoom(1), l: () => toggle("radiological"), o: () => toggle("outline"),
+  "[": () => stepBrush(-1), "]": () => stepBrush(1) };
+
+/** Whether a key belongs to the focused control rather than to the shortcuts: typing in a text or number field or
+ * a list, Enter or Space on a button or checkbox (it presses that control), arrows on a slider. */
+function keyOfControl(e) {
+  const target = e.target;
+  if (target instanceof HTMLSelectElement || target instanceof HTMLTextAreaElement) return true;
+  if (target instanceof HTMLInputElement && !["range", "checkbox"].includes(target.type)) return true;
+  const control = target instanceof HTMLButtonElement || target instanceof HTMLInputElement;
+  if (control && (e.key === "Enter" || e.key === " ")) return true;
+  return target instanceof HTMLInputElement && target.type === "range" && /^(Arrow|Page|Home|End)/.test(e.key);
+}
+
 document.addEventListener("keydown", (e) => {
-  if (e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement) return;
+  if (keyOfControl(e)) return;
   if ((e.ctrlKey || e.metaKey) && e.key === "z") undoRedo(state.history, state.future, "undo");
   else if ((e.ctrlKey || e.metaKey) && e.key === "y") undoRedo(state.future, state.history, "redo");
   else if (KEYS[e.key] && !e.ctrlKey && !e.metaKey) KEYS[e.key]();
@@ -572,5 +819,6 @@ document.addEventListener("keydown", (e) => {
   e.preventDefault();
 });
 setView(SLICE_TYPE.AXIAL);
+setBrush();
 refreshButtons();
 say("open a NIfTI or NRRD volume (button or drag and drop)");

@@ -4,6 +4,9 @@
 // NiiVue keeps its drawing in RAS-permuted voxel order: RAS axis p is file axis |permRAS[p]|-1, flipped
 // when permRAS[p] < 0. Labels live here in the file's order; the drawing is rebuilt from them per slice.
 
+/** The drawing's value where objects overlap (NiiVue's draw colour table has 255 entries; objects use 1, 2, …). */
+export const OVERLAP = 255;
+
 /** The mapping of one loaded NiiVue volume: file dims (i, j, k) and the RAS permutation. */
 export class VoxelGrid {
   constructor(volume) {
@@ -96,25 +99,35 @@ export class VoxelGrid {
     return out;
   }
 
-  /** Write a rows x cols 0/1 `mask` into slice `index` along array axis `axis` of file-ordered `labels`. */
+  /** Write a rows x cols 0/1 `mask` into slice `index` along array axis `axis` of file-ordered `labels`; the
+   * change in the labels' voxel count. */
   writeSlice(labels, axis, index, mask) {
-    this.forEachPixel(axis, index, (pixel, at) => { labels[at] = mask[pixel]; });
+    let added = 0;
+    this.forEachPixel(axis, index, (pixel, at) => {
+      added += mask[pixel] - labels[at];
+      labels[at] = mask[pixel];
+    });
+    return added;
   }
 
-  /** Copy slice `index` along `axis` of every object's labels into NiiVue's drawing (object n → pen n + 1). */
+  /** Copy slice `index` along `axis` of every object's labels into NiiVue's drawing (object n → pen n + 1; a
+   * voxel in two or more objects → OVERLAP, so overlaps show). */
   paintSlice(drawing, objects, axis, index) {
     this.forEachPixel(axis, index, (_, at, ras) => {
       let value = 0;
-      objects.forEach((labels, n) => { if (labels[at]) value = n + 1; });
+      objects.forEach((labels, n) => { if (labels[at]) value = value ? OVERLAP : n + 1; });
       drawing[ras] = value;
     });
   }
 
-  /** Object `pen`'s voxels of slice `index` along `axis` as drawn in NiiVue's drawing (0/1, rows x cols). */
-  drawnSlice(drawing, axis, index, pen) {
+  /** Object `pen`'s voxels of slice `index` along `axis` as drawn in NiiVue's drawing (0/1, rows x cols): its pen
+   * value, and the overlap voxels its `labels` had. */
+  drawnSlice(drawing, axis, index, pen, labels) {
     const [rows, cols] = this.sliceShape(axis);
     const out = new Uint8Array(rows * cols);
-    this.forEachPixel(axis, index, (pixel, _, ras) => { out[pixel] = drawing[ras] === pen ? 1 : 0; });
+    this.forEachPixel(axis, index, (pixel, at, ras) => {
+      out[pixel] = drawing[ras] === pen || (drawing[ras] === OVERLAP && labels[at]) ? 1 : 0;
+    });
     return out;
   }
 }
