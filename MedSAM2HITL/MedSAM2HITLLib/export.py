@@ -127,10 +127,17 @@ def export_labelmap_nifti(
     reversed for a left-handed file (`nifti_volume`), or the one Slicer's reader made of it. Otherwise (another
     format, or a grid that is not the file's) the affine is the volume's IJK→RAS.
     """
+    path = check_output(path, ".nii", ".nii.gz")
+    labels, names = labelmap_array(segmentation_node, volume_node, segment_ids)
+    export_label_array_nifti(labels, volume_node, path)
+    return names
+
+
+def export_label_array_nifti(labels: np.ndarray, volume_node, path: str | Path) -> Path:
+    """Write a label array ([k, j, i] on the volume's grid) as NIfTI, aligned as `export_labelmap_nifti` says."""
     import nibabel as nib
 
     path = check_output(path, ".nii", ".nii.gz")
-    labels, names = labelmap_array(segmentation_node, volume_node, segment_ids)
     dtype = labels.dtype
     data = labels.transpose(2, 1, 0)  # [k, j, i] → NIfTI's [i, j, k]
     image = _on_source_grid(data, volume_node)
@@ -140,9 +147,8 @@ def export_labelmap_nifti(
         image.set_qform(affine, code=1)
         image.set_sform(affine, code=1)
     image.set_data_dtype(dtype)
-    replace_verified(path, lambda partial: nib.save(image, str(partial)),
-                     lambda partial: np.asanyarray(nib.load(str(partial)).dataobj))
-    return names
+    return replace_verified(path, lambda partial: nib.save(image, str(partial)),
+                            lambda partial: np.asanyarray(nib.load(str(partial)).dataobj))
 
 
 def _on_source_grid(data: np.ndarray, volume_node):

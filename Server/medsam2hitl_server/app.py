@@ -11,7 +11,7 @@ import threading
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import fastapi_offline
 import redis
@@ -22,6 +22,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from pydantic import StringConstraints
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -52,8 +53,13 @@ UPLOAD_BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {"file": VOLUME_FILE}}},
 }}
 BINARY = {"schema": {"type": "string", "format": "binary"}}
-SEGMENT_NAME = Query(None, min_length=1, max_length=64, pattern=r"^[\w .()+-]+$",
-                     description="the segment's name (.seg.nrrd default Segment_1, DICOM SEG default Object)")
+OBJECT = Query(None, ge=1, le=255, description="one object's mask (0/1); without it, all the job's objects")
+SEGMENT_NAMES = Query([], description="segment names, one per object of the result in number order (repeat the "
+                                      "parameter); default .seg.nrrd Segment_<number>, DICOM SEG Object")
+SEGMENT_COLORS = Query([], description="the .seg.nrrd segments' colours, rrggbb hex, one per object in number "
+                                       "order (repeat the parameter)")
+SegmentName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\w .()+-]+$")]
+SegmentColor = Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{6}$")]
 RESULT_FILE = {200: {"description": "the mask file", "content": {"application/gzip": BINARY,
                                                                  "application/octet-stream": BINARY,
                                                                  "application/dicom": BINARY}}}
@@ -238,7 +244,7 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
             check_against_volume(body, json.loads(record["geometry"]) if record.get("geometry") else None)
         except BadInputError as error:
             raise HTTPException(400, str(error)) from None
-        return body.model_dump()
+        return body.params() if isinstance(body, Propagate) else body.model_dump()
 
     def raise_failure(reply: dict) -> dict:
         if "error" in reply:
@@ -299,7 +305,8 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
                 "worker": record["worker"] or None, "loaded": record["loaded"] == "1",
                 "queue_position": position, "error": record["error"] or None,
                 "created": float(record["created"]), "expires": float(record["expires"]),
-                "volume": json.loads(geometry) if geometry else json.loads(record["header"])}
+                "volume": json.loads(geometry) if geometry else json.loads(record["header"]),
+                "objects": json.loads(record.get("objects") or "[]")}
 
     def call_when_idle(record: dict, task: str, body) -> dict:
         """Run a short task on the job's worker and return its reply; 409 while a propagation holds the job."""
@@ -320,7 +327,8 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
     @router.post("/jobs/{job_id}/propagate", status_code=202, response_model=PropagationStarted,
                  responses=errors(400, 409))
     def propagate(body: Propagate, record: dict = Job) -> dict:
-        """Start filling the range from the key slice; follow it on /events or /status. 409 if one runs."""
+        """Start filling the range from the key slice of each object (one, or several in `objects`, tracked in one
+        pass); follow it on /events or /status. 409 if one runs."""
         params = checked(body, record)
         propagation_id = str(uuid.uuid4())
         if not store.try_lock(record["id"], propagation_id):
@@ -366,42 +374,47 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    def exported(record: dict, format: str, segment_name: str = "Segment_1",
-                 segment_color: str | None = None) -> Path:
+    def exported(record: dict, format: str, number: int | None = None, names: list[str] | None = None,
+                 colors: list[str] | None = None) -> dict:
+        """The exported file's path, the objects it holds and their segment names."""
         if store.holder(record["id"]):
             raise HTTPException(409, "a propagation is running on this job; download when it has finished")
-        reply = dispatcher.call(record["id"], "medsam2hitl.export", format, segment_name, segment_color)
-        name = raise_failure(reply)["file"]
-        path = job_dir(settings, record["id"]) / name
+        reply = raise_failure(dispatcher.call(record["id"], "medsam2hitl.export", format, number, names, colors))
+        path = job_dir(settings, record["id"]) / reply["file"]
         if not path.is_file():
             raise HTTPException(503, "the result file is not on this server's disk; see the README on "
                                      "workers without a shared data folder")
-        return path
+        return {**reply, "path": path}
 
-    def dicom_seg(record: dict, name: str) -> Path:
-        return dicomweb_jobs.dicom_seg(settings, record["id"], lambda: exported(record, "nii.gz"), name)
+    def dicom_seg(record: dict, number: int | None, names: list[str]) -> Path:
+        made = exported(record, "nii.gz", number, names)
+        defaults = ["Object" if len(made["objects"]) == 1 else f"Object {n}" for n in made["objects"]]
+        named = names + defaults[len(names):]
+        segments = {1: named[0]} if number is not None else dict(zip(made["objects"], named))
+        return dicomweb_jobs.dicom_seg(settings, record["id"], lambda: made["path"], segments)
 
     @router.get("/jobs/{job_id}/result", response_class=FileResponse,
                 responses={**RESULT_FILE, **errors(409, 500, 503)})
     def result(record: dict = Job, format: Literal["nii.gz", "seg.nrrd", "dicom-seg"] = "nii.gz",
-               segment_name: str | None = SEGMENT_NAME,
-               segment_color: str | None = Query(None, pattern=r"^[0-9a-fA-F]{6}$",
-                                                 description="the .seg.nrrd segment's colour, rrggbb hex")):
-        """The 3D mask: NIfTI with the input's affine and voxel order, Slicer's .seg.nrrd (its segment named
-        `segment_name`, coloured `segment_color` when given, e.g. as the web viewer shows it), or for a job read
+               object: int | None = OBJECT, segment_name: list[SegmentName] = SEGMENT_NAMES,
+               segment_color: list[SegmentColor] = SEGMENT_COLORS):
+        """The 3D mask of one `object` (0/1), or of all the job's objects (label value = object number; one
+        segment per object in .seg.nrrd and DICOM SEG): NIfTI with the input's affine and voxel order, Slicer's
+        .seg.nrrd (segments named and coloured as given, e.g. as the web viewer shows them), or for a job read
         from DICOM a DICOM SEG linked to its series."""
         if format == "dicom-seg":
-            return FileResponse(dicom_seg(record, segment_name or "Object"), media_type="application/dicom",
+            return FileResponse(dicom_seg(record, object, segment_name), media_type="application/dicom",
                                 filename=f"{record['id']}.dcm")
-        path = exported(record, format, segment_name or "Segment_1", segment_color)
+        path = exported(record, format, object, segment_name, segment_color)["path"]
         media = "application/gzip" if format == "nii.gz" else "application/octet-stream"
         return FileResponse(path, media_type=media, filename=f"{record['id']}.{format}")
 
     @router.post("/jobs/{job_id}/result/store", response_model=StoredResult, responses=errors(403, 409, 502, 503))
-    def store_result(record: dict = Job, segment_name: str | None = SEGMENT_NAME) -> dict:
+    def store_result(record: dict = Job, object: int | None = OBJECT,
+                     segment_name: list[SegmentName] = SEGMENT_NAMES) -> dict:
         """Store the result as a DICOM SEG on the service's DICOMweb server (STOW-RS; off unless
         MEDSAM2HITL_DICOMWEB_STORE=1)."""
-        return dicomweb_jobs.store_seg(settings, lambda: dicom_seg(record, segment_name or "Object"))
+        return dicomweb_jobs.store_seg(settings, lambda: dicom_seg(record, object, segment_name))
 
     @router.get("/jobs/{job_id}/volume", response_class=FileResponse,
                 responses={200: {"description": "the volume file", "content": {"application/octet-stream": BINARY}},

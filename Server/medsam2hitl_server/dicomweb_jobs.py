@@ -130,8 +130,9 @@ def source_folder(settings: Settings, job_id: str) -> Path:
     return folder
 
 
-def dicom_seg(settings: Settings, job_id: str, nifti_result: Callable[[], Path], name: str) -> Path:
-    """The job's result as a DICOM SEG (one segment, `name`) on its series; `nifti_result` exports the labels."""
+def dicom_seg(settings: Settings, job_id: str, nifti_result: Callable[[], Path], segments: dict[int, str]) -> Path:
+    """The job's result as a DICOM SEG on its series: label value n of the NIfTI `nifti_result` exports is the
+    segment `segments[n]` (numbered 1.. in value order, as DICOM wants them consecutive)."""
     import nibabel as nib
     import numpy as np
 
@@ -142,9 +143,13 @@ def dicom_seg(settings: Settings, job_id: str, nifti_result: Callable[[], Path],
     labels = np.asarray(result.dataobj).transpose(2, 1, 0)  # NIfTI (i, j, k) → [k, j, i]
     if not labels.any():
         raise HTTPException(409, "the job's result is empty: segment something before asking for a DICOM SEG")
+    values = sorted(segments)
+    numbered = np.zeros(labels.shape, np.uint8)
+    for number, value in enumerate(values, start=1):
+        numbered[labels == value] = number
     try:
-        return write_dicom_seg((labels > 0).astype(np.uint8), result.affine, {1: name}, folder, None,
-                               job_dir(settings, job_id) / SEG_FILE, Path(settings.checkpoint).stem)
+        return write_dicom_seg(numbered, result.affine, {n: segments[v] for n, v in enumerate(values, start=1)},
+                               folder, None, job_dir(settings, job_id) / SEG_FILE, Path(settings.checkpoint).stem)
     except BadInputError as error:
         raise HTTPException(400, str(error)) from None
 

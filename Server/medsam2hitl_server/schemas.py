@@ -35,25 +35,17 @@ class Mask(BaseModel):
         return self
 
 
-class Prompt(BaseModel):
-    """A box on a slice: voxel indices on `slice` of `view`, or two opposite corners in RAS millimetres."""
+ObjectNumber = Annotated[int, Field(ge=1, le=255, description="the object (label value) in the job; a new "
+                                                           "number makes a new object")]
+
+
+class BoxFields(BaseModel):
+    """Where an object is: voxel indices of a box on `slice`, or two opposite corners in RAS millimetres."""
 
     model_config = STRICT
-    view: View = "axial"
     slice: Annotated[int, Field(ge=0)] | None = None
     box: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = None
     box_ras: Annotated[list[Finite], Field(min_length=6, max_length=6)] | None = None
-    window: Window = "mr"
-
-    @field_validator("window")
-    @classmethod
-    def _known_window(cls, value):
-        if not (isinstance(value, str) and value.strip().lower() == "mr"):
-            try:
-                parse_window(value, None)
-            except BadInputError as error:
-                raise ValueError(str(error)) from None
-        return value
 
     @model_validator(mode="after")
     def _one_box(self):
@@ -64,6 +56,24 @@ class Prompt(BaseModel):
         if self.box is not None and (self.box[0] > self.box[2] or self.box[1] > self.box[3]):
             raise ValueError("'box' is [x_min, y_min, x_max, y_max]: each minimum must not exceed its maximum")
         return self
+
+
+class Prompt(BoxFields):
+    """A box on a slice of `view` for one object of the job (object 1 unless `object` says otherwise)."""
+
+    view: View = "axial"
+    window: Window = "mr"
+    object: ObjectNumber = 1
+
+    @field_validator("window")
+    @classmethod
+    def _known_window(cls, value):
+        if not (isinstance(value, str) and value.strip().lower() == "mr"):
+            try:
+                parse_window(value, None)
+            except BadInputError as error:
+                raise ValueError(str(error)) from None
+        return value
 
 
 Click = Annotated[list[Finite], Field(min_length=3, max_length=3)]
@@ -88,13 +98,38 @@ class Segment2D(Prompt):
         return self
 
 
-class Propagate(Prompt):
-    """Without a box, the key slice's mask prompts: `mask` as sent, or the job's current mask on `slice`.
+class ObjectPrompt(BoxFields):
+    """One object of a propagation: its key slice's box or `mask` (or, with `slice` alone, its current mask there),
+    and `conditioning`: more slices (same view) whose current masks of this object in the job condition the
+    tracking too and are kept exactly (the user's corrected slices)."""
 
-    `conditioning`: more slices (same view) whose current masks in the job condition the tracking too and are
-    kept exactly: the user's corrected slices. `early_stop`: tracking stops in each direction once the object has
-    been absent for a few slices in a row (engine.EARLY_STOP_PATIENCE); the `done` event says where (`ended_early`).
-    """
+    object: ObjectNumber = 1
+    mask: Mask | None = None
+    conditioning: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1024)] | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self):
+        return _one_key_prompt(self)
+
+
+def _one_key_prompt(item):
+    """An object's key prompt: a box or a mask, on a key slice or as RAS corners."""
+    if item.mask is not None and (item.box is not None or item.box_ras is not None):
+        raise ValueError("give either a box or a 'mask', not both")
+    if item.box_ras is None and item.slice is None:
+        raise ValueError("give the key 'slice' (with a 'box' or 'mask', or alone to use its current mask), "
+                         "or a 'box_ras'")
+    return item
+
+
+PROMPT_FIELDS = ("object", "slice", "box", "box_ras", "mask", "conditioning")
+
+
+class Propagate(Prompt):
+    """One object's prompt (the fields of ObjectPrompt at the top level), or `objects`: several objects tracked in
+    one pass, each slice encoded once for all of them. `view`, `window` and the range are shared. `early_stop`:
+    tracking stops in each direction once every object has been absent for a few slices in a row
+    (engine.EARLY_STOP_PATIENCE); the `done` event says where (`ended_early`)."""
 
     mask: Mask | None = None
     range: Literal["whole", "box", "custom"] = "whole"
@@ -103,22 +138,46 @@ class Propagate(Prompt):
     largest_component: bool = False
     early_stop: StrictBool = True  # ranges "whole" and "box" stop where the object ends; "custom" is followed exactly
     conditioning: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1024)] | None = None
+    objects: Annotated[list[ObjectPrompt], Field(min_length=1, max_length=255)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompts_once(cls, data):
+        if isinstance(data, dict) and data.get("objects") is not None:
+            mixed = [name for name in PROMPT_FIELDS if name in data]
+            if mixed:
+                raise ValueError(f"with 'objects', give {', '.join(repr(n) for n in mixed)} inside each object, "
+                                 "not at the top level")
+        return data
 
     @model_validator(mode="after")
-    def _one_prompt(self):
-        if self.mask is not None and (self.box is not None or self.box_ras is not None):
-            raise ValueError("give either a box or a 'mask', not both")
-        if self.box_ras is None and self.slice is None:
-            raise ValueError("give the key 'slice' (with a 'box' or 'mask', or alone to use its current mask), "
-                             "or a 'box_ras'")
-        return self
+    def _distinct_objects(self):
+        if self.objects is not None:
+            numbers = [item.object for item in self.objects]
+            if len(set(numbers)) != len(numbers):
+                raise ValueError("each object may appear once in 'objects'")
+            return self
+        return _one_key_prompt(self)
+
+    def object_prompts(self) -> list[ObjectPrompt]:
+        """The objects to propagate, the top-level prompt being the one object when `objects` is not given."""
+        if self.objects is not None:
+            return self.objects
+        return [ObjectPrompt.model_construct(**{name: getattr(self, name) for name in PROMPT_FIELDS})]
+
+    def params(self) -> dict:
+        """What the worker's task takes: the shared fields and the list of objects."""
+        shared = self.model_dump(exclude={*PROMPT_FIELDS, "objects"})
+        return {**shared, "objects": [item.model_dump() for item in self.object_prompts()]}
 
 
 class SliceWrite(BaseModel):
-    """A slice of the job's labels replaced by the client's mask (an undo, a pen or eraser edit); empty clears it."""
+    """One object's mask on a slice replaced by the client's (an undo, a pen or eraser edit); empty clears it.
+    Voxels another object holds on that slice stay that object's."""
 
     model_config = STRICT
     view: View = "axial"
+    object: ObjectNumber = 1
     slice: Annotated[int, Field(ge=0)]
     mask: Mask
 
@@ -129,26 +188,27 @@ def check_against_volume(body: Prompt | SliceWrite, geometry: dict | None) -> No
         return
     view = geometry["views"][body.view]
     count = view["slices"]
-    if body.slice is not None and body.slice >= count:
-        raise BadInputError(f"slice {body.slice} is outside the volume: the {body.view} view has slices "
-                            f"0..{count - 1}")
-    mask = getattr(body, "mask", None)
-    if mask is not None:
-        shape = [n for a, n in enumerate(geometry["shape_kji"]) if a != view["array_axis"]]
-        if mask.shape != shape:
+    shape = [n for a, n in enumerate(geometry["shape_kji"]) if a != view["array_axis"]]
+    prompts = body.object_prompts() if isinstance(body, Propagate) else [body]
+    for item in prompts:
+        if item.slice is not None and item.slice >= count:
+            raise BadInputError(f"slice {item.slice} is outside the volume: the {body.view} view has slices "
+                                f"0..{count - 1}")
+        mask = getattr(item, "mask", None)
+        if mask is not None and mask.shape != shape:
             raise BadInputError(f"the mask has shape {mask.shape}, the {body.view} slices have {shape}")
-    if isinstance(body, Propagate):
-        outside = [i for i in body.conditioning or [] if i >= count]
+        outside = [i for i in getattr(item, "conditioning", None) or [] if i >= count]
         if outside:
             raise BadInputError(f"conditioning slice {outside[0]} is outside the volume: the {body.view} view has "
                                 f"slices 0..{count - 1}")
-        if body.range == "custom":
-            if body.start is None or body.end is None:
-                raise BadInputError("range 'custom' needs 'start' and 'end'")
-            key = body.slice
-            if not body.start <= body.end < count or (key is not None and not body.start <= key <= body.end):
-                raise BadInputError(f"range {body.start}..{body.end} must lie within slices 0..{count - 1}"
-                                    + (f" and contain the key slice {key}" if key is not None else ""))
+    if isinstance(body, Propagate) and body.range == "custom":
+        if body.start is None or body.end is None:
+            raise BadInputError("range 'custom' needs 'start' and 'end'")
+        keys = [item.slice for item in prompts if item.slice is not None]
+        if not body.start <= body.end < count or any(not body.start <= key <= body.end for key in keys):
+            raise BadInputError(f"range {body.start}..{body.end} must lie within slices 0..{count - 1}"
+                                + (f" and contain the key slice {keys[0]}" if len(keys) == 1 else
+                                   " and contain the key slices" if keys else ""))
 
 
 # Responses: what each endpoint answers and each event carries, so /docs shows the fields and generated clients
@@ -266,6 +326,11 @@ class JobCreated(BaseModel):
     dtype: str
 
 
+class ObjectVoxels(BaseModel):
+    object: int = Field(description="the object's number (its label value)")
+    voxels: int = Field(description="voxels the object holds in the job's labels")
+
+
 class JobStatus(BaseModel):
     id: str
     state: JobState
@@ -277,9 +342,11 @@ class JobStatus(BaseModel):
     created: float = Field(description="Unix time")
     expires: float = Field(description="Unix time")
     volume: VolumeGeometry | UploadedVolume
+    objects: list[ObjectVoxels] = Field(description="the job's objects, by number, as of the worker's last save")
 
 
 class SegmentedSlice(BaseModel):
+    object: int
     view: View
     array_axis: int
     slice: int
@@ -290,10 +357,11 @@ class SegmentedSlice(BaseModel):
 
 
 class WrittenSlice(BaseModel):
+    object: int
     view: View
     array_axis: int
     slice: int
-    voxels: int = Field(description="voxels set in the written slice")
+    voxels: int = Field(description="voxels the object holds on the slice now (none another object holds)")
 
 
 class PropagationStarted(BaseModel):
@@ -314,9 +382,11 @@ class StateEvent(BaseModel):
 
 
 class SliceEvent(BaseModel):
-    """Event `slice`: one slice of the propagation is done; its mask is in the job's labels."""
+    """Event `slice`: one slice of one object of the propagation is done; the mask is the model's, the job's labels
+    keep it without the voxels another object holds."""
 
     propagation: str
+    object: int = 1
     slice: int
     array_axis: int
     done: int

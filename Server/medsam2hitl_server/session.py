@@ -1,5 +1,10 @@
 """What a worker process keeps warm: the model (Engine) and, per job, its volume, labels and geometry.
 
+A job's objects share one uint8 label array whose value is the object's number (0: none). A voxel belongs to one
+object at most, the one that took it first: writing another object's slice (a segment-2d, a propagated slice, a
+PUT) leaves it to its holder, so objects never clobber each other. To give it to another object, clear it from
+its holder first (PUT that object's slice).
+
 Volumes are read with MedSAM2HITLLib's loader into a headless MRML scene, so voxel indices, RAS boxes and the
 exported NIfTI follow exactly the rules of the Slicer module and the CLI.
 """
@@ -44,6 +49,34 @@ class JobVolume:
     binding: str = ""  # the job's binding to this worker when it was loaded (JobStore.bind)
     saved_at: float = field(default_factory=time.monotonic)
     last_event: str = "0-0"  # the last slice event of the job's stream that the labels include
+    voxels: dict[int, int] = field(default_factory=dict)  # object number → voxels it holds (named objects only)
+
+    def __post_init__(self):
+        counts = np.zeros(256, np.int64)
+        for plane in self.labels:  # slice by slice: bincount of the whole array would make an int64 copy of it
+            counts += np.bincount(plane.ravel(), minlength=256)
+        self.voxels = {number: int(counts[number]) for number in np.flatnonzero(counts[1:]) + 1}
+
+    def object_slice(self, axis: int, index: int, number: int) -> np.ndarray:
+        """Object `number`'s mask on one slice."""
+        return np.take(self.labels, index, axis=axis) == number
+
+    def write(self, axis: int, index: int, mask: np.ndarray, number: int) -> int:
+        """Make `mask` object `number`'s mask on one slice, except voxels another object holds; returns the voxels
+        the object holds there now."""
+        region = [slice(None)] * 3
+        region[axis] = index
+        plane = self.labels[tuple(region)]  # a view into the labels
+        held = plane == number
+        taken = mask.astype(bool) & ((plane == 0) | held)
+        plane[held] = 0
+        plane[taken] = number
+        now = int(np.count_nonzero(taken))
+        self.voxels[number] = self.voxels.get(number, 0) - int(np.count_nonzero(held)) + now
+        return now
+
+    def objects(self) -> list[dict]:
+        return [{"object": number, "voxels": count} for number, count in sorted(self.voxels.items())]
 
     def geometry(self) -> dict:
         from MedSAM2HITLLib.roi_box import array_axis_for_view, volume_ijk_to_world

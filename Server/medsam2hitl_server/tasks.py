@@ -114,8 +114,11 @@ def _opened(job_id: str):
     binding = record.get("binding", "")
     fresh = job_id not in session.jobs or session.jobs[job_id].binding != binding
     volume = session.open(job_id, record["volume_file"], binding)
-    if fresh and _replay(job_id, volume, record.get("labels_event") or "0-0"):
-        _save(job_id, volume)
+    if fresh:
+        for named in json.loads(record.get("objects") or "[]"):  # objects named before, also the empty ones
+            volume.voxels.setdefault(named["object"], 0)
+        if _replay(job_id, volume, record.get("labels_event") or "0-0"):
+            _save(job_id, volume)
     if record.get("loaded") != "1":
         store.update(job_id, loaded=True, geometry=volume.geometry())
         if record["state"] == "queued":
@@ -135,16 +138,17 @@ def segment_2d(job_id: str, params: dict) -> dict:
     volume = _opened(job_id)
     engine = session.engine_for(job_id, volume)
     points = params.get("points") or None
+    number = params.get("object", 1)
     prompt = _prompt(volume, params, need_box=not points, key_mask=False)
     axis, index = prompt["axis"], prompt["index"]
     cached = engine.is_cached(axis, index, params.get("window", "mr"))
-    current = np.take(volume.labels, index, axis=axis) > 0 if points else None  # what the clicks correct
+    current = volume.object_slice(axis, index, number) if points else None  # what the clicks correct
     started = time.perf_counter()
     mask = engine.segment_slice(axis, index, prompt["box"], params.get("window", "mr"), points, current)
     seconds = time.perf_counter() - started
-    _write(volume.labels, prompt["axis"], prompt["index"], mask)
+    volume.write(axis, index, mask, number)
     _save(job_id, volume)
-    return {"view": params["view"], "array_axis": axis, "slice": index,
+    return {"object": number, "view": params["view"], "array_axis": axis, "slice": index,
             "box": None if prompt["box"] is None else list(prompt["box"]), "seconds": round(seconds, 4),
             "embedding_cached": cached, "mask": mask_codec.encode(mask)}
 
@@ -162,14 +166,16 @@ def write_slice(job_id: str, params: dict) -> dict:
                             f"0..{volume.labels.shape[axis] - 1}")
     shape = tuple(n for a, n in enumerate(volume.labels.shape) if a != axis)
     mask = mask_codec.decode(params["mask"], shape)
-    _write(volume.labels, axis, index, mask)
+    number = params.get("object", 1)
+    voxels = volume.write(axis, index, mask, number)
     _save(job_id, volume)
-    return {"view": params["view"], "array_axis": axis, "slice": index, "voxels": int(mask.sum())}
+    return {"object": number, "view": params["view"], "array_axis": axis, "slice": index, "voxels": voxels}
 
 
 @app.task(name="medsam2hitl.propagate")
 def propagate(job_id: str, propagation_id: str, params: dict) -> None:
-    """Fill the range slice by slice; each slice is an event, and the labels keep every finished slice."""
+    """Fill the range slice by slice for each of the request's objects in one pass (each slice encoded once); each
+    slice of each object is an event, and the labels keep every finished slice."""
     if not store.claim(propagation_id):
         return
     _busy.set()
@@ -177,29 +183,36 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
     try:
         volume = _opened(job_id)
         engine = session.engine_for(job_id, volume)
-        prompt = _prompt(volume, params, need_box=False)
-        axis, key = prompt["axis"], prompt["index"]
-        user_mask = prompt.get("mask")
-        conditioning = _conditioning(volume, axis, params.get("conditioning") or [], key)
-        if user_mask is not None:  # "from this slice": the user's slice stays exactly as drawn
-            _write(volume.labels, axis, key, user_mask)
-        start, end = prompt["start"], prompt["end"]
-        store.set_state(job_id, "running", done=0, total=end - start + 1, error="")
+        shared = {name: value for name, value in params.items() if name != "objects"}
+        numbers, prompts, kept = [], [], []
+        found = [_prompt(volume, {**shared, **item}, need_box=False) for item in params["objects"]]
+        axis = found[0]["axis"]
+        start, end = min(f["start"] for f in found), max(f["end"] for f in found)
+        for item, prompt in zip(params["objects"], found):
+            number, key, user_mask = item.get("object", 1), prompt["index"], prompt.get("mask")
+            conditioning = _conditioning(volume, axis, item.get("conditioning") or [], key, number)
+            if user_mask is not None:  # "from this slice": the user's slice stays exactly as drawn
+                volume.write(axis, key, user_mask, number)
+            numbers.append(number)
+            prompts.append({**conditioning, key: user_mask if user_mask is not None else prompt["box"]})
+            kept.append(set(conditioning) | ({key} if user_mask is not None else set()))
+        store.set_state(job_id, "running", done=0, total=(end - start + 1) * len(numbers), error="")
         early_stop = params.get("early_stop", True) is True and params.get("range", "whole") != "custom"
-        slices = engine.propagate(axis, key, user_mask if user_mask is not None else prompt["box"], start, end,
-                                  params.get("window", "mr"), bool(params.get("largest_component")),
-                                  lambda: store.cancel_requested(job_id, propagation_id), conditioning,
-                                  EARLY_STOP_PATIENCE if early_stop else None)
-        kept = set(conditioning) | ({key} if user_mask is not None else set())
+        slices = engine.propagate_objects(axis, prompts, start, end, params.get("window", "mr"),
+                                          bool(params.get("largest_component")),
+                                          lambda: store.cancel_requested(job_id, propagation_id),
+                                          EARLY_STOP_PATIENCE if early_stop else None)
         for item in slices:
+            number = numbers[item.object]
             told = store.event(job_id, "slice", {
-                "propagation": propagation_id, "slice": item.index, "array_axis": axis, "done": item.completed,
-                "total": item.total, "mask": mask_codec.encode(item.mask)}, holder=propagation_id)
+                "propagation": propagation_id, "object": number, "slice": item.index, "array_axis": axis,
+                "done": item.completed, "total": item.total, "mask": mask_codec.encode(item.mask)},
+                holder=propagation_id)
             if told is None:  # deleted, or given up by the API: this propagation no longer owns the job
                 raise PropagationCancelled(completed)
             volume.last_event = told
-            if item.index not in kept:
-                _write(volume.labels, axis, item.index, item.mask)
+            if item.index not in kept[item.object]:
+                volume.write(axis, item.index, item.mask, number)
             if item.index not in completed:
                 completed.append(item.index)
             store.update(job_id, done=item.completed, total=item.total)
@@ -227,30 +240,43 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
 
 @app.task(name="medsam2hitl.export")
 @_replying
-def export(job_id: str, fmt: str, segment_name: str = "Segment_1", segment_color: str | None = None) -> dict:
-    """Write the job's labels as NIfTI (the input's affine and voxel order) or .seg.nrrd, beside the volume; the
-    .seg.nrrd's segment gets the name and colour (rrggbb hex, or Slicer's default) that the client shows."""
-    from MedSAM2HITLLib.export import export_labelmap_nifti, export_seg_nrrd
+def export(job_id: str, fmt: str, number: int | None = None, names: list[str] | None = None,
+           colors: list[str] | None = None) -> dict:
+    """Write one object's mask (0/1), or all objects (label value = object number; in .seg.nrrd one segment per
+    object, named and coloured (rrggbb hex, else Slicer's default) by `names` and `colors` in number order, as the
+    client shows them), as NIfTI (the input's affine and voxel order) or .seg.nrrd."""
+    from MedSAM2HITLLib.export import export_label_array_nifti, export_seg_nrrd
     from MedSAM2HITLLib.segment_writer import create_segmentation, get_or_create_segment, write_slices
 
     volume = _opened(job_id)
-    segmentation = create_segmentation(session.scene, volume.node, "result")
-    try:
-        segment_id = get_or_create_segment(segmentation, segment_name)
-        if segment_color:
-            segmentation.GetSegmentation().GetSegment(segment_id).SetColor(
-                *(int(segment_color[at:at + 2], 16) / 255 for at in (0, 2, 4)))
-        write_slices(segmentation, segment_id, volume.node, 0,
-                     {k: volume.labels[k] > 0 for k in range(volume.labels.shape[0]) if volume.labels[k].any()})
-        name = f"result.{fmt}"  # written, read back and only then put in place by the exporters
-        if fmt == "seg.nrrd":
+    known = sorted(volume.voxels) or [1]
+    if number is not None and number not in volume.voxels:
+        raise BadInputError(f"the job has no object {number}; its objects are {', '.join(map(str, known))}")
+    numbers = known if number is None else [number]
+    names, colors = list(names or []), list(colors or [])
+    if len(names) > len(numbers) or len(colors) > len(numbers):
+        raise BadInputError(f"more segment names or colours than the {len(numbers)} object(s) of the result: give "
+                            "at most one per object")
+    names += [f"Segment_{n}" for n in numbers[len(names):]]
+    name = f"result.{fmt}"  # written, read back and only then put in place by the exporters
+    if fmt == "seg.nrrd":
+        segmentation = create_segmentation(session.scene, volume.node, "result")
+        try:
+            for at, (value, segment_name) in enumerate(zip(numbers, names)):
+                segment_id = get_or_create_segment(segmentation, segment_name)
+                if at < len(colors):
+                    segmentation.GetSegmentation().GetSegment(segment_id).SetColor(
+                        *(int(colors[at][i:i + 2], 16) / 255 for i in (0, 2, 4)))
+                planes = {k: plane == value for k, plane in enumerate(volume.labels)}
+                write_slices(segmentation, segment_id, volume.node, 0, {k: m for k, m in planes.items() if m.any()})
             export_seg_nrrd(segmentation, volume.folder / name)
-        else:
-            export_labelmap_nifti(segmentation, volume.node, volume.folder / name)
-        keep(settings, job_id, volume.folder / name)
-    finally:
-        session.scene.RemoveNode(segmentation)
-    return {"file": name}
+        finally:
+            session.scene.RemoveNode(segmentation)
+    else:
+        labels = volume.labels if number is None else (volume.labels == number).astype(np.uint8)
+        export_label_array_nifti(labels, volume.node, volume.folder / name)
+    keep(settings, job_id, volume.folder / name)
+    return {"file": name, "objects": numbers, "names": names}
 
 
 @app.task(name="medsam2hitl.forget")
@@ -285,7 +311,10 @@ def _save(job_id: str, volume, force: bool = True) -> None:
     record = store.get(job_id)
     if record is None or record.get("worker") != NAME or record.get("binding", "") != volume.binding:
         return
-    if not volume.save_labels(force) or (settings.api_url and not force):
+    if not volume.save_labels(force):
+        return
+    store.update(job_id, objects=volume.objects())
+    if settings.api_url and not force:
         return
     keep(settings, job_id, volume.folder / LABELS_FILE)
     store.update(job_id, labels_event=volume.last_event)
@@ -298,14 +327,15 @@ def _replay(job_id: str, volume, after: str) -> int:
         if kind == "slice":
             event = json.loads(data)
             shape = tuple(n for a, n in enumerate(volume.labels.shape) if a != event["array_axis"])
-            _write(volume.labels, event["array_axis"], event["slice"], mask_codec.decode(event["mask"], shape))
+            volume.write(event["array_axis"], event["slice"], mask_codec.decode(event["mask"], shape),
+                         event.get("object", 1))
             replayed += 1
         volume.last_event = entry_id
     return replayed
 
 
-def _conditioning(volume, axis: int, slices: list[int], key: int) -> dict[int, np.ndarray]:
-    """The job's current masks of the user's corrected slices (index → mask); each must hold one."""
+def _conditioning(volume, axis: int, slices: list[int], key: int, number: int) -> dict[int, np.ndarray]:
+    """Object `number`'s current masks on the user's corrected slices (index → mask); each must hold one."""
     masks = {}
     for index in slices:
         if index == key:
@@ -313,17 +343,12 @@ def _conditioning(volume, axis: int, slices: list[int], key: int) -> dict[int, n
         if not 0 <= index < volume.labels.shape[axis]:
             raise BadInputError(f"conditioning slice {index} is outside the volume: this view has slices "
                                 f"0..{volume.labels.shape[axis] - 1}")
-        mask = np.take(volume.labels, index, axis=axis) > 0
+        mask = volume.object_slice(axis, index, number)
         if not mask.any():
-            raise BadInputError(f"conditioning slice {index} has no mask: draw it (PUT .../slices) first")
+            raise BadInputError(f"conditioning slice {index} has no mask of object {number}: draw it "
+                                "(PUT .../slices) first")
         masks[index] = mask
     return masks
-
-
-def _write(labels: np.ndarray, axis: int, index: int, mask: np.ndarray) -> None:
-    region = [slice(None)] * 3
-    region[axis] = index
-    labels[tuple(region)] = mask.astype(np.uint8)
 
 
 def _prompt(volume, params: dict, need_box: bool, key_mask: bool = True) -> dict:
@@ -359,9 +384,11 @@ def _prompt(volume, params: dict, need_box: bool, key_mask: bool = True) -> dict
         if params.get("mask") is not None:
             found["mask"] = mask_codec.decode(params["mask"], shape)
         else:
-            found["mask"] = np.take(volume.labels, found["index"], axis=axis) > 0
+            number = params.get("object", 1)
+            found["mask"] = volume.object_slice(axis, found["index"], number)
             if not found["mask"].any():
-                raise BadInputError(f"slice {found['index']} has no mask yet: segment it first or send a box")
+                raise BadInputError(f"slice {found['index']} has no mask yet (object {number}): segment it first "
+                                    "or send a box")
     chosen = params.get("range") or "whole"
     start, end = (0, count - 1) if chosen == "whole" else (extent if chosen == "box" and extent else (None, None))
     if chosen == "box" and extent is None:

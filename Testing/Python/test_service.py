@@ -135,7 +135,7 @@ def test_a_written_slice_replaces_what_downloads_are_made_of(service):
         cleared = client.put(f"/api/v1/jobs/{job_id}/slices", json={
             "view": "axial", "slice": key, "mask": mask_codec.encode(np.zeros(SIZE[1:], bool))})
         assert cleared.status_code == 200, cleared.text
-        assert cleared.json() == {"view": "axial", "array_axis": 0, "slice": key, "voxels": 0}
+        assert cleared.json() == {"object": 1, "view": "axial", "array_axis": 0, "slice": key, "voxels": 0}
         assert not (np.asarray(download(client, job_id).dataobj) > 0).any()
 
         drawn = np.zeros((SIZE[0], SIZE[2]), bool)  # a coronal slice is [k, i]
@@ -225,3 +225,68 @@ def test_early_stop_can_be_turned_off_and_a_custom_range_is_followed_exactly(ser
             events = read_events(client, job_id, started.json()["events_after"])
             assert events[-1][0] == "done" and events[-1][1]["ended_early"] == {}
             assert sorted({data["slice"] for kind, data in events if kind == "slice"}) == list(range(first, last + 1))
+
+
+def test_several_objects_in_one_job(service):
+    """Two objects of one upload: one propagation tracks both (events carry the object), the status lists them,
+    the result comes per object (0/1) or all in one labelmap (value = object number, .seg.nrrd segments named as
+    asked), and writing one object's slice never takes voxels another object holds."""
+    import SimpleITK as sitk
+
+    from MedSAM2HITLLib import mask_codec
+
+    case = Upload(2031)
+    other = case.phantom.distractors[0]
+    k2 = int(np.argmax(other.sum(axis=(1, 2))))
+    rows, cols = np.nonzero(other[k2])
+    box2 = [int(cols.min()) - 1, int(rows.min()) - 1, int(cols.max()) + 1, int(rows.max()) + 1]
+    with service.client() as client:
+        job_id = create_job(client, case.data)
+        second = client.post(f"/api/v1/jobs/{job_id}/segment-2d", json={
+            "object": 2, "slice": k2, "box": box2, "window": "abdomen"})
+        assert second.status_code == 200 and second.json()["object"] == 2, second.text
+        for wrong, message in (({"objects": [{"box_ras": case.box_ras}, {"box_ras": case.box_ras}]}, "appear once"),
+                               ({"slice": 3, "objects": [{"box_ras": case.box_ras}]}, "inside each object"),
+                               ({"objects": [{"object": 0, "box_ras": case.box_ras}]}, "greater than or equal")):
+            refused = client.post(f"/api/v1/jobs/{job_id}/propagate", json=wrong)
+            assert refused.status_code == 422 and message in refused.text, refused.text
+
+        started = client.post(f"/api/v1/jobs/{job_id}/propagate", json={"window": "abdomen", "early_stop": False, "objects": [
+            {"object": 1, "box_ras": case.box_ras}, {"object": 2, "slice": k2, "box": box2}]})
+        assert started.status_code == 202, started.text
+        events = read_events(client, job_id, started.json()["events_after"])
+        assert events[-1][0] == "done", events[-1]
+        slices = [data for kind, data in events if kind == "slice"]
+        for number in (1, 2):  # every slice of each object, in one pass of 2 x 40 steps
+            assert sorted(s["slice"] for s in slices if s["object"] == number) == list(range(SIZE[0]))
+        assert slices[-1]["total"] == 2 * SIZE[0]
+        status = client.get(f"/api/v1/jobs/{job_id}/status").json()
+        assert [o["object"] for o in status["objects"]] == [1, 2] and all(o["voxels"] > 100 for o in status["objects"])
+
+        labels = np.asarray(download(client, job_id).dataobj)  # the file's (i, j, k)
+        assert set(np.unique(labels)) == {0, 1, 2}
+        assert [int((labels == n).sum()) for n in (1, 2)] == [o["voxels"] for o in status["objects"]]
+        assert dice(labels == 1, case.truth) >= 0.75 and dice(labels == 2, other.transpose(2, 1, 0)) >= 0.7
+        one = client.get(f"/api/v1/jobs/{job_id}/result", params={"object": 2})
+        assert np.array_equal(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(one.content)).dataobj),
+                              (labels == 2).astype(np.uint8))
+        assert client.get(f"/api/v1/jobs/{job_id}/result", params={"object": 9}).status_code == 400
+
+        key = case.phantom.key_index  # object 2 drawn over all of slice `key`: object 1 keeps its voxels there
+        taken = client.put(f"/api/v1/jobs/{job_id}/slices", json={
+            "object": 2, "view": "axial", "slice": key, "mask": mask_codec.encode(np.ones(SIZE[1:], bool))})
+        assert taken.status_code == 200, taken.text
+        assert taken.json()["voxels"] == SIZE[1] * SIZE[2] - int((labels[:, :, key] == 1).sum())
+        after = np.asarray(download(client, job_id).dataobj)
+        assert np.array_equal(after == 1, labels == 1)
+
+        seg = client.get(f"/api/v1/jobs/{job_id}/result", params=[("format", "seg.nrrd"), ("segment_name", "Liver"),
+                                                                     ("segment_name", "Spleen")])
+        assert seg.status_code == 200, seg.text
+        path = service.folder / "objects.seg.nrrd"
+        path.write_bytes(seg.content)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        names = {reader.GetMetaData(k): k for k in reader.GetMetaDataKeys() if k.endswith("_Name")}
+        assert set(names) == {"Liver", "Spleen"}

@@ -55,9 +55,11 @@ export const api = {
   propagate: async (job, params) => (await request("POST", `/jobs/${job}/propagate`, { json: params })).json(),
   writeSlice: async (job, params) => (await request("PUT", `/jobs/${job}/slices`, { json: params })).json(),
   cancel: async (job) => (await request("POST", `/jobs/${job}/cancel`, { json: {} })).json(),
-  /** The job's 3D mask; a .seg.nrrd's segment gets `name` and `color` ("rrggbb") when given. */
-  result: async (job, format, { name, color } = {}) => {
+  /** The 3D mask of the job's `object` (or of all its objects); a .seg.nrrd's segment gets `name` and `color`
+   * ("rrggbb") when given. */
+  result: async (job, format, { object, name, color } = {}) => {
     const query = new URLSearchParams({ format });
+    if (object) query.set("object", object);
     if (name) query.set("segment_name", name);
     if (color) query.set("segment_color", color);
     return (await request("GET", `/jobs/${job}/result?${query}`)).blob();

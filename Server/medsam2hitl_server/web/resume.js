@@ -24,12 +24,13 @@ function sessions() {
   }
 }
 
-/** Remember the objects (job, clicks, the user's slices) of the volume with fingerprint `print`; the volume
+/** Remember the objects (job, number, clicks, the user's slices) of the volume with fingerprint `print`; the volume
  * remembered last goes last, and the oldest beyond MAX_VOLUMES are forgotten. */
 export function remember(print, objects, active) {
   const all = sessions();
   delete all[print];
-  all[print] = { active, objects: objects.map((o) => ({ job: o.job, clicks: [...o.clicks], userSlices: [...o.userSlices] })) };
+  all[print] = { active, objects: objects.map((o) => ({ job: o.job, number: o.number, clicks: [...o.clicks],
+    userSlices: [...o.userSlices] })) };
   const prints = Object.keys(all);
   prints.slice(0, Math.max(0, prints.length - MAX_VOLUMES)).forEach((old) => delete all[old]);
   sessionStorage.setItem(SESSIONS_KEY, JSON.stringify(all));

@@ -14,9 +14,10 @@ const UPLOADED = { newJob: (bytes) => api.createJob(bytes), dicom: false };
 
 const state = {
   bytes: null, name: "", print: "", grid: null, views: null,
-  objects: [],   // {job, labels (file order, 0/1), voxels (how many labels are 1), clicks ("axis:slice" →
-                 // [[x, y, 1 | 0]]), userSlices (the "axis:slice" the user made: they condition propagations)} per
-                 // object; object n is pen value n + 1, named objectName(n), in objectColor(n)
+  objects: [],   // {job, number (the object's number in that job), labels (file order, 0/1), voxels (how many
+                 // labels are 1), clicks ("axis:slice" → [[x, y, 1 | 0]]), userSlices (the "axis:slice" the user
+                 // made: they condition propagations)} per object; object n is pen value n + 1, named objectName(n),
+                 // in objectColor(n)
   active: 0, box: null, tool: "box", running: null, history: [], future: [],
 };
 
@@ -42,9 +43,15 @@ function objectColor(n, value = n + 1) {
   return Array.from(nv.drawLut.lut.slice(4 * value, 4 * value + 3), (c) => c.toString(16).padStart(2, "0")).join("");
 }
 
-/** The service job that holds object n's labels (one job per object). */
+/** The service job that holds object n's labels: one job per volume, holding all its objects. */
 function jobOf(n) {
   return state.objects[n].job;
+}
+
+/** Object n's number in its job: what each request about it names (a session saved before objects were numbered
+ * had one job per object, its object 1). */
+function numberOf(n) {
+  return state.objects[n].number ?? 1;
 }
 
 function say(text, isError = false) {
@@ -208,9 +215,12 @@ async function resumeObjects(saved) {
     for (const [n, kept] of saved.objects.entries()) {
       try {
         const status = await settled(kept.job, `object ${n + 1}`);
-        const labels = await labelsFromNifti(await api.result(kept.job, "nii.gz"), state.grid.dims);
+        const number = kept.number ?? 1;
+        const labels = status.objects.some((o) => o.object === number)  // else made but never drawn on
+          ? await labelsFromNifti(await api.result(kept.job, "nii.gz", { object: number }), state.grid.dims)
+          : new Uint8Array(state.grid.size);
         state.views = status.volume.views;
-        state.objects.push({ job: kept.job, labels, voxels: labels.reduce((sum, v) => sum + v, 0),
+        state.objects.push({ job: kept.job, number, labels, voxels: labels.reduce((sum, v) => sum + v, 0),
           clicks: new Map(kept.clicks), userSlices: new Set(kept.userSlices) });
       } catch (error) {
         if (!(error instanceof ApiError && [404, 410].includes(error.status))) throw error;
@@ -241,20 +251,24 @@ function listObjects() {
   $("objects").value = String(state.active);
 }
 
-/** A new object on the volume (a job of its own on the service); it starts with no box and the Box tool. */
+/** A new object on the volume: the next object number in the job that holds the volume (uploaded for the first
+ * object only); it starts with no box and the Box tool. */
 async function addObject() {
   if (!state.grid || state.running) return;
   state.running = "upload";
   state.box = null;
   $("box-text").textContent = "drag a box on a slice";
   setTool("box");
-  say("uploading the volume to the service…");
   try {
-    const job = await state.source.newJob(state.bytes);
-    const status = await settled(job.id, "the volume");
-    state.views = status.volume.views;
-    state.objects.push({ job: job.id, labels: new Uint8Array(state.grid.size), voxels: 0, clicks: new Map(),
-      userSlices: new Set() });
+    let job = state.objects.length ? state.objects[state.objects.length - 1].job : null;
+    if (job === null) {
+      say("uploading the volume to the service…");
+      job = (await state.source.newJob(state.bytes)).id;
+      state.views = (await settled(job, "the volume")).volume.views;
+    }
+    const numbers = state.objects.filter((o) => o.job === job).map((o) => o.number ?? 1);
+    state.objects.push({ job, number: Math.max(0, ...numbers) + 1, labels: new Uint8Array(state.grid.size), voxels: 0,
+      clicks: new Map(), userSlices: new Set() });
     state.active = state.objects.length - 1;
     listObjects();
     setTool("box");  // the new object's pen value
@@ -508,7 +522,8 @@ async function sendSlices(entry, which) {
   for (const [key, mask] of entry[which]) {
     const [axis, index] = parseSliceKey(key);
     const view = viewOf(axis);
-    await api.writeSlice(jobOf(entry.object), { view, slice: index, mask: encodeMask(mask, state.grid.sliceShape(axis)) });
+    await api.writeSlice(jobOf(entry.object), { object: numberOf(entry.object), view, slice: index,
+      mask: encodeMask(mask, state.grid.sliceShape(axis)) });
   }
 }
 
@@ -555,7 +570,8 @@ async function segmentSlice(view, axis, slice, prompt, label, from = "", onAppli
   refreshButtons();
   say(`segmenting ${view} slice ${slice}${from}…`);
   try {
-    const reply = await api.segment(jobOf(state.active), { view, slice, ...prompt, window: windowParam() });
+    const reply = await api.segment(jobOf(state.active), { object: numberOf(state.active), view, slice, ...prompt,
+      window: windowParam() });
     const entry = openEntry(label);
     onApplied(entry);
     applySlice(entry, axis, reply.slice, decodeMask(reply.mask));
@@ -593,7 +609,8 @@ async function propagate(params, axis, label) {
   const kept = new Set(params.mask ? [...conditioning, params.slice] : conditioning);
   propagation = new AbortController();
   try {
-    const started = await api.propagate(job, { ...params, conditioning, early_stop: $("early-stop").checked,
+    const started = await api.propagate(job, { object: numberOf(state.active), ...params, conditioning,
+      early_stop: $("early-stop").checked,
       window: windowParam() });
     if (params.mask) markUserSlice(entry, axis, params.slice);
     say(conditioning.length ? `propagating with your slices ${conditioning.join(", ")}…` : "propagating…");
@@ -747,7 +764,8 @@ nv.onMouseUp = () => {
 async function download(format) {
   const n = state.active;
   try {
-    const blob = await api.result(jobOf(n), format, format === "nii.gz" ? {} : { name: objectName(n), color: objectColor(n) });
+    const segment = format === "nii.gz" ? {} : { name: objectName(n), color: objectColor(n) };
+    const blob = await api.result(jobOf(n), format, { object: numberOf(n), ...segment });
     const link = document.createElement("a");
     link.href = URL.createObjectURL(blob);
     link.download = `${state.name.replace(/\.(nii\.gz|nii|nrrd|nhdr|mha)$/i, "")}_object${state.active + 1}.${format === "dicom-seg" ? "dcm" : format}`;
