@@ -114,6 +114,17 @@ class Propagate(Prompt):
         return self
 
 
+class Prefetch(BaseModel):
+    """The slice the user is about to prompt on, to encode ahead (with up to two neighbours on each side)."""
+
+    model_config = STRICT
+    view: View = "axial"
+    slice: Annotated[int, Field(ge=0)]
+    window: Window = "mr"
+
+    _known_window = field_validator("window")(Prompt._known_window.__func__)
+
+
 class SliceWrite(BaseModel):
     """A slice of the job's labels replaced by the client's mask (an undo, a pen or eraser edit); empty clears it."""
 
@@ -123,7 +134,7 @@ class SliceWrite(BaseModel):
     mask: Mask
 
 
-def check_against_volume(body: Prompt | SliceWrite, geometry: dict | None) -> None:
+def check_against_volume(body: Prompt | SliceWrite | Prefetch, geometry: dict | None) -> None:
     """Refuse at once what the loaded volume's geometry already rules out (the worker checks everything again)."""
     if geometry is None:
         return
@@ -283,6 +294,11 @@ class PropagationStarted(BaseModel):
     propagation: str = Field(description="this propagation's id, in each of its events")
     events_after: str = Field(description="the event id to follow the job's events from")
     events: str = Field(description="the path of the event stream from that id")
+
+
+class PrefetchQueued(BaseModel):
+    prefetch: str = Field(description="this prefetch's id; it is dropped or abandoned whenever a real request "
+                                      "comes, so nothing waits for it")
 
 
 class Cancelling(BaseModel):
