@@ -88,6 +88,7 @@ def test_a_box_sent_while_a_prefetch_encodes_waits_at_most_one_block(service, jo
         seconds, reply = segment(client, job, 9)
         assert replies.store.llen(f"m2h:reply:{prefetch_id}") == 1  # it ended before the box was answered
         outcome = replies(prefetch_id)["ok"]
+    print(f"box behind an encoding prefetch: {seconds:.3f} s; cold: {cold:.3f} s; prefetch {outcome}")
     assert outcome["gave_way"] is True and len(outcome["encoded"]) < 4
     assert reply["embedding_cached"] is False and reply["slice"] == 9
     assert seconds <= 1.5 * cold + 0.2, f"the box took {seconds:.2f} s behind a prefetch, {cold:.2f} s cold"
@@ -99,6 +100,7 @@ def test_a_burst_of_prefetches_never_delays_a_box(service, job, replies):
         burst = [prefetch(client, job, index) for index in (23, 22, 21, 20, 19, 18)]
         seconds, reply = segment(client, job, 11)
         outcomes = [replies(prefetch_id)["ok"] for prefetch_id in burst]
+    print(f"box behind a burst of 6 prefetches: {seconds:.3f} s; cold: {cold:.3f} s")
     assert all(outcome["gave_way"] for outcome in outcomes), outcomes
     assert sum(len(outcome["encoded"]) for outcome in outcomes) < 5, outcomes
     assert reply["embedding_cached"] is False
