@@ -33,6 +33,7 @@ class SliceMask:
     object: int = 0
 
 
+PREFETCH_MAX_NEIGHBOURS = 2  # a prefetch encodes at most 5 slices: the embedding cache (8) keeps recent prompts
 EARLY_STOP_PATIENCE = 3  # empty slices in a row after which an object counts as ended (measured: bench_early_stop.py)
 
 
@@ -195,6 +196,23 @@ class Engine:
         finally:
             for hook in hooks:
                 hook.remove()
+
+    def prefetch_around(self, axis: int, index: int, window="mr", neighbours: int = 1,
+                        should_stop: Callable[[], bool] | None = None) -> tuple[list[int], bool]:
+        """Prefetch a slice, then its neighbours nearest first (at most PREFETCH_MAX_NEIGHBOURS a side, so the
+        cache keeps recent prompts); the slices encoded, and whether it stopped early because `should_stop()`."""
+        self._check_index(axis, index)
+        count = self._require_volume().shape[axis]
+        reach = min(max(neighbours, 0), PREFETCH_MAX_NEIGHBOURS)
+        encoded: list[int] = []
+        for offset in [0, *(sign * step for step in range(1, reach + 1) for sign in (1, -1))]:
+            if not 0 <= index + offset < count:
+                continue
+            if (should_stop is not None and should_stop()) or not self.prefetch(axis, index + offset, window,
+                                                                                  should_stop):
+                return encoded, True
+            encoded.append(index + offset)
+        return encoded, False
 
     def segment_slice(self, axis: int, index: int, box=None, window="mr", points=None, mask=None) -> np.ndarray:
         """Mask (bool, the slice's shape) for a box and/or clicks on slice `index` along array axis `axis`.

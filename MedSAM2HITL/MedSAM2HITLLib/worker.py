@@ -40,7 +40,6 @@ from MedSAM2HITLLib.protocol import (
 )
 
 READ_CHUNK = 1 << 20
-PREFETCH_MAX_NEIGHBOURS = 2  # a prefetch encodes at most 5 slices: the embedding cache (8) keeps recent prompts
 FINAL_REPLIES = ("done", "error", "cancelled")
 log = logging.getLogger("MedSAM2HITLLib.worker")
 
@@ -355,22 +354,13 @@ class Worker:
         """
         f = frame.fields
         engine = self._engine_for(f.get("volume_id"))
-        axis, index = integer(frame, "axis"), integer(frame, "index")
-        neighbours = min(max(integer(frame, "neighbours", 1), 0), PREFETCH_MAX_NEIGHBOURS)
-        count = engine.volume.shape[axis] if axis in (0, 1, 2) else 0
 
         def gives_way() -> bool:
             return not self.inbox.empty() or frame.id in self.cancelled or self.closing.is_set()
 
-        encoded: list[int] = []
-        for offset in [0, *(sign * step for step in range(1, neighbours + 1) for sign in (1, -1))]:
-            if not 0 <= index + offset < count and offset:
-                continue
-            if gives_way() or not engine.prefetch(axis, index + offset, f.get("window", "mr"), gives_way):
-                self.channel.send("done", frame.id, {"encoded": encoded, "gave_way": True})
-                return
-            encoded.append(index + offset)
-        self.channel.send("done", frame.id, {"encoded": encoded, "gave_way": False})
+        encoded, gave_way = engine.prefetch_around(integer(frame, "axis"), integer(frame, "index"),
+                                                   f.get("window", "mr"), integer(frame, "neighbours", 1), gives_way)
+        self.channel.send("done", frame.id, {"encoded": encoded, "gave_way": gave_way})
 
     def on_forget_volume(self, frame: Frame) -> None:
         """Drop a volume the client no longer uses (the engine may still hold its current one)."""

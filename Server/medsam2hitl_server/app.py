@@ -34,6 +34,7 @@ from .jobs import Dispatcher
 from .schemas import (EVENT_PAYLOADS, Cancelling, ErrorDetail, Health, JobCreated, JobStatus, Models,
                       PropagationStarted, Propagate, Readiness, SegmentedSlice, Segment2D, SliceWrite, StoredResult,
                       WrittenSlice,
+                      Prefetch, PrefetchQueued,
                       check_against_volume)
 from .schemas import PacsSeriesList
 from .session import LABELS_FILE, job_dir
@@ -344,6 +345,15 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         store.update(record["id"], task=task_id, state="running", done=0, total=0, error="")
         return {"propagation": propagation_id, "events_after": after,
                 "events": f"/api/v1/jobs/{record['id']}/events?after={after}"}
+
+    @router.post("/jobs/{job_id}/prefetch", status_code=202, response_model=PrefetchQueued,
+                 responses=errors(400, 409))
+    def prefetch(body: Prefetch, record: dict = Job) -> dict:
+        """Encode this slice (and its neighbours) ahead while the user draws, so the box costs only the mask
+        decoder. It never delays a real request: dropped when one waits, abandoned when one arrives."""
+        if store.holder(record["id"]):
+            raise HTTPException(409, "a propagation is running on this job; prefetch when it has finished")
+        return {"prefetch": dispatcher.prefetch(record["id"], checked(body, record))}
 
     @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=Cancelling, responses=errors(409))
     def cancel(record: dict = Job) -> dict:

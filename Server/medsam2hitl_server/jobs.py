@@ -12,6 +12,7 @@ import uuid
 
 from fastapi import HTTPException
 
+from . import ahead
 from .celery_app import app as celery, worker_queue
 from .session import job_dir
 from .settings import Settings
@@ -35,8 +36,21 @@ class Dispatcher:
         return worker.name
 
     def send(self, worker: str, task: str, *args) -> str:
-        result = celery.send_task(task, args=list(args), queue=worker_queue(worker))
+        ahead.sending(self.store.redis, worker, task)  # counted first: a prefetch running now gives way at once
+        try:
+            result = celery.send_task(task, args=list(args), queue=worker_queue(worker))
+        except BaseException:
+            ahead.not_sent(self.store.redis, worker, task)
+            raise
         return result.id
+
+    def prefetch(self, job_id: str, params: dict) -> str:
+        """Queue an encoding ahead on the job's worker, behind what is queued; it never delays a real request."""
+        worker = self.worker_of(job_id)
+        request_id = str(uuid.uuid4())
+        ahead.latest(self.store.redis, worker, request_id)
+        self.send(worker, ahead.PREFETCH_TASK, job_id, request_id, params)
+        return request_id
 
     def worker_of(self, job_id: str) -> str:
         """The live worker holding the job, re-binding it first when its worker has stopped."""

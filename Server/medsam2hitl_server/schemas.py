@@ -171,6 +171,17 @@ class Propagate(Prompt):
         return {**shared, "objects": [item.model_dump() for item in self.object_prompts()]}
 
 
+class Prefetch(BaseModel):
+    """The slice the user is about to prompt on, to encode ahead (with up to two neighbours on each side)."""
+
+    model_config = STRICT
+    view: View = "axial"
+    slice: Annotated[int, Field(ge=0)]
+    window: Window = "mr"
+
+    _known_window = field_validator("window")(Prompt._known_window.__func__)
+
+
 class SliceWrite(BaseModel):
     """One object's mask on a slice replaced by the client's (an undo, a pen or eraser edit); empty clears it.
     Voxels another object holds on that slice stay that object's."""
@@ -182,7 +193,7 @@ class SliceWrite(BaseModel):
     mask: Mask
 
 
-def check_against_volume(body: Prompt | SliceWrite, geometry: dict | None) -> None:
+def check_against_volume(body: Prompt | SliceWrite | Prefetch, geometry: dict | None) -> None:
     """Refuse at once what the loaded volume's geometry already rules out (the worker checks everything again)."""
     if geometry is None:
         return
@@ -368,6 +379,11 @@ class PropagationStarted(BaseModel):
     propagation: str = Field(description="this propagation's id, in each of its events")
     events_after: str = Field(description="the event id to follow the job's events from")
     events: str = Field(description="the path of the event stream from that id")
+
+
+class PrefetchQueued(BaseModel):
+    prefetch: str = Field(description="this prefetch's id; it is dropped or abandoned whenever a real request "
+                                      "comes, so nothing waits for it")
 
 
 class Cancelling(BaseModel):

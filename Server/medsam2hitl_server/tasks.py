@@ -16,10 +16,11 @@ import time
 import numpy as np
 from celery import signals
 
-from MedSAM2HITLLib.engine import EARLY_STOP_PATIENCE
+from MedSAM2HITLLib.engine import EARLY_STOP_PATIENCE, PREFETCH_MAX_NEIGHBOURS
 from MedSAM2HITLLib.errors import BadInputError, MedSAM2Error, PropagationCancelled
 
 from MedSAM2HITLLib import mask_codec
+from . import ahead
 from .celery_app import app, worker_queue
 from .session import LABELS_FILE, WorkerSession, keep
 from .settings import load
@@ -236,6 +237,44 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
         state, message, kind, data = outcome
         store.set_state(job_id, state, error=message)
         store.event(job_id, kind, data)
+
+
+@signals.worker_ready.connect
+def _nothing_waits(**_) -> None:
+    ahead.reset(store.redis, NAME)
+
+
+@signals.task_prerun.connect
+def _request_started(sender=None, **_) -> None:
+    ahead.started(store.redis, NAME, sender.name)
+
+
+@app.task(name=ahead.PREFETCH_TASK)
+def prefetch(job_id: str, request_id: str, params: dict) -> None:
+    """Encode the slice the user looks at and its neighbours while no real request waits (see ahead.py); the
+    reply, which nobody waits for, says what was encoded and whether it gave way."""
+    from MedSAM2HITLLib.roi_box import array_axis_for_view
+
+    if not store.claim(request_id):
+        return
+
+    def gives_way() -> bool:
+        return ahead.gives_way(store.redis, NAME, request_id)
+
+    try:
+        if gives_way():
+            store.reply(request_id, {"ok": {"encoded": [], "gave_way": True}})
+            return
+        volume = _opened(job_id)
+        engine = session.engine_for(job_id, volume)
+        encoded, gave_way = engine.prefetch_around(array_axis_for_view(volume.node, params["view"]),
+                                                   params["slice"], params.get("window", "mr"),
+                                                   PREFETCH_MAX_NEIGHBOURS, gives_way)
+        store.reply(request_id, {"ok": {"encoded": encoded, "gave_way": gave_way}})
+    except Exception as error:
+        store.reply(request_id, {"error": _failure(error, job_id)})
+    finally:
+        _drop_if_deleted(job_id)
 
 
 @app.task(name="medsam2hitl.export")

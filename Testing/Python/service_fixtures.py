@@ -66,12 +66,12 @@ class Service:
         self.processes: dict[str, subprocess.Popen] = {}
         self.token = tokens.split(",")[0] if tokens else ""
 
-    def start(self, workers: int = 1, worker_env: dict | None = None) -> "Service":
+    def start(self, workers: int = 1, worker_env: dict | None = None, ready_seconds: float = 90) -> "Service":
         self.start_redis()
         for index in range(workers):
             self.start_worker(f"w{index}", worker_env)
         self.start_process("api", [sys.executable, "-m", "medsam2hitl_server", "api"])
-        wait_for(lambda: httpx.get(f"{self.url}/readyz").status_code == 200, 90, "the service becoming ready")
+        wait_for(lambda: httpx.get(f"{self.url}/readyz").status_code == 200, ready_seconds, "the service becoming ready")
         return self
 
     def start_redis(self) -> None:

@@ -54,6 +54,8 @@ export const api = {
   segment: async (job, params) => (await request("POST", `/jobs/${job}/segment-2d`, { json: params })).json(),
   propagate: async (job, params) => (await request("POST", `/jobs/${job}/propagate`, { json: params })).json(),
   writeSlice: async (job, params) => (await request("PUT", `/jobs/${job}/slices`, { json: params })).json(),
+  /** Ask the job's worker to encode a slice ahead ({view, slice, window}); answered at once (202). */
+  prefetch: async (job, params) => (await request("POST", `/jobs/${job}/prefetch`, { json: params })).json(),
   cancel: async (job) => (await request("POST", `/jobs/${job}/cancel`, { json: {} })).json(),
   /** The 3D mask of the job's `object` (or of all its objects); a .seg.nrrd's segment gets `name` and `color`
    * ("rrggbb") when given. */

@@ -4,6 +4,7 @@ import { api, token, followEvents, ApiError } from "./api.js";
 import { VoxelGrid, OVERLAP, decodeMask, encodeMask } from "./voxels.js";
 import { fingerprint, remember, recall, labelsFromNifti } from "./resume.js";
 import { seriesList } from "./series.js";
+import { prefetcher, onSliceMoved } from "./prefetch.js";
 
 const $ = (id) => document.getElementById(id);
 const CT_WINDOWS = { abdomen: [400, 40], lung: [1500, -600], brain: [80, 40], mediastinum: [350, 50], bone: [1800, 400] };
@@ -101,6 +102,7 @@ function refreshButtons() {
   });
   showUserSlices();
   showLegend();
+  prefetchShown();  // the tool, the object or "running" may have changed
 }
 
 /** The legend on the image: each object's name, colour, volume (mL) and voxel count; the overlap colour. */
@@ -737,6 +739,14 @@ function setTool(tool) {
   if (drawing) nv.setPenValue(tool === "pen" ? state.active + 1 : 0, tool === "pen");
   refreshButtons();
 }
+
+// ---- encoding ahead (prefetch.js): with the Box or a Click tool, the slice on screen, while nothing runs ----
+const prefetchShown = prefetcher(() => {
+  if (!ready() || state.running || !(state.tool === "box" || state.tool in CLICK_LABELS)) return null;
+  const { view, slice } = currentSlice();
+  return { job: jobOf(state.active), view, slice, window: windowParam() };
+});
+onSliceMoved(nv, prefetchShown);
 
 /** After a click, or a pen or eraser stroke: a click segments its slice again; a stroke's slice of the drawing
  * becomes the active object's slice. */
