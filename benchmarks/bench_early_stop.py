@@ -9,9 +9,9 @@ Three parts, one run, same machine, CPU, 2 threads:
   how many empty slices it computes past the object's end. This picks EARLY_STOP_PATIENCE.
 - `volumes`: an 18-slice object in 60-, 150- and 300-slice volumes, whole range, early stop on vs off: seconds,
   slices computed and 3D Dice against the truth, with the fixture. Random-init MedSAM2 (image and in-plane size
-  `--size`) is then timed on the same volumes: off over the whole range, on over exactly the slices the fixture's
-  early stop computed (its random masks cannot say where an object ends), "on" runs before and after "off" so
-  that changing load on a shared machine falls on both.
+  `--size`) is timed on the same volume lengths right after the fixture's early-stop run: off over the whole
+  range, on over exactly the slices the fixture's early stop computed (its random masks cannot say where an object
+  ends), "on" before and after "off" so that changing load on a shared machine falls on both.
 - `prefetch`: box-up to mask shown through the local worker, from a slice the worker prefetched while idle vs a
   cold one.
 
@@ -172,45 +172,44 @@ def timed_propagation(engine, volume, key, box, patience, start=None, end=None):
 
 
 def volumes_study(size: int, slice_counts: list[int]) -> Iterator[Row]:
-    """The fixture, measured on and off; then MedSAM2 at `size` (random init, so its masks say nothing of where an
-    object ends) measured off over the whole range and on over the slices the fixture's early stop computed."""
+    """Per volume length: the fixture with early stop on; MedSAM2 at `size` (random init, so its masks say nothing
+    of where an object ends) over the slices the fixture computed, then over the whole range, then those slices
+    again; the fixture off. So the rows at `size` come first for each length on a loaded machine."""
     from evaluate_phantom_model import dice
 
     from MedSAM2HITLLib.engine import EARLY_STOP_PATIENCE, Engine
 
-    stopped_range = {}
-    engine = Engine.load(FIXTURE, device="cpu", threads=THREADS)
+    fixture = Engine.load(FIXTURE, device="cpu", threads=THREADS)
+    medsam2 = Engine.load(random_checkpoint(Path(tempfile.gettempdir()) / "medsam2hitl-bench", size), device="cpu",
+                          threads=THREADS)
     for slices in slice_counts:
         volume, truth, key, box = object_volume(slices, 128)
-        engine.set_volume(volume, f"fixture-{slices}")
-        engine.segment_slice(0, key, box, window="abdomen")  # warm-up: not what either mode waits for
-        off_s, off_mask, off_done = timed_propagation(engine, volume, key, box, None)
-        on_s, on_mask, on_done = timed_propagation(engine, volume, key, box, EARLY_STOP_PATIENCE)
-        stopped_range[slices] = (min(on_done), max(on_done))
+        fixture.set_volume(volume, f"fixture-{slices}")
+        fixture.segment_slice(0, key, box, window="abdomen")  # warm-up: not what either mode waits for
+        on_s, on_mask, on_done = timed_propagation(fixture, volume, key, box, EARLY_STOP_PATIENCE)
+        first, last = min(on_done), max(on_done)
+
+        big, _, big_key, big_box = object_volume(slices, size)
+        medsam2.set_volume(big, f"medsam2-{slices}")
+        medsam2.segment_slice(0, big_key, big_box, window="abdomen")
+        on_before, _, big_on_done = timed_propagation(medsam2, big, big_key, big_box, None, first, last)
+        big_off, _, big_off_done = timed_propagation(medsam2, big, big_key, big_box, None)
+        on_after, _, _ = timed_propagation(medsam2, big, big_key, big_box, None, first, last)
+        big_on = (on_before + on_after) / 2
+        ratio = big_off / big_on
+        yield (f"MedSAM2 random init ({size}), {slices} slices: off / on (slices computed; on = mean of the runs "
+               f"before and after off)", f"{big_off:.1f} s ({len(big_off_done)}) / {big_on:.1f} s "
+               f"({len(big_on_done)}; {on_before:.1f}, {on_after:.1f}): {ratio:.1f}x, "
+               f"{big_off / len(big_off_done):.3f} / {big_on / len(big_on_done):.3f} s a slice",
+               "≥ 5x at 300" if slices >= 300 else "", ok(ratio >= 5) if slices >= 300 else "")
+
+        off_s, off_mask, off_done = timed_propagation(fixture, volume, key, box, None)
         off_dice, on_dice = dice(off_mask, truth), dice(on_mask, truth)
         yield (f"fixture (128), {slices} slices: off / on (slices computed)",
                f"{off_s:.2f} s ({len(off_done)}) / {on_s:.2f} s ({len(on_done)}): {off_s / on_s:.1f}x", "", "")
         yield (f"fixture (128), {slices} slices: 3D Dice off / on (on vs off)",
                f"{off_dice:.4f} / {on_dice:.4f} ({dice(on_mask, off_mask):.4f})", "within 0.005",
                ok(abs(off_dice - on_dice) <= 0.005))
-    del engine
-    engine = Engine.load(random_checkpoint(Path(tempfile.gettempdir()) / "medsam2hitl-bench", size), device="cpu",
-                         threads=THREADS)
-    for slices in slice_counts:
-        volume, _, key, box = object_volume(slices, size)
-        engine.set_volume(volume, f"medsam2-{slices}")
-        engine.segment_slice(0, key, box, window="abdomen")
-        first, last = stopped_range[slices]
-        on_before, _, on_done = timed_propagation(engine, volume, key, box, None, first, last)
-        off_s, _, off_done = timed_propagation(engine, volume, key, box, None)
-        on_after, _, _ = timed_propagation(engine, volume, key, box, None, first, last)
-        on_s = (on_before + on_after) / 2
-        ratio = off_s / on_s
-        yield (f"MedSAM2 random init ({size}), {slices} slices: off / on (slices computed; on = mean of the runs "
-               f"before and after off)", f"{off_s:.1f} s ({len(off_done)}) / {on_s:.1f} s ({len(on_done)}; "
-               f"{on_before:.1f}, {on_after:.1f}): {ratio:.1f}x, {off_s / len(off_done):.3f} / "
-               f"{on_s / len(on_done):.3f} s a slice",
-               "≥ 5x at 300" if slices >= 300 else "", ok(ratio >= 5) if slices >= 300 else "")
 
 
 def prefetch_study(size: int, repeats: int = 3) -> Iterator[Row]:
