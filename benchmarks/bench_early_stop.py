@@ -9,14 +9,18 @@ Three parts, one run, same machine, CPU, 2 threads:
   how many empty slices it computes past the object's end. This picks EARLY_STOP_PATIENCE.
 - `volumes`: an 18-slice object in 60-, 150- and 300-slice volumes, whole range, early stop on vs off: seconds,
   slices computed and 3D Dice against the truth, with the fixture. Random-init MedSAM2 (image and in-plane size
-  `--size`) gives the seconds per propagated slice at that size; its masks are noise, so its on/off times are
-  projected from the slices the fixture computed (stated as such in the table).
+  `--size`) is timed on the same volume lengths right after the fixture's early-stop run: off over the whole
+  range, on over exactly the slices the fixture's early stop computed (its random masks cannot say where an object
+  ends), "on" before and after "off" so that changing load on a shared machine falls on both.
 - `prefetch`: box-up to mask shown through the local worker, from a slice the worker prefetched while idle vs a
   cold one.
 - `prefetch-service`: the same through the inference service (POST .../prefetch, then segment-2d once the worker
   has encoded), with the fixture and with random-init MedSAM2 at `--size`, median of 10.
 
     .venv/bin/python benchmarks/bench_early_stop.py [--parts gaps,volumes,prefetch,prefetch-service] [--size 512] [--slices 60,150,300]
+
+Parts run in the order given; each row is printed as soon as it is measured, so a run that is stopped keeps what
+it measured.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, ok, print_table, random_checkpoint  # noqa: E402
+from common import REPO, ok, random_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(REPO / "Testing" / "Training"))
 THREADS = 2
@@ -84,7 +89,10 @@ def gap_cases():
         yield f"twisted-{i}", twisted_phantom(i), 0
 
 
-def gaps_study() -> list[tuple[str, str, str, str]]:
+Row = tuple[str, str, str, str]
+
+
+def gaps_study() -> Iterator[Row]:
     from evaluate_phantom_model import dice, key_and_box
 
     from MedSAM2HITLLib.engine import Engine
@@ -123,13 +131,12 @@ def gaps_study() -> list[tuple[str, str, str, str]]:
             done_share[patience].append(computed / count)
     cases = len(dice_drop[PATIENCES[0]])
     histogram = {length: all_gaps.count(length) for length in sorted(set(all_gaps))}
-    rows = [("phantoms (cases) / directions", f"{cases} / {directions}", "", ""),
-            ("gaps inside a tracked object (length: count)", str(histogram or "none"), "", "")]
+    yield "phantoms (cases) / directions", f"{cases} / {directions}", "", ""
+    yield "gaps inside a tracked object (length: count)", str(histogram or "none"), "", ""
     for patience in PATIENCES:
-        rows.append((f"patience {patience}: directions cut / worst Dice drop / mean share of slices computed",
-                     f"{lost[patience]} / {max(dice_drop[patience]):.4f} / {np.mean(done_share[patience]):.2f}",
-                     "0 cut", ok(lost[patience] == 0)))
-    return rows
+        yield (f"patience {patience}: directions cut / worst Dice drop / mean share of slices computed",
+               f"{lost[patience]} / {max(dice_drop[patience]):.4f} / {np.mean(done_share[patience]):.2f}",
+               "0 cut", ok(lost[patience] == 0))
 
 
 def object_volume(slices: int, size: int, object_slices: int = 18, seed: int = 0):
@@ -155,57 +162,59 @@ def object_volume(slices: int, size: int, object_slices: int = 18, seed: int = 0
     return volume, truth, key, box
 
 
-def timed_propagation(engine, volume, key, box, patience):
-    """(seconds, 3D mask, slices computed) of a whole-range propagation from the key slice's box."""
+def timed_propagation(engine, volume, key, box, patience, start=None, end=None):
+    """(seconds, 3D mask, indices computed) of a propagation from the key slice's box (whole range by default)."""
     result = np.zeros(volume.shape, bool)
-    computed = 0
+    computed = []
     started = time.perf_counter()
-    for item in engine.propagate(0, key, box, window="abdomen", patience=patience):
+    for item in engine.propagate(0, key, box, start, end, window="abdomen", patience=patience):
         result[item.index] = item.mask
-        computed += 1
+        computed.append(item.index)
     return time.perf_counter() - started, result, computed
 
 
-def volumes_study(size: int, slice_counts: list[int]) -> list[tuple[str, str, str, str]]:
-    """The fixture, measured on and off; MedSAM2 (random init, so its masks say nothing of where an object ends)
-    measured per propagated slice, and its time on/off projected from the slices the fixture computed."""
+def volumes_study(size: int, slice_counts: list[int]) -> Iterator[Row]:
+    """Per volume length: the fixture with early stop on; MedSAM2 at `size` (random init, so its masks say nothing
+    of where an object ends) over the slices the fixture computed, then over the whole range, then those slices
+    again; the fixture off. So the rows at `size` come first for each length on a loaded machine."""
     from evaluate_phantom_model import dice
 
     from MedSAM2HITLLib.engine import EARLY_STOP_PATIENCE, Engine
 
-    rows, computed = [], {}
-    engine = Engine.load(FIXTURE, device="cpu", threads=THREADS)
+    fixture = Engine.load(FIXTURE, device="cpu", threads=THREADS)
+    medsam2 = Engine.load(random_checkpoint(Path(tempfile.gettempdir()) / "medsam2hitl-bench", size), device="cpu",
+                          threads=THREADS)
     for slices in slice_counts:
         volume, truth, key, box = object_volume(slices, 128)
-        engine.set_volume(volume, f"fixture-{slices}")
-        engine.segment_slice(0, key, box, window="abdomen")  # warm-up: not what either mode waits for
-        off_s, off_mask, off_n = timed_propagation(engine, volume, key, box, None)
-        on_s, on_mask, on_n = timed_propagation(engine, volume, key, box, EARLY_STOP_PATIENCE)
-        computed[slices] = on_n
+        fixture.set_volume(volume, f"fixture-{slices}")
+        fixture.segment_slice(0, key, box, window="abdomen")  # warm-up: not what either mode waits for
+        on_s, on_mask, on_done = timed_propagation(fixture, volume, key, box, EARLY_STOP_PATIENCE)
+        first, last = min(on_done), max(on_done)
+
+        big, _, big_key, big_box = object_volume(slices, size)
+        medsam2.set_volume(big, f"medsam2-{slices}")
+        medsam2.segment_slice(0, big_key, big_box, window="abdomen")
+        on_before, _, big_on_done = timed_propagation(medsam2, big, big_key, big_box, None, first, last)
+        big_off, _, big_off_done = timed_propagation(medsam2, big, big_key, big_box, None)
+        on_after, _, _ = timed_propagation(medsam2, big, big_key, big_box, None, first, last)
+        big_on = (on_before + on_after) / 2
+        ratio = big_off / big_on
+        yield (f"MedSAM2 random init ({size}), {slices} slices: off / on (slices computed; on = mean of the runs "
+               f"before and after off)", f"{big_off:.1f} s ({len(big_off_done)}) / {big_on:.1f} s "
+               f"({len(big_on_done)}; {on_before:.1f}, {on_after:.1f}): {ratio:.1f}x, "
+               f"{big_off / len(big_off_done):.3f} / {big_on / len(big_on_done):.3f} s a slice",
+               "≥ 5x at 300" if slices >= 300 else "", ok(ratio >= 5) if slices >= 300 else "")
+
+        off_s, off_mask, off_done = timed_propagation(fixture, volume, key, box, None)
         off_dice, on_dice = dice(off_mask, truth), dice(on_mask, truth)
-        rows.append((f"fixture (128), {slices} slices: off / on (slices computed)",
-                     f"{off_s:.2f} s ({off_n}) / {on_s:.2f} s ({on_n}): {off_s / on_s:.1f}x", "", ""))
-        rows.append((f"fixture (128), {slices} slices: 3D Dice off / on (on vs off)",
-                     f"{off_dice:.4f} / {on_dice:.4f} ({dice(on_mask, off_mask):.4f})", "within 0.005",
-                     ok(abs(off_dice - on_dice) <= 0.005)))
-    del engine
-    engine = Engine.load(random_checkpoint(Path(tempfile.gettempdir()) / "medsam2hitl-bench", size), device="cpu",
-                         threads=THREADS)
-    volume, _, key, box = object_volume(12, size, object_slices=10)
-    engine.set_volume(volume, "medsam2")
-    engine.segment_slice(0, key, box, window="abdomen")
-    seconds, _, count = timed_propagation(engine, volume, key, box, None)
-    per_slice = seconds / count
-    rows.append((f"MedSAM2 random init ({size}): seconds per propagated slice (12 slices)", f"{per_slice:.3f}", "", ""))
-    for slices in slice_counts:
-        ratio = slices / computed[slices]
-        rows.append((f"MedSAM2 ({size}), {slices} slices: off / on, projected from the fixture's slices",
-                     f"{per_slice * slices:.1f} s / {per_slice * computed[slices]:.1f} s: {ratio:.1f}x",
-                     "≥ 5x at 300" if slices >= 300 else "", ok(ratio >= 5) if slices >= 300 else ""))
-    return rows
+        yield (f"fixture (128), {slices} slices: off / on (slices computed)",
+               f"{off_s:.2f} s ({len(off_done)}) / {on_s:.2f} s ({len(on_done)}): {off_s / on_s:.1f}x", "", "")
+        yield (f"fixture (128), {slices} slices: 3D Dice off / on (on vs off)",
+               f"{off_dice:.4f} / {on_dice:.4f} ({dice(on_mask, off_mask):.4f})", "within 0.005",
+               ok(abs(off_dice - on_dice) <= 0.005))
 
 
-def prefetch_study(size: int, repeats: int = 3) -> list[tuple[str, str, str, str]]:
+def prefetch_study(size: int, repeats: int = 3) -> list[Row]:
     """Box-up to mask through the local worker: on a slice prefetched while the worker was idle, and on a cold one."""
     from MedSAM2HITLLib.client import WorkerClient
 
@@ -229,14 +238,14 @@ def prefetch_study(size: int, repeats: int = 3) -> list[tuple[str, str, str, str
     return [prefetched_row(f"MedSAM2 random init ({size}), local worker", warm, cold)]
 
 
-def prefetched_row(where: str, warm: list[float], cold: list[float]) -> tuple[str, str, str, str]:
+def prefetched_row(where: str, warm: list[float], cold: list[float]) -> Row:
     """The table row of box-up to mask times: prefetched against cold, and their ratio (target: decoder only)."""
     ratio = float(np.median(warm) / np.median(cold))
     return (f"{where}: box-up to mask, median of {len(warm)}: prefetched / cold",
             f"{np.median(warm) * 1000:.0f} / {np.median(cold) * 1000:.0f} ms: {ratio:.2f}", "≤ 0.15", ok(ratio <= 0.15))
 
 
-def prefetch_service_study(checkpoint: Path, label: str, size: int, repeats: int = 10) -> list[tuple[str, str, str, str]]:
+def prefetch_service_study(checkpoint: Path, label: str, size: int, repeats: int = 10) -> list[Row]:
     """Box-up to mask through the service (HTTP, Celery, Redis): on a slice prefetched while idle, and a cold one."""
     import json
 
@@ -278,28 +287,38 @@ def prefetch_service_study(checkpoint: Path, label: str, size: int, repeats: int
     return [prefetched_row(f"{label}, service", warm, cold)]
 
 
+def print_rows(title: str, rows: Iterator[Row]) -> None:
+    """Each row as soon as it is measured, flushed: a run stopped part-way keeps what it measured."""
+    started = time.perf_counter()
+    print(f"\n{title}\nmeasure | value | target | ok", flush=True)
+    for row in rows:
+        print(" | ".join(row), flush=True)
+    print(f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="gaps,volumes,prefetch,prefetch-service")
+    parser.add_argument("--parts", default="gaps,volumes,prefetch,prefetch-service",
+                        help="comma-separated, run in this order")
     parser.add_argument("--size", type=int, default=512, help="in-plane size (and image size) of random MedSAM2")
     parser.add_argument("--slices", default="60,150,300")
     args = parser.parse_args()
-    parts = args.parts.split(",")
-    if "gaps" in parts:
-        started = time.perf_counter()
-        rows = gaps_study()
-        print_table(f"Gaps inside tracked objects, fixture ({time.perf_counter() - started:.0f} s)", rows)
-    if "volumes" in parts:
-        print_table("Time to a finished segment, whole range, early stop off / on",
-                    volumes_study(args.size, [int(n) for n in args.slices.split(",")]))
-    if "prefetch" in parts:
-        print_table("First mask: prefetched slice vs cold", prefetch_study(args.size))
-    if "prefetch-service" in parts:
-        print_table("First mask through the service: prefetched slice vs cold",
-                    prefetch_service_study(FIXTURE, "fixture (128)", 128))
-        print_table("First mask through the service: prefetched slice vs cold",
-                    prefetch_service_study(random_checkpoint(Path(tempfile.gettempdir()) / "medsam2hitl-bench",
-                                                             args.size), f"MedSAM2 random init ({args.size})", args.size))
+    slice_counts = [int(n) for n in args.slices.split(",")]
+    studies = {
+        "gaps": ("Gaps inside tracked objects, fixture", gaps_study),
+        "volumes": ("Time to a finished segment, whole range, early stop off / on",
+                    lambda: volumes_study(args.size, slice_counts)),
+        "prefetch": ("First mask: prefetched slice vs cold", lambda: prefetch_study(args.size)),
+        "prefetch-service": ("First mask through the service: prefetched slice vs cold", lambda: [
+            *prefetch_service_study(FIXTURE, "fixture (128)", 128),
+            *prefetch_service_study(random_checkpoint(Path(tempfile.gettempdir()) / "medsam2hitl-bench", args.size),
+                                    f"MedSAM2 random init ({args.size})", args.size)]),
+    }
+    for part in args.parts.split(","):
+        if part not in studies:
+            parser.error(f"unknown part {part!r}: choose from {', '.join(studies)}")
+        title, study = studies[part]
+        print_rows(title, study())
 
 
 if __name__ == "__main__":
