@@ -55,7 +55,7 @@ class JobVolume:
         counts = np.zeros(256, np.int64)
         for plane in self.labels:  # slice by slice: bincount of the whole array would make an int64 copy of it
             counts += np.bincount(plane.ravel(), minlength=256)
-        self.voxels = {number: int(counts[number]) for number in np.flatnonzero(counts[1:]) + 1}
+        self.voxels = {int(number): int(counts[number]) for number in np.flatnonzero(counts[1:]) + 1}
 
     def object_slice(self, axis: int, index: int, number: int) -> np.ndarray:
         """Object `number`'s mask on one slice."""

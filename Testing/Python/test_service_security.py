@@ -197,7 +197,7 @@ def test_the_access_log_holds_no_query_string_and_a_disconnect_is_one_line(servi
                            + b"\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n"
                            + b"NRRD0004\n" + b"\0" * 1000)
         time.sleep(1)
-    wait_for(lambda: "client disconnected during POST /api/v1/jobs" in service.log("api"), 10, "the disconnect")
+    wait_for(lambda: "upload abandoned: the client disconnected" in service.log("api"), 10, "the disconnect")
     log = service.log("api")
     assert secret not in log and '"GET /api/v1/models HTTP/1.1" 200' in log
     assert "Traceback" not in log
