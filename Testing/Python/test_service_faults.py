@@ -215,14 +215,15 @@ def test_a_redelivered_propagation_task_runs_once(service):
     import redis
 
     from medsam2hitl_server.celery_app import make_app, worker_queue
+    from medsam2hitl_server.schemas import Propagate
 
     case = Upload(36)
     with service.client() as client:
         job_id = create_job(client, case.data)
         worker = client.get(f"/api/v1/jobs/{job_id}/status").json()["worker"]
         celery = make_app(service.env["MEDSAM2HITL_REDIS_URL"])
-        params = {"view": "axial", "box_ras": case.box_ras, "window": "abdomen", "slice": None, "box": None,
-                  "mask": None, "range": "whole", "start": None, "end": None, "largest_component": False}
+        params = Propagate.model_validate({"view": "axial", "box_ras": case.box_ras, "window": "abdomen",
+                                           "early_stop": False}).params()  # what the API sends the worker
         redis.Redis(port=service.redis_port).set(f"m2h:job:{job_id}:busy", "redelivered-1")  # as the API locks
         for _ in range(2):
             celery.send_task("medsam2hitl.propagate", args=[job_id, "redelivered-1", params],

@@ -225,7 +225,9 @@ def test_the_seeds_curl_steps_with_a_form_upload(service, tmp_path):
                 break
     events.terminate()
     events.wait(10)
-    assert kinds[-1] == "done" and kinds.count("slice") == case.phantom.volume.shape[0], kinds[-3:]
+    # early stop (on by default) ends where the object ends: some slices, at most the volume's; the Dice below
+    # checks that the whole object was kept
+    assert kinds[-1] == "done" and 0 < kinds.count("slice") <= case.phantom.volume.shape[0], kinds[-3:]
     curl(service, "-o", str(tmp_path / "mask.nii.gz"), f"{api}/jobs/{job}/result")
     result = nib.load(tmp_path / "mask.nii.gz")
     assert np.allclose(result.affine, case.affine, atol=1e-4)

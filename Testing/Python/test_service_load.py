@@ -18,7 +18,7 @@ pytestmark = pytest.mark.service
 
 TOKEN = "load-test-token"
 CLIENTS, REQUESTS = 8, 20
-MAX_EXAMPLES = 12  # per operation: at most 16 x 12 = 192 generated requests in all
+MAX_EXAMPLES = 12  # per operation: at most 13 x 12 = 156 generated requests in all
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,9 @@ def decode(payload: dict) -> np.ndarray:
 def api_schema(service):
     """The live OpenAPI, without the event stream (open by design) and DELETE (it would end the shared job)."""
     schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json")
-    return schema.exclude(path_regex="/events$").exclude(method="DELETE")
+    # The PACS series list answers 503 by design where no DICOMweb server is configured (as here); it is tested
+    # against a real Orthanc in test_web_viewer_pacs.py.
+    return schema.exclude(path_regex="/events$").exclude(method="DELETE").exclude(path="/api/v1/dicomweb/series")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def job_for_fuzzing(service) -> str:
 
 
 def test_schemathesis_finds_no_server_error(api_schema, service, job_for_fuzzing):
-    """Generated requests (at most MAX_EXAMPLES per operation, 16 operations) reach a real job: no 5xx."""
+    """Generated requests (at most MAX_EXAMPLES per operation, 13 operations) reach a real job: no 5xx."""
     sent: list[str] = []
     for result in api_schema.get_all_operations():
         operation = result.ok()
