@@ -334,15 +334,17 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
         propagation_id = str(uuid.uuid4())
         if not store.try_lock(record["id"], propagation_id):
             raise HTTPException(409, "a propagation is already running on this job; wait for it or cancel it")
-        try:
+        try:  # running before the send: a worker that fails at once must not have its "failed" overwritten
             after = store.last_event_id(record["id"])
+            store.update(record["id"], state="running", done=0, total=0, error="")
             worker = dispatcher.worker_of(record["id"])
             task_id = dispatcher.send(worker, "medsam2hitl.propagate", record["id"], propagation_id,
                                       params)
         except BaseException:
+            store.update(record["id"], state=record["state"], error=record["error"])
             store.unlock(record["id"], propagation_id)
             raise
-        store.update(record["id"], task=task_id, state="running", done=0, total=0, error="")
+        store.update(record["id"], task=task_id)
         return {"propagation": propagation_id, "events_after": after,
                 "events": f"/api/v1/jobs/{record['id']}/events?after={after}"}
 
