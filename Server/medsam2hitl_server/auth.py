@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Request
 
+from .errors import Unauthenticated
 from .settings import Settings
 from .store import owner_of
 
@@ -18,14 +19,11 @@ def caller(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise HTTPException(401, "missing token: send 'Authorization: Bearer <token>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthenticated("missing token: send 'Authorization: Bearer <token>'")
     matched = False
     for known in settings.tokens:
         matched |= hmac.compare_digest(token.encode(), known.encode())
     if not matched:
-        raise HTTPException(401, "wrong token", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthenticated("wrong token")
     return owner_of(token)
 
-
-Caller = Depends(caller)

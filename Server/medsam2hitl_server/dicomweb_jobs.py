@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Callable
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -24,6 +24,8 @@ from MedSAM2HITLLib.errors import BadInputError
 from MedSAM2HITLLib.dicom_series import read_dicom
 from MedSAM2HITLLib.volume_file import VolumeHeader, check_volume_file
 
+from .errors import (Conflict, IncompleteRequest, InvalidRequest, NotAllowed, NotFound, TooLarge, Unavailable,
+                     UpstreamRefused)
 from .session import job_dir
 from .settings import Settings
 
@@ -53,7 +55,7 @@ def is_dicomweb_request(request: Request) -> bool:
 
 def configured_server(settings: Settings) -> DicomWebServer:
     if not settings.dicomweb_url:
-        raise HTTPException(503, "this service has no DICOMweb server configured (MEDSAM2HITL_DICOMWEB_URL)")
+        raise Unavailable("this service has no DICOMweb server configured (MEDSAM2HITL_DICOMWEB_URL)")
     return DicomWebServer(settings.dicomweb_url, settings.dicomweb_user or None, settings.dicomweb_password or None,
                           settings.dicomweb_token or None)
 
@@ -65,9 +67,9 @@ def list_series(settings: Settings, study: str | None, limit: int, offset: int) 
     try:
         found = search_series(server, study, limit, offset)
     except SeriesNotFound as error:
-        raise HTTPException(404, str(error)) from None
+        raise NotFound(str(error)) from None
     except DicomWebUnreachable as error:
-        raise HTTPException(503, str(error)) from None
+        raise Unavailable(str(error)) from None
     return {"server": server.shown(), "series": [asdict(series) for series in found]}
 
 
@@ -76,7 +78,7 @@ def volume_file(settings: Settings, job_id: str, name: str) -> Path:
     viewer shows the very grid that the masks are on."""
     path = job_dir(settings, job_id) / name
     if not path.is_file():
-        raise HTTPException(503, "the job's volume is not on this server's disk; see the README on workers "
+        raise Unavailable("the job's volume is not on this server's disk; see the README on workers "
                                  "without a shared data folder")
     return path
 
@@ -89,23 +91,23 @@ async def receive_series(request: Request, folder: Path, settings: Settings) -> 
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_REQUEST_BYTES:
-            raise HTTPException(413, f"a DICOMweb job request is a small JSON object (at most {MAX_REQUEST_BYTES} "
+            raise TooLarge(f"a DICOMweb job request is a small JSON object (at most {MAX_REQUEST_BYTES} "
                                      "bytes)")
     try:
         source = DicomWebJob.model_validate(json.loads(body or b"null")).dicomweb
     except (ValueError, ValidationError):
-        raise HTTPException(422, 'send {"dicomweb": {"series": "<SeriesInstanceUID>", "study": "<optional>"}}') \
+        raise IncompleteRequest('send {"dicomweb": {"series": "<SeriesInstanceUID>", "study": "<optional>"}}') \
             from None
     server = configured_server(settings)
     folder.mkdir(parents=True)
     try:
         return await run_in_threadpool(_fetch_and_convert, server, source, folder, settings.max_volume_bytes)
     except SeriesNotFound as error:
-        raise HTTPException(404, str(error)) from None
+        raise NotFound(str(error)) from None
     except DicomWebUnreachable as error:
-        raise HTTPException(503, str(error)) from None
+        raise Unavailable(str(error)) from None
     except BadInputError as error:
-        raise HTTPException(400, str(error)) from None
+        raise InvalidRequest(str(error)) from None
     finally:
         if not (folder / VOLUME_FILE).is_file():
             shutil.rmtree(folder, ignore_errors=True)
@@ -125,7 +127,7 @@ def source_folder(settings: Settings, job_id: str) -> Path:
     """The job's DICOM series, or 409 for a job made from an uploaded file."""
     folder = job_dir(settings, job_id) / DICOM_FOLDER
     if not folder.is_dir():
-        raise HTTPException(409, "this job's volume was uploaded as a file, not read from DICOM: it has no patient, "
+        raise Conflict("this job's volume was uploaded as a file, not read from DICOM: it has no patient, "
                                  "study or instances for a DICOM SEG to link to; download nii.gz or seg.nrrd")
     return folder
 
@@ -142,7 +144,7 @@ def dicom_seg(settings: Settings, job_id: str, nifti_result: Callable[[], Path],
     result = nib.load(nifti_result())
     labels = np.asarray(result.dataobj).transpose(2, 1, 0)  # NIfTI (i, j, k) → [k, j, i]
     if not labels.any():
-        raise HTTPException(409, "the job's result is empty: segment something before asking for a DICOM SEG")
+        raise Conflict("the job's result is empty: segment something before asking for a DICOM SEG")
     values = sorted(segments)
     numbered = np.zeros(labels.shape, np.uint8)
     for number, value in enumerate(values, start=1):
@@ -151,19 +153,19 @@ def dicom_seg(settings: Settings, job_id: str, nifti_result: Callable[[], Path],
         return write_dicom_seg(numbered, result.affine, {n: segments[v] for n, v in enumerate(values, start=1)},
                                folder, None, job_dir(settings, job_id) / SEG_FILE, Path(settings.checkpoint).stem)
     except BadInputError as error:
-        raise HTTPException(400, str(error)) from None
+        raise InvalidRequest(str(error)) from None
 
 
 def store_seg(settings: Settings, make_seg: Callable[[], Path]) -> dict:
     """Make the SEG and send it to the configured server (STOW-RS), only when MEDSAM2HITL_DICOMWEB_STORE allows it."""
     if not settings.dicomweb_store:
-        raise HTTPException(403, "storing results on the PACS is off; an administrator can allow it with "
+        raise NotAllowed("storing results on the PACS is off; an administrator can allow it with "
                                  "MEDSAM2HITL_DICOMWEB_STORE=1")
     server = configured_server(settings)
     try:
         uid = store_instance(server, make_seg())
     except DicomWebUnreachable as error:
-        raise HTTPException(503, str(error)) from None
+        raise Unavailable(str(error)) from None
     except BadInputError as error:
-        raise HTTPException(502, str(error)) from None
+        raise UpstreamRefused(str(error)) from None
     return {"stored": uid, "server": server.shown()}

@@ -10,10 +10,9 @@ import shutil
 import time
 import uuid
 
-from fastapi import HTTPException
-
 from . import ahead
 from .celery_app import app as celery, worker_queue
+from .errors import Unavailable, WorkerTimedOut
 from .session import job_dir
 from .settings import Settings
 from .store import JobStore
@@ -61,8 +60,8 @@ class Dispatcher:
         self.store.orphaned(job_id)
         worker = self.bind(job_id)
         if worker is None:
-            raise HTTPException(503, "no model worker is running; start one (scripts/start.sh celery) and retry",
-                                headers={"Retry-After": "5"})
+            raise Unavailable("no model worker is running; start one (scripts/start.sh celery) and retry",
+                              retry_after=5)
         return worker
 
     def call(self, job_id: str, task: str, *args) -> dict:
@@ -80,8 +79,8 @@ class Dispatcher:
                 if not self.store.alive(worker):
                     break
             else:
-                raise HTTPException(504, f"no answer from the model worker in {self.settings.segment_timeout_seconds} s; "
-                                         "it may be busy with other jobs — retry later")
+                raise WorkerTimedOut(f"no answer from the model worker in {self.settings.segment_timeout_seconds} s; "
+                                     "it may be busy with other jobs — retry later")
 
     def purge(self, job_id: str, expired: bool) -> None:
         record = self.store.get(job_id) or {}
@@ -92,7 +91,7 @@ class Dispatcher:
 
     def reap(self) -> None:
         """One round of housekeeping: expire jobs, fail or re-bind jobs of stopped workers, bind parked jobs."""
-        if not self.store.redis.set("m2h:reaper", 1, nx=True, px=3000):
+        if not self.store.housekeeping_turn():
             return  # another API process does it
         for job_id in self.store.due_for_purge():
             self.purge(job_id, expired=True)
@@ -105,4 +104,4 @@ class Dispatcher:
         if self.store.workers():
             for job_id in self.store.unbound():
                 self.bind(job_id)
-        self.store.redis.delete("m2h:reaper")
+        self.store.housekeeping_done()

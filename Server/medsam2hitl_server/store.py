@@ -68,6 +68,20 @@ class JobStore:
         pipe.execute()
         self.event(job_id, "state", {"state": "queued"})
 
+    def ping(self) -> None:
+        """Raises redis.RedisError when Redis does not answer."""
+        self.redis.ping()
+
+    def queue_length(self, queue: str) -> int:
+        return int(self.redis.llen(queue))
+
+    def housekeeping_turn(self) -> bool:
+        """Whether this API process does the next round of housekeeping (one at a time across processes)."""
+        return bool(self.redis.set(f"{KEY}:reaper", 1, nx=True, px=3000))
+
+    def housekeeping_done(self) -> None:
+        self.redis.delete(f"{KEY}:reaper")
+
     def get(self, job_id: str) -> dict | None:
         record = self.redis.hgetall(job_key(job_id))
         return record or None

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
@@ -21,6 +21,8 @@ from starlette.requests import ClientDisconnect
 
 from MedSAM2HITLLib.errors import BadInputError
 from MedSAM2HITLLib.volume_file import VolumeHeader, check_volume_file
+
+from .errors import IncompleteRequest, InvalidRequest, NotAVolume, TooLarge, UploadStalled
 
 log = logging.getLogger("medsam2hitl_server.api")
 SNIFF_BYTES = 352  # a NIfTI-1 header
@@ -59,7 +61,7 @@ class FormFile:
     def __init__(self, out: BinaryIO, content_type: str, max_bytes: int):
         boundary = parse_options_header(content_type)[1].get(b"boundary")
         if not boundary:
-            raise HTTPException(400, "the multipart/form-data body has no boundary in its Content-Type")
+            raise InvalidRequest("the multipart/form-data body has no boundary in its Content-Type")
         self.out, self.max_bytes = out, max_bytes
         self.files = self.size = 0
         self.header, self.disposition, self.in_file, self.ended = b"", b"", False, False
@@ -73,13 +75,13 @@ class FormFile:
         try:
             self.parser.write(chunk)
         except MultipartParseError as error:
-            raise HTTPException(400, f"the multipart/form-data body is malformed: {error}") from None
+            raise InvalidRequest(f"the multipart/form-data body is malformed: {error}") from None
 
     def finish(self) -> None:
         if not self.ended:
-            raise HTTPException(400, "the multipart/form-data body ended before its closing boundary; send it again")
+            raise InvalidRequest("the multipart/form-data body ended before its closing boundary; send it again")
         if self.files == 0:
-            raise HTTPException(422, f"the form has no '{FORM_FIELD}' field: send the volume as "
+            raise IncompleteRequest(f"the form has no '{FORM_FIELD}' field: send the volume as "
                                      f"{FORM_FIELD}=@scan.nii.gz (curl -F) or as the raw request body")
 
     def _begin(self) -> None:
@@ -88,13 +90,13 @@ class FormFile:
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self.header += data[start:end].lower()
         if len(self.header) > 256:
-            raise HTTPException(400, "a form part has a header name over 256 bytes")
+            raise InvalidRequest("a form part has a header name over 256 bytes")
 
     def _header_value(self, data: bytes, start: int, end: int) -> None:
         if self.header == b"content-disposition":
             self.disposition += data[start:end]
             if len(self.disposition) > 4096:
-                raise HTTPException(400, "a form part's Content-Disposition header is over 4096 bytes")
+                raise InvalidRequest("a form part's Content-Disposition header is over 4096 bytes")
 
     def _header_end(self) -> None:
         self.header = b""
@@ -103,14 +105,14 @@ class FormFile:
         if parse_options_header(self.disposition)[1].get(b"name") == FORM_FIELD.encode():
             self.files += 1
             if self.files > 1:
-                raise HTTPException(400, f"the form has more than one '{FORM_FIELD}' field; send one volume")
+                raise InvalidRequest(f"the form has more than one '{FORM_FIELD}' field; send one volume")
             self.in_file = True
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         if self.in_file:
             self.size += end - start
             if self.size > self.max_bytes:
-                raise HTTPException(413, f"the file is over the limit of {self.max_bytes} bytes")
+                raise TooLarge(f"the file is over the limit of {self.max_bytes} bytes")
             self.out.write(data[start:end])
 
     def _end(self) -> None:
@@ -129,8 +131,7 @@ async def body_chunks(request: Request, idle_seconds: float) -> AsyncIterator[by
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:
-            raise HTTPException(408, f"the upload stalled: no data for {idle_seconds:g} s; send it again",
-                                headers={"Connection": "close"}) from None
+            raise UploadStalled(f"the upload stalled: no data for {idle_seconds:g} s; send it again") from None
         yield chunk
 
 
@@ -149,11 +150,11 @@ async def stream_to_file(request: Request, path: Path, max_bytes: int, idle_seco
             async for chunk in body_chunks(request, idle_seconds):
                 received += len(chunk)
                 if received > limit:
-                    raise HTTPException(413, f"the request body is over the limit of {limit} bytes")
+                    raise TooLarge(f"the request body is over the limit of {limit} bytes")
                 sink.write(chunk)
         except ClientDisconnect:
             log.warning("upload abandoned: the client disconnected after %d bytes", received)
-            raise HTTPException(400, "the client disconnected during the upload") from None
+            raise InvalidRequest("the client disconnected during the upload") from None
         if isinstance(sink, FormFile):
             sink.finish()
         return f.tell()
@@ -170,17 +171,17 @@ async def receive_volume(request: Request, folder: Path, max_bytes: int, max_vol
     content_type = request.headers.get("content-type", "").lower()
     form = content_type.startswith("multipart/form-data")
     if content_type.startswith("multipart/") and not form:
-        raise HTTPException(415, "send the volume as multipart/form-data with a 'file' field (curl -F "
+        raise NotAVolume("send the volume as multipart/form-data with a 'file' field (curl -F "
                                  "file=@scan.nii.gz) or as the raw request body (curl --data-binary @scan.nii.gz)")
     limit = max_bytes + FORM_OVERHEAD_BYTES if form else max_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"upload of {int(declared)} bytes is over the limit of {max_bytes} bytes")
+        raise TooLarge(f"upload of {int(declared)} bytes is over the limit of {max_bytes} bytes")
     folder.mkdir(parents=True)
     upload = folder / "upload"
     try:
         if await stream_to_file(request, upload, max_bytes, idle_seconds, form) == 0:
-            raise HTTPException(400, "the upload is empty: send a NIfTI, NRRD or MHA file as the request body "
+            raise InvalidRequest("the upload is empty: send a NIfTI, NRRD or MHA file as the request body "
                                      "or as the form's 'file' field")
         with open(upload, "rb") as f:
             head = f.read(SNIFF_BYTES)
@@ -188,13 +189,13 @@ async def receive_volume(request: Request, folder: Path, max_bytes: int, max_vol
         if suffix == ".nii.gz" and sniff_suffix(await run_in_threadpool(gzip_head, upload)) != ".nii":
             suffix = None
         if suffix is None:
-            raise HTTPException(415, "not a NIfTI (.nii/.nii.gz), NRRD or MHA volume; upload one of those")
+            raise NotAVolume("not a NIfTI (.nii/.nii.gz), NRRD or MHA volume; upload one of those")
         name = "volume" + suffix
         upload.rename(folder / name)
         try:
             header = await run_in_threadpool(check_volume_file, folder / name, max_volume_bytes, True)
         except BadInputError as error:
-            raise HTTPException(400, str(error)) from None
+            raise InvalidRequest(str(error)) from None
         return name, header
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
