@@ -53,8 +53,8 @@ class Dispatcher:
 
     def worker_of(self, job_id: str) -> str:
         """The live worker holding the job, re-binding it first when its worker has stopped."""
-        record = self.store.get(job_id) or {}
-        worker = record.get("worker", "")
+        record = self.store.get(job_id)
+        worker = record.worker if record else ""
         if self.store.alive(worker):
             return worker
         self.store.orphaned(job_id)
@@ -83,9 +83,9 @@ class Dispatcher:
                                      "it may be busy with other jobs — retry later")
 
     def purge(self, job_id: str, expired: bool) -> None:
-        record = self.store.get(job_id) or {}
-        if record.get("worker") and self.store.alive(record["worker"]):
-            self.send(record["worker"], "medsam2hitl.forget", job_id)
+        record = self.store.get(job_id)
+        if record and record.worker and self.store.alive(record.worker):
+            self.send(record.worker, "medsam2hitl.forget", job_id)
         self.store.forget(job_id, expired)  # first: a worker that then finds the folder gone sees the job gone too
         shutil.rmtree(job_dir(self.settings, job_id), ignore_errors=True)
 

@@ -32,6 +32,40 @@ def owner_of(token: str | None) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
 
 
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as the store holds it, read from its hash with each field in its own type."""
+
+    id: str
+    owner: str
+    state: str
+    created: float
+    expires: float
+    volume_file: str
+    header: dict  # the upload's summary: shape_ijk, dtype
+    geometry: dict | None  # the worker's geometry of the volume, once loaded
+    worker: str  # '' while no live worker holds it
+    binding: str  # changes at each (re)binding: a worker's older copy of the volume is stale
+    loaded: bool
+    done: int
+    total: int
+    error: str
+    task: str  # the last Celery task sent for it
+    objects: list[dict]
+    labels_event: str  # the last slice event the saved labels include
+
+    @classmethod
+    def from_hash(cls, job_id: str, fields: dict[str, str]) -> JobRecord:
+        loads = json.loads
+        return cls(id=job_id, owner=fields["owner"], state=fields["state"], created=float(fields["created"]),
+                   expires=float(fields["expires"]), volume_file=fields["volume_file"],
+                   header=loads(fields["header"]), geometry=loads(fields["geometry"]) if fields.get("geometry")
+                   else None, worker=fields.get("worker", ""), binding=fields.get("binding", ""),
+                   loaded=fields.get("loaded") == "1", done=int(fields.get("done", 0)),
+                   total=int(fields.get("total", 0)), error=fields.get("error", ""), task=fields.get("task", ""),
+                   objects=loads(fields.get("objects") or "[]"), labels_event=fields.get("labels_event") or "0-0")
+
+
 @dataclass
 class Worker:
     name: str
@@ -82,9 +116,9 @@ class JobStore:
     def housekeeping_done(self) -> None:
         self.redis.delete(f"{KEY}:reaper")
 
-    def get(self, job_id: str) -> dict | None:
-        record = self.redis.hgetall(job_key(job_id))
-        return record or None
+    def get(self, job_id: str) -> JobRecord | None:
+        fields = self.redis.hgetall(job_key(job_id))
+        return JobRecord.from_hash(job_id, fields) if fields else None
 
     def update(self, job_id: str, **fields) -> None:
         """Change fields of an existing job (never re-creates a purged one)."""
@@ -107,14 +141,14 @@ class JobStore:
 
     def forget(self, job_id: str, expired: bool) -> None:
         """Remove every key of a job; an expired one leaves a tombstone so clients get 410, not 404."""
-        record = self.get(job_id) or {}
+        record = self.get(job_id)
         pipe = self.redis.pipeline()
         pipe.delete(job_key(job_id), f"{job_key(job_id)}:events", f"{job_key(job_id)}:busy",
                     f"{job_key(job_id)}:cancel")
         pipe.zrem(f"{KEY}:jobs", job_id)
         pipe.srem(f"{KEY}:unbound", job_id)
-        if record.get("worker"):
-            pipe.srem(f"{KEY}:worker-jobs:{record['worker']}", job_id)
+        if record is not None and record.worker:
+            pipe.srem(f"{KEY}:worker-jobs:{record.worker}", job_id)
         if expired:
             pipe.set(f"{KEY}:expired:{job_id}", 1, ex=TOMBSTONE_SECONDS)
         pipe.execute()
@@ -241,8 +275,8 @@ class JobStore:
         if record is None:
             return
         pipe = self.redis.pipeline()
-        if record.get("worker"):
-            pipe.srem(f"{KEY}:worker-jobs:{record['worker']}", job_id)
+        if record.worker:
+            pipe.srem(f"{KEY}:worker-jobs:{record.worker}", job_id)
         if worker is None:
             pipe.sadd(f"{KEY}:unbound", job_id)
         else:

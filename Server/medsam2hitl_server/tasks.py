@@ -110,19 +110,18 @@ def _opened(job_id: str):
     record = store.get(job_id)
     if record is None:
         raise BadInputError("the job no longer exists")
-    if record.get("worker") != NAME:
+    if record.worker != NAME:
         raise NotBound("the job moved to another model worker; send the request again")
-    binding = record.get("binding", "")
-    fresh = job_id not in session.jobs or session.jobs[job_id].binding != binding
-    volume = session.open(job_id, record["volume_file"], binding)
+    fresh = job_id not in session.jobs or session.jobs[job_id].binding != record.binding
+    volume = session.open(job_id, record.volume_file, record.binding)
     if fresh:
-        for named in json.loads(record.get("objects") or "[]"):  # objects named before, also the empty ones
+        for named in record.objects:  # objects named before, also the empty ones
             volume.voxels.setdefault(named["object"], 0)
-        if _replay(job_id, volume, record.get("labels_event") or "0-0"):
+        if _replay(job_id, volume, record.labels_event):
             _save(job_id, volume)
-    if record.get("loaded") != "1":
+    if not record.loaded:
         store.update(job_id, loaded=True, geometry=volume.geometry())
-        if record["state"] == "queued":
+        if record.state == "queued":
             store.set_state(job_id, "ready")
     return volume
 
@@ -348,7 +347,7 @@ def _save(job_id: str, volume, force: bool = True) -> None:
     data folder of its own sends them to the API only at the end of an action.
     """
     record = store.get(job_id)
-    if record is None or record.get("worker") != NAME or record.get("binding", "") != volume.binding:
+    if record is None or record.worker != NAME or record.binding != volume.binding:
         return
     if not volume.save_labels(force):
         return

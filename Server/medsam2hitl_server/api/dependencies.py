@@ -12,7 +12,7 @@ from ..auth import caller
 from ..errors import Expired, NotFound
 from ..jobs import Dispatcher
 from ..settings import Settings
-from ..store import JobStore
+from ..store import JobRecord, JobStore
 
 
 def settings_of(request: Request) -> Settings:
@@ -33,15 +33,14 @@ DispatcherDep = Annotated[Dispatcher, Depends(dispatcher_of)]
 CallerDep = Annotated[str, Depends(caller)]
 
 
-def callers_job(job_id: uuid.UUID, owner: CallerDep, store: StoreDep) -> dict:
+def callers_job(job_id: uuid.UUID, owner: CallerDep, store: StoreDep) -> JobRecord:
     """The caller's job, or 404 (also for another caller's job) / 410 (expired)."""
     record = store.get(str(job_id))
-    if record is None or record["owner"] != owner:
+    if record is None or record.owner != owner:
         if record is None and store.is_expired(str(job_id)):
             raise Expired("the job expired and its files were deleted; upload the volume again")
         raise NotFound("no such job")
-    record["id"] = str(job_id)
     return record
 
 
-JobDep = Annotated[dict, Depends(callers_job)]
+JobDep = Annotated[JobRecord, Depends(callers_job)]

@@ -30,7 +30,7 @@ router = APIRouter(include_in_schema=False, dependencies=[Depends(worker)])
 def known_file(job_id: uuid.UUID, name: str, allowed: tuple[str, ...], store: StoreDep,
                settings: SettingsDep) -> Path:
     record = store.get(str(job_id))
-    if record is None or name not in allowed + (record["volume_file"],):
+    if record is None or name not in allowed + (record.volume_file,):
         raise NotFound("no such file")
     return job_dir(settings, str(job_id)) / name
 

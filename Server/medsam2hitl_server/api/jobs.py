@@ -3,7 +3,6 @@ events, download or store the result, delete. Each route turns a request into a 
 
 from __future__ import annotations
 
-import json
 import shutil
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ from ..schemas import (EVENT_PAYLOADS, Cancelling, JobCreated, JobStatus, Models
                        PrefetchQueued, PropagationStarted, Propagate, SegmentedSlice, Segment2D, SliceWrite,
                        StoredResult, WrittenSlice, check_against_volume)
 from ..session import job_dir
+from ..store import JobRecord, JobStore
 from ..uploads import receive_volume
 from .dependencies import CallerDep, DispatcherDep, JobDep, SettingsDep, StoreDep
 from .errors import responses
@@ -52,9 +52,9 @@ EVENT_STREAM = {200: {"description": "`id:`, `event:` (the kind) and `data:` (it
 router = APIRouter(tags=["jobs"], responses=responses(401, 404, 410, 422, 503))
 
 
-def checked(body: BaseModel, record: dict) -> dict:
+def checked(body: BaseModel, record: JobRecord) -> dict:
     """The request's parameters for the worker, once they fit the job's volume (else 400)."""
-    check_against_volume(body, json.loads(record["geometry"]) if record.get("geometry") else None)
+    check_against_volume(body, record.geometry)
     return body.params() if isinstance(body, Propagate) else body.model_dump()
 
 
@@ -65,8 +65,8 @@ def answer(reply: dict) -> dict:
     return reply["ok"]
 
 
-def refuse_while_propagating(store: StoreDep, record: dict, what: str) -> None:
-    if store.holder(record["id"]):
+def refuse_while_propagating(store: JobStore, record: JobRecord, what: str) -> None:
+    if store.holder(record.id):
         raise Conflict(f"a propagation is running on this job; {what}")
 
 
@@ -117,31 +117,27 @@ async def create_job(request: Request, owner: CallerDep, store: StoreDep, dispat
 def status(record: JobDep, store: StoreDep) -> dict:
     """State, progress, the worker holding the job and its place in that worker's queue."""
     position = None
-    if record["state"] == "queued" or record["loaded"] != "1":
-        worker = next((w for w in store.workers() if w.name == record["worker"]), None)
-        position = store.queue_position(worker.queue, record.get("task", "")) if worker else None
-    geometry = record.get("geometry")
-    return {"id": record["id"], "state": record["state"],
-            "progress": {"done": int(record["done"]), "total": int(record["total"])},
-            "worker": record["worker"] or None, "loaded": record["loaded"] == "1",
-            "queue_position": position, "error": record["error"] or None,
-            "created": float(record["created"]), "expires": float(record["expires"]),
-            "volume": json.loads(geometry) if geometry else json.loads(record["header"]),
-            "objects": json.loads(record.get("objects") or "[]")}
+    if record.state == "queued" or not record.loaded:
+        worker = next((w for w in store.workers() if w.name == record.worker), None)
+        position = store.queue_position(worker.queue, record.task) if worker else None
+    return {"id": record.id, "state": record.state, "progress": {"done": record.done, "total": record.total},
+            "worker": record.worker or None, "loaded": record.loaded, "queue_position": position,
+            "error": record.error or None, "created": record.created, "expires": record.expires,
+            "volume": record.geometry or record.header, "objects": record.objects}
 
 
 @router.post("/jobs/{job_id}/segment-2d", response_model=SegmentedSlice, responses=responses(400, 409, 500))
 def segment_2d(body: Segment2D, record: JobDep, store: StoreDep, dispatcher: DispatcherDep) -> dict:
     """Segment one slice from a box and/or clicks: the mask comes back run-length encoded (see the README)."""
     refuse_while_propagating(store, record, "wait for it or cancel it")
-    return answer(dispatcher.call(record["id"], "medsam2hitl.segment_2d", checked(body, record)))
+    return answer(dispatcher.call(record.id, "medsam2hitl.segment_2d", checked(body, record)))
 
 
 @router.put("/jobs/{job_id}/slices", response_model=WrittenSlice, responses=responses(400, 409, 500))
 def write_slice(body: SliceWrite, record: JobDep, store: StoreDep, dispatcher: DispatcherDep) -> dict:
     """Replace one slice of the job's labels with the client's mask (empty clears it): an undo or an edit."""
     refuse_while_propagating(store, record, "wait for it or cancel it")
-    return answer(dispatcher.call(record["id"], "medsam2hitl.write_slice", checked(body, record)))
+    return answer(dispatcher.call(record.id, "medsam2hitl.write_slice", checked(body, record)))
 
 
 @router.post("/jobs/{job_id}/propagate", status_code=202, response_model=PropagationStarted,
@@ -151,20 +147,20 @@ def propagate(body: Propagate, record: JobDep, store: StoreDep, dispatcher: Disp
     pass); follow it on /events or /status. 409 if one runs."""
     params = checked(body, record)
     propagation_id = str(uuid.uuid4())
-    if not store.try_lock(record["id"], propagation_id):
+    if not store.try_lock(record.id, propagation_id):
         raise Conflict("a propagation is already running on this job; wait for it or cancel it")
     try:  # running before the send: a worker that fails at once must not have its "failed" overwritten
-        after = store.last_event_id(record["id"])
-        store.update(record["id"], state="running", done=0, total=0, error="")
-        worker = dispatcher.worker_of(record["id"])
-        task_id = dispatcher.send(worker, "medsam2hitl.propagate", record["id"], propagation_id, params)
+        after = store.last_event_id(record.id)
+        store.update(record.id, state="running", done=0, total=0, error="")
+        worker = dispatcher.worker_of(record.id)
+        task_id = dispatcher.send(worker, "medsam2hitl.propagate", record.id, propagation_id, params)
     except BaseException:
-        store.update(record["id"], state=record["state"], error=record["error"])
-        store.unlock(record["id"], propagation_id)
+        store.update(record.id, state=record.state, error=record.error)
+        store.unlock(record.id, propagation_id)
         raise
-    store.update(record["id"], task=task_id)
+    store.update(record.id, task=task_id)
     return {"propagation": propagation_id, "events_after": after,
-            "events": f"/api/v1/jobs/{record['id']}/events?after={after}"}
+            "events": f"/api/v1/jobs/{record.id}/events?after={after}"}
 
 
 @router.post("/jobs/{job_id}/prefetch", status_code=202, response_model=PrefetchQueued,
@@ -173,13 +169,13 @@ def prefetch(body: Prefetch, record: JobDep, store: StoreDep, dispatcher: Dispat
     """Encode this slice (and its neighbours) ahead while the user draws, so the box costs only the mask
     decoder. It never delays a real request: dropped when one waits, abandoned when one arrives."""
     refuse_while_propagating(store, record, "prefetch when it has finished")
-    return {"prefetch": dispatcher.prefetch(record["id"], checked(body, record))}
+    return {"prefetch": dispatcher.prefetch(record.id, checked(body, record))}
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=Cancelling, responses=responses(409))
 def cancel(record: JobDep, store: StoreDep) -> dict:
     """Stop the running propagation within one slice; the finished slices are kept."""
-    if not store.request_cancel(record["id"]):
+    if not store.request_cancel(record.id):
         raise Conflict("no propagation is running on this job")
     return {"cancelling": True}
 
@@ -188,7 +184,7 @@ def cancel(record: JobDep, store: StoreDep) -> dict:
 def events(record: JobDep, store: StoreDep, after: str | None = Query(None, pattern=r"^\d{1,20}-\d{1,20}$"),
            last_event_id: str | None = Header(None, pattern=r"^\d{1,20}-\d{1,20}$")):
     """Server-Sent Events: state changes and each slice as it is made; resumable with Last-Event-ID."""
-    job_id = record["id"]
+    job_id = record.id
 
     def stream():
         cursor = last_event_id or after or "0-0"
@@ -217,8 +213,8 @@ class Results:
                  colors: list[str] | None = None) -> dict:
         """The exported file's path, the objects it holds and their segment names."""
         refuse_while_propagating(self.store, self.record, "download when it has finished")
-        reply = answer(self.dispatcher.call(self.record["id"], "medsam2hitl.export", format, number, names, colors))
-        path = job_dir(self.settings, self.record["id"]) / reply["file"]
+        reply = answer(self.dispatcher.call(self.record.id, "medsam2hitl.export", format, number, names, colors))
+        path = job_dir(self.settings, self.record.id) / reply["file"]
         if not path.is_file():
             raise Unavailable("the result file is not on this server's disk; see the README on workers without a "
                               "shared data folder")
@@ -229,7 +225,7 @@ class Results:
         defaults = ["Object" if len(made["objects"]) == 1 else f"Object {n}" for n in made["objects"]]
         named = names + defaults[len(names):]
         segments = {1: named[0]} if number is not None else dict(zip(made["objects"], named))
-        return dicomweb_jobs.dicom_seg(self.settings, self.record["id"], lambda: made["path"], segments)
+        return dicomweb_jobs.dicom_seg(self.settings, self.record.id, lambda: made["path"], segments)
 
 
 ResultsDep = Annotated[Results, Depends(Results)]
@@ -244,7 +240,7 @@ def result(results: ResultsDep, format: Literal["nii.gz", "seg.nrrd", "dicom-seg
     segment per object in .seg.nrrd and DICOM SEG): NIfTI with the input's affine and voxel order, Slicer's
     .seg.nrrd (segments named and coloured as given, e.g. as the web viewer shows them), or for a job read
     from DICOM a DICOM SEG linked to its series."""
-    job_id = results.record["id"]
+    job_id = results.record.id
     if format == "dicom-seg":
         return FileResponse(results.dicom_seg(object, segment_name), media_type="application/dicom",
                             filename=f"{job_id}.dcm")
@@ -268,8 +264,8 @@ def store_result(results: ResultsDep, settings: SettingsDep, object: int | None 
 def volume(record: JobDep, settings: SettingsDep):
     """The job's volume as the worker reads it: the upload, or for a DICOMweb job the volume.nrrd made from
     its series (the viewer shows it)."""
-    name = record["volume_file"]
-    return FileResponse(dicomweb_jobs.volume_file(settings, record["id"], name),
+    name = record.volume_file
+    return FileResponse(dicomweb_jobs.volume_file(settings, record.id, name),
                         media_type="application/octet-stream", filename=name)
 
 
@@ -287,7 +283,7 @@ def dicomweb_series(_owner: CallerDep, settings: SettingsDep,
 @router.delete("/jobs/{job_id}", status_code=204)
 def delete(record: JobDep, store: StoreDep, dispatcher: DispatcherDep) -> Response:
     """Delete the job now: its files, its keys and the worker's copy of the volume."""
-    if store.holder(record["id"]):
-        store.request_cancel(record["id"])
-    dispatcher.purge(record["id"], expired=False)
+    if store.holder(record.id):
+        store.request_cancel(record.id)
+    dispatcher.purge(record.id, expired=False)
     return Response(status_code=204)
