@@ -255,9 +255,7 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
 
     @router.get("/models", response_model=Models)
     def models(owner: str = Caller) -> dict:
-        """Server version, the models the live workers hold, their load, and the CT window presets."""
-        from MedSAM2HITLLib.preprocessing import CT_PRESETS
-
+        """Server version, the models the live workers hold, and their load."""
         workers = store.workers()
         found: dict[str, dict] = {}
         for worker in workers:
@@ -268,8 +266,7 @@ def _jobs_router(store: JobStore, dispatcher: Dispatcher, settings: Settings) ->
             entry["workers"] += 1
         return {"version": __version__, "models": list(found.values()),
                 "workers": [{"name": w.name, "jobs": w.jobs, "busy": w.info.get("busy", False),
-                             "queued_tasks": store.redis.llen(w.queue)} for w in workers],
-                "window_presets": {name: list(preset) for name, preset in CT_PRESETS.items()}}
+                             "queued_tasks": store.redis.llen(w.queue)} for w in workers]}
 
     @router.post("/jobs", status_code=201, response_model=JobCreated, responses=errors(400, 408, 413, 415),
                  openapi_extra={"requestBody": UPLOAD_BODY})

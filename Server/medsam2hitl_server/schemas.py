@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 
 from MedSAM2HITLLib import mask_codec, slice_rules
 from MedSAM2HITLLib.errors import BadInputError
-from MedSAM2HITLLib.preprocessing import parse_window
+from MedSAM2HITLLib.preprocessing import CT_PRESETS, parse_window
 
 from .store import STATES
 
@@ -254,12 +254,14 @@ class WorkerLoad(BaseModel):
 
 
 class Models(BaseModel):
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)  # every reply has window_presets
     version: str = Field(description="the server's version")
     models: list[ModelInfo]
     workers: list[WorkerLoad]
     window_presets: dict[str, list[float]] = Field(
-        description="the named CT windows a request's `window` may give: name → [width, level] in HU (the library's "
-                    "table; 'mr' and [width, level] are accepted too)")
+        default_factory=lambda: {name: list(preset) for name, preset in CT_PRESETS.items()},
+        description="the named CT windows a request's `window` may give: name → [width, level] in HU, from the "
+                    "library's one table ('mr' and [width, level] are accepted too)")
 
 
 class RunLengths(BaseModel):
