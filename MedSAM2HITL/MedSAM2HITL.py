@@ -94,13 +94,21 @@ class RangeMode(Choice):
     CUSTOM = ("custom", _("Slices below"))
 
 
+def _ct_preset(name: str, label: str) -> tuple[str, str]:
+    """A CT preset's option: the translated label, then the width and level of the library's one table."""
+    from MedSAM2HITLLib.preprocessing import CT_PRESETS
+
+    width, level = CT_PRESETS[name]
+    return name, f"{label} (W{width:g} L{level:g})"
+
+
 class Intensity(Choice):
     MR = ("mr", _("MR / other: automatic (0.5-99.5 percentile)"))
-    ABDOMEN = ("abdomen", _("CT abdomen (W400 L40)"))
-    LUNG = ("lung", _("CT lung (W1500 L-600)"))
-    BRAIN = ("brain", _("CT brain (W80 L40)"))
-    MEDIASTINUM = ("mediastinum", _("CT mediastinum (W350 L50)"))
-    BONE = ("bone", _("CT bone (W1800 L400)"))
+    ABDOMEN = _ct_preset("abdomen", _("CT abdomen"))
+    LUNG = _ct_preset("lung", _("CT lung"))
+    BRAIN = _ct_preset("brain", _("CT brain"))
+    MEDIASTINUM = _ct_preset("mediastinum", _("CT mediastinum"))
+    BONE = _ct_preset("bone", _("CT bone"))
     DISPLAY = ("display", _("Current display window/level"))
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import slice_rules
 from .box import validate_box, validate_points
 from .errors import BadInputError, OutOfMemoryError, PropagationCancelled
 from .model import LoadedModel, load_model
@@ -222,7 +223,7 @@ class Engine:
         """
         volume = self._require_volume()
         self._check_index(axis, index)
-        shape = _slice_shape(volume, axis)
+        shape = slice_rules.slice_shape(volume.shape, axis)
         checked_box = None if box is None else validate_box(box, shape)
         clicks = validate_points(points or [], shape)
         current = self._mask_input(mask, shape)
@@ -297,19 +298,13 @@ class Engine:
         volume = self._require_volume()
         if axis not in (0, 1, 2):
             raise BadInputError(f"axis must be 0, 1 or 2, got {axis}")
-        count = volume.shape[axis]
-        start = 0 if start is None else int(start)
-        end = count - 1 if end is None else int(end)
         if not objects or not all(objects):
             raise BadInputError("each object needs at least one conditioning slice (a box or a mask)")
         if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
             raise BadInputError(f"patience must be a whole number of slices ≥ 1, got {patience!r}")
-        indices = sorted({int(i) for prompts in objects for i in prompts})
-        if not 0 <= start <= indices[0] <= indices[-1] <= end < count:
-            named = f"key slice {indices[0]}" if len(indices) == 1 else \
-                f"conditioning slices {', '.join(map(str, indices))}"
-            raise BadInputError(f"range {start}..{end} must lie within slices 0..{count - 1} and contain the {named}")
-        shape = _slice_shape(volume, axis)
+        prompted = (i for prompts in objects for i in prompts)
+        start, end = slice_rules.check_range(start, end, volume.shape[axis], prompted)
+        shape = slice_rules.slice_shape(volume.shape, axis)
         checked = [{int(i) - start: self._conditioning(prompt, shape) for i, prompt in prompts.items()}
                    for prompts in objects]
         frames = VolumeFrames(volume, axis, start, end, self.window(window), self.model)
@@ -350,8 +345,7 @@ class Engine:
                             with self._inference("propagating"):
                                 exact = _track_frame(predictor, state, obj, frame, reverse)
                         index = frames.start + frame
-                        if index not in completed:
-                            completed.append(index)
+                        slice_rules.note_completed(completed, index)
                         if kept is not None:
                             kept[obj][frame] = exact
                         absent[obj] = 0 if exact.any() else absent[obj] + 1
@@ -378,8 +372,7 @@ class Engine:
         """Check a conditioning prompt now (before any work): (how to add it to a tracking state, the mask to
         return for its slice as is, or None for a box, whose slice the model segments)."""
         if isinstance(prompt, np.ndarray) and prompt.ndim == 2:
-            if prompt.shape != shape:
-                raise BadInputError(f"the mask prompt has shape {prompt.shape}, the slice has {shape}")
+            slice_rules.check_mask_shape(prompt.shape, shape, "the mask prompt")
             mask = prompt.astype(bool)
             if not mask.any():
                 raise BadInputError("the mask prompt is empty: draw the object on the key slice first")
@@ -393,8 +386,7 @@ class Engine:
         if mask is None:
             return None
         mask = np.asarray(mask)
-        if mask.shape != shape:
-            raise BadInputError(f"the current mask has shape {mask.shape}, the slice has {shape}")
+        slice_rules.check_mask_shape(mask.shape, shape, "the current mask")
         mask = mask.astype(bool)
         return mask if mask.any() else None
 
@@ -443,16 +435,11 @@ class Engine:
         volume = self._require_volume()
         if axis not in (0, 1, 2):
             raise BadInputError(f"axis must be 0, 1 or 2, got {axis}")
-        if not 0 <= index < volume.shape[axis]:
-            raise BadInputError(f"slice {index} is outside the volume: axis {axis} has slices 0..{volume.shape[axis] - 1}")
+        slice_rules.check_slice(index, volume.shape[axis], f"array axis {axis}")
 
 
 class _GaveWay(Exception):
     """A prefetch stopped encoding because real work is waiting."""
-
-
-def _slice_shape(volume: np.ndarray, axis: int) -> tuple[int, int]:
-    return tuple(size for a, size in enumerate(volume.shape) if a != axis)
 
 
 def _image_features(model: LoadedModel, frame) -> dict:
@@ -471,7 +458,7 @@ def _image_features(model: LoadedModel, frame) -> dict:
 
 def _tracking_state(frames: VolumeFrames, device) -> dict:
     """The inference state SAM2VideoPredictor.init_state builds, over lazily made frames."""
-    rows, cols = _slice_shape(frames.volume, frames.axis)
+    rows, cols = slice_rules.slice_shape(frames.volume.shape, frames.axis)
     return {
         "images": frames,
         "num_frames": len(frames),

@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import point_prompts, roi_box, segment_writer, slice_sources
+from . import point_prompts, roi_box, segment_writer, slice_rules, slice_sources
 from .client import Request, WorkerClient
 from .errors import BadInputError, MedSAM2Error
 
@@ -257,11 +257,7 @@ class SegmentationLogic:
     @staticmethod
     def check_range(volume_node, axis: int, key_index: int, start: int | None, end: int | None) -> None:
         """Refuse a range outside the volume, or without the key slice, before any work is sent to the worker."""
-        count = roi_box.volume_shape(volume_node)[axis]
-        first, last = 0 if start is None else start, count - 1 if end is None else end
-        if not 0 <= first <= key_index <= last < count:
-            raise BadInputError(f"slice range {first}..{last} must lie within slices 0..{count - 1} and contain the "
-                                f"key slice {key_index}")
+        slice_rules.check_range(start, end, roi_box.volume_shape(volume_node)[axis], [key_index])
 
     @staticmethod
     def window(volume_node, window):
@@ -296,8 +292,7 @@ class SegmentationLogic:
     @staticmethod
     def _user_slices(volume_node, segmentation_node, segment_id, axis: int, start, end) -> dict[int, np.ndarray]:
         """The segment's user slices in the range that still hold a mask, as mask prompts (index → mask)."""
-        count = roi_box.volume_shape(volume_node)[axis]
-        first, last = 0 if start is None else start, count - 1 if end is None else end
+        first, last = slice_rules.slice_range(start, end, roi_box.volume_shape(volume_node)[axis])
         prompts = {}
         for index in slice_sources.read(segmentation_node, segment_id).user_slices(axis):
             if first <= index <= last:
@@ -340,7 +335,7 @@ class _StreamWriter:
 
     def arrived(self, item) -> None:
         segment_id, _, prompts = self.targets[item.object]
-        if not isinstance(prompts.get(item.index), np.ndarray):
+        if item.index not in slice_rules.user_slices(prompts):
             if self.allow_overlap:
                 self.pending[item.object][item.index] = item.mask
             else:  # objects reach a slice in any order (other passes): each later one loses what earlier ones hold
@@ -367,8 +362,8 @@ class _StreamWriter:
                 continue
             segment_id, key_index, _ = self.targets[number]
             segment_writer.write_slices(self.segmentation_node, segment_id, self.volume_node, self.axis, masks)
-            written = self.written[segment_id]
-            written.extend(i for i in masks if i not in written)
+            for index in masks:
+                slice_rules.note_completed(self.written[segment_id], index)
             slice_sources.record(self.segmentation_node, segment_id, self.axis,
                                  user=[key_index] if key_index in masks else (), predicted=masks)
         self.pending = {n: {} for n in self.pending}
@@ -380,7 +375,7 @@ class _StreamWriter:
         if self.saved:  # the key slice of a "from this slice" propagation is the user's, though never written
             for segment_id, key_index, prompts in self.targets:
                 slice_sources.record(self.segmentation_node, segment_id, self.axis,
-                                     user=[i for i, p in prompts.items() if isinstance(p, np.ndarray)])
+                                     user=sorted(slice_rules.user_slices(prompts)))
         return self.written
 
 

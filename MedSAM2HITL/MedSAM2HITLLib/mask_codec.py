@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from MedSAM2HITLLib.errors import BadInputError
+from MedSAM2HITLLib.slice_rules import check_mask_shape
 
 
 def encode(mask: np.ndarray) -> dict:
@@ -36,8 +37,8 @@ def check(payload, shape: tuple[int, int] | None = None) -> tuple[tuple[int, int
     declared, counts = payload["shape"], payload["counts"]
     if len(declared) != 2 or any(type(n) is not int or not 1 <= n <= MAX_SIDE for n in declared):
         raise BadInputError(f"a mask's 'shape' is [rows, cols], two whole numbers from 1 to {MAX_SIDE}")
-    if shape is not None and tuple(declared) != tuple(shape):
-        raise BadInputError(f"the mask has shape {list(declared)}, the slice has {list(shape)}")
+    if shape is not None:
+        check_mask_shape(declared, shape)
     pixels = declared[0] * declared[1]
     if len(counts) > pixels + 1:
         raise BadInputError(f"a mask of {pixels} pixels has at most {pixels + 1} run lengths, not {len(counts)}")

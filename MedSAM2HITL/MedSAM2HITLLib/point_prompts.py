@@ -11,6 +11,7 @@ import numpy as np
 from .box import Point
 from .errors import BadInputError
 from .roi_box import check_axis, volume_ijk_to_world, volume_shape
+from .slice_rules import slice_axes
 
 NEGATIVE_LABELS = ("-", "−")
 
@@ -57,7 +58,7 @@ def latest_point_slice(volume_node, points_node, axis: int) -> int:
 def slice_points(volume_node, points_node, axis: int, index: int) -> list[Point]:
     """The clicks on slice `index` (within half a voxel of its plane), in that slice's pixels."""
     check_axis(axis)
-    in_plane = [a for a in range(3) if a != axis]  # rows, then columns of the slice
-    return [Point(float(kji[in_plane[1]]), float(kji[in_plane[0]]), positive)
+    rows, columns = slice_axes(axis)
+    return [Point(float(kji[columns]), float(kji[rows]), positive)
             for kji, positive in _array_coordinates(volume_node, points_node)
             if abs(kji[axis] - index) <= 0.5]

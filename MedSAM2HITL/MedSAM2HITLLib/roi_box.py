@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import BadInputError
+from .slice_rules import check_slice, slice_axes
 
 VIEW_NORMALS: dict[str, np.ndarray] = {
     "axial": np.array([0.0, 0.0, 1.0]),  # S
@@ -112,10 +113,9 @@ def roi_slice_mask(volume_node, roi_node, axis: int, index: int) -> np.ndarray:
     check_axis(axis)
     _check_roi(roi_node)
     shape = volume_shape(volume_node)
-    if not 0 <= index < shape[axis]:
-        raise BadInputError(f"slice index {index} is outside 0..{shape[axis] - 1} along array axis {axis}")
+    check_slice(index, shape[axis], f"array axis {axis}")
     ijk_to_box = roi_world_to_box(roi_node) @ volume_ijk_to_world(volume_node)
-    row_axis, column_axis = (a for a in range(3) if a != axis)
+    row_axis, column_axis = slice_axes(axis)
     rows = np.arange(shape[row_axis], dtype=float)
     columns = np.arange(shape[column_axis], dtype=float)
     # Position in box coordinates = origin + row * (step per row) + column * (step per column).

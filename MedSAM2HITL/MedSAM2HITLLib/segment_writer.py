@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import BadInputError
 from .roi_box import check_axis, matrix_to_numpy, volume_shape
+from .slice_rules import check_mask_shape, check_slice, slice_axes, slice_shape
 
 MAX_UNDO_STATES = 30
 
@@ -167,12 +168,10 @@ def write_slices(
     check_axis(axis)
     _check_segment(segmentation_node, segment_id)
     ensure_geometry(segmentation_node, volume_node)
-    expected = tuple(np.delete(shape, axis))
+    expected = slice_shape(shape, axis)
     for index, mask in items.items():
-        if not 0 <= index < shape[axis]:
-            raise BadInputError(f"slice index {index} is outside 0..{shape[axis] - 1} along array axis {axis}")
-        if np.shape(mask) != expected:
-            raise BadInputError(f"mask for slice {index} has shape {np.shape(mask)}, expected {expected}")
+        check_slice(index, shape[axis], f"array axis {axis}")
+        check_mask_shape(np.shape(mask), expected, f"the mask for slice {index}")
 
     segmentation = segmentation_node.GetSegmentation()
     if len(segmentation.GetSegmentIDsForLayer(segmentation.GetLayerIndex(segment_id))) > 1:
@@ -187,7 +186,7 @@ def write_slices(
     extent = labelmap.GetExtent()
     low = (extent[4], extent[2], extent[0])  # [k, j, i] offsets of the labelmap inside the volume
     high = (extent[5], extent[3], extent[1])
-    rows, columns = (a for a in range(3) if a != axis)
+    rows, columns = slice_axes(axis)
     slices = np.moveaxis(_array(labelmap), axis, 0)  # a view: writing to it edits the labelmap
     was_modifying = segmentation_node.StartModify()
     try:
@@ -203,7 +202,7 @@ def write_slices(
 def _nonzero_extent(axis: int, masks: Mapping[int, np.ndarray]) -> tuple[int, ...] | None:
     """IJK extent (i0, i1, j0, j1, k0, k1) of the masks' non-zero voxels, None if all masks are empty."""
     low, high = [0, 0, 0], [0, 0, 0]  # [k, j, i]
-    rows, columns = (a for a in range(3) if a != axis)
+    rows, columns = slice_axes(axis)
     found = False
     for index, mask in masks.items():
         hit_rows = np.flatnonzero(mask.any(axis=1))
@@ -270,8 +269,7 @@ def read_slice(segmentation_node, segment_id: str, volume_node, axis: int, index
     """The segment's mask on one slice, as a 2D bool array (the prompt for "Propagate from this slice")."""
     shape = volume_shape(volume_node)
     check_axis(axis)
-    if not 0 <= index < shape[axis]:
-        raise BadInputError(f"slice index {index} is outside 0..{shape[axis] - 1} along array axis {axis}")
+    check_slice(index, shape[axis], f"array axis {axis}")
     block = _read_block(segmentation_node, segment_id, volume_node, _slab_extent(shape, axis, index, index))
     return np.take(block, 0, axis=axis)
 

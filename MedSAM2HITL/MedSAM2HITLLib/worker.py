@@ -38,6 +38,7 @@ from MedSAM2HITLLib.protocol import (
     ProtocolError,
     encode,
 )
+from MedSAM2HITLLib.slice_rules import note_completed
 
 READ_CHUNK = 1 << 20
 FINAL_REPLIES = ("done", "error", "cancelled")
@@ -339,8 +340,7 @@ class Worker:
             EARLY_STOP_PATIENCE if f.get("early_stop") is True else None,
         )
         for item in slices:
-            if item.index not in completed:
-                completed.append(item.index)
+            note_completed(completed, item.index)
             fields = {"index": item.index, "completed": item.completed, "total": item.total, "object": item.object}
             self.channel.send("slice", frame.id, fields, {"mask": item.mask})
         self.channel.send("done", frame.id, {"completed": completed, "ended_early": slices.ended_early})

@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from MedSAM2HITLLib import mask_codec
+from MedSAM2HITLLib import mask_codec, slice_rules
 from MedSAM2HITLLib.errors import BadInputError
-from MedSAM2HITLLib.preprocessing import parse_window
+from MedSAM2HITLLib.preprocessing import CT_PRESETS, parse_window
 
 from .store import STATES
 
@@ -198,28 +198,20 @@ def check_against_volume(body: Prompt | SliceWrite | Prefetch, geometry: dict | 
     if geometry is None:
         return
     view = geometry["views"][body.view]
-    count = view["slices"]
-    shape = [n for a, n in enumerate(geometry["shape_kji"]) if a != view["array_axis"]]
+    count, where = view["slices"], f"the {body.view} view"
+    shape = slice_rules.slice_shape(geometry["shape_kji"], view["array_axis"])
     prompts = body.object_prompts() if isinstance(body, Propagate) else [body]
     for item in prompts:
-        if item.slice is not None and item.slice >= count:
-            raise BadInputError(f"slice {item.slice} is outside the volume: the {body.view} view has slices "
-                                f"0..{count - 1}")
+        if item.slice is not None:
+            slice_rules.check_slice(item.slice, count, where)
         mask = getattr(item, "mask", None)
-        if mask is not None and mask.shape != shape:
-            raise BadInputError(f"the mask has shape {mask.shape}, the {body.view} slices have {shape}")
-        outside = [i for i in getattr(item, "conditioning", None) or [] if i >= count]
-        if outside:
-            raise BadInputError(f"conditioning slice {outside[0]} is outside the volume: the {body.view} view has "
-                                f"slices 0..{count - 1}")
+        if mask is not None:
+            slice_rules.check_mask_shape(mask.shape, shape)
+        for index in getattr(item, "conditioning", None) or []:
+            slice_rules.check_slice(index, count, where, "conditioning slice")
     if isinstance(body, Propagate) and body.range == "custom":
-        if body.start is None or body.end is None:
-            raise BadInputError("range 'custom' needs 'start' and 'end'")
-        keys = [item.slice for item in prompts if item.slice is not None]
-        if not body.start <= body.end < count or any(not body.start <= key <= body.end for key in keys):
-            raise BadInputError(f"range {body.start}..{body.end} must lie within slices 0..{count - 1}"
-                                + (f" and contain the key slice {keys[0]}" if len(keys) == 1 else
-                                   " and contain the key slices" if keys else ""))
+        start, end = slice_rules.resolve_range(body.range, count, start=body.start, end=body.end)
+        slice_rules.check_range(start, end, count, [item.slice for item in prompts if item.slice is not None])
 
 
 # Responses: what each endpoint answers and each event carries, so /docs shows the fields and generated clients
@@ -262,9 +254,14 @@ class WorkerLoad(BaseModel):
 
 
 class Models(BaseModel):
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)  # every reply has window_presets
     version: str = Field(description="the server's version")
     models: list[ModelInfo]
     workers: list[WorkerLoad]
+    window_presets: dict[str, list[float]] = Field(
+        default_factory=lambda: {name: list(preset) for name, preset in CT_PRESETS.items()},
+        description="the named CT windows a request's `window` may give: name → [width, level] in HU, from the "
+                    "library's one table ('mr' and [width, level] are accepted too)")
 
 
 class RunLengths(BaseModel):

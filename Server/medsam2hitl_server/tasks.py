@@ -19,7 +19,7 @@ from celery import signals
 from MedSAM2HITLLib.engine import EARLY_STOP_PATIENCE, PREFETCH_MAX_NEIGHBOURS
 from MedSAM2HITLLib.errors import BadInputError, MedSAM2Error, PropagationCancelled
 
-from MedSAM2HITLLib import mask_codec
+from MedSAM2HITLLib import mask_codec, slice_rules
 from . import ahead
 from .celery_app import app, worker_queue
 from .session import LABELS_FILE, WorkerSession, keep
@@ -161,13 +161,9 @@ def write_slice(job_id: str, params: dict) -> dict:
     volume = _opened(job_id)
     axis = array_axis_for_view(volume.node, params["view"])
     index = params["slice"]
-    if not 0 <= index < volume.labels.shape[axis]:
-        raise BadInputError(f"slice {index} is outside the volume: the {params['view']} view has slices "
-                            f"0..{volume.labels.shape[axis] - 1}")
-    shape = tuple(n for a, n in enumerate(volume.labels.shape) if a != axis)
-    mask = mask_codec.decode(params["mask"], shape)
+    slice_rules.check_slice(index, volume.labels.shape[axis], f"the {params['view']} view")
     number = params.get("object", 1)
-    voxels = volume.write(axis, index, mask, number)
+    voxels = _write_encoded(volume, axis, index, params["mask"], number)
     _save(job_id, volume)
     return {"object": number, "view": params["view"], "array_axis": axis, "slice": index, "voxels": voxels}
 
@@ -195,7 +191,7 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
                 volume.write(axis, key, user_mask, number)
             numbers.append(number)
             prompts.append({**conditioning, key: user_mask if user_mask is not None else prompt["box"]})
-            kept.append(set(conditioning) | ({key} if user_mask is not None else set()))
+            kept.append(slice_rules.user_slices(prompts[-1]))
         store.set_state(job_id, "running", done=0, total=(end - start + 1) * len(numbers), error="")
         early_stop = params.get("early_stop", True) is True and params.get("range", "whole") != "custom"
         slices = engine.propagate_objects(axis, prompts, start, end, params.get("window", "mr"),
@@ -213,8 +209,7 @@ def propagate(job_id: str, propagation_id: str, params: dict) -> None:
             volume.last_event = told
             if item.index not in kept[item.object]:
                 volume.write(axis, item.index, item.mask, number)
-            if item.index not in completed:
-                completed.append(item.index)
+            slice_rules.note_completed(completed, item.index)
             store.update(job_id, done=item.completed, total=item.total)
             _save(job_id, volume, force=False)
         _save(job_id, volume)
@@ -364,12 +359,17 @@ def _replay(job_id: str, volume, after: str) -> int:
     for entry_id, kind, data in store.events_since(job_id, after):
         if kind == "slice":
             event = json.loads(data)
-            shape = tuple(n for a, n in enumerate(volume.labels.shape) if a != event["array_axis"])
-            volume.write(event["array_axis"], event["slice"], mask_codec.decode(event["mask"], shape),
-                         event.get("object", 1))
+            _write_encoded(volume, event["array_axis"], event["slice"], event["mask"], event.get("object", 1))
             replayed += 1
         volume.last_event = entry_id
     return replayed
+
+
+def _write_encoded(volume, axis: int, index: int, payload: dict, number: int) -> int:
+    """Write an encoded mask (a client's, or a slice event's) as object `number`'s on one slice; the voxels it
+    holds there now."""
+    mask = mask_codec.decode(payload, slice_rules.slice_shape(volume.labels.shape, axis))
+    return volume.write(axis, index, mask, number)
 
 
 def _conditioning(volume, axis: int, slices: list[int], key: int, number: int) -> dict[int, np.ndarray]:
@@ -378,9 +378,7 @@ def _conditioning(volume, axis: int, slices: list[int], key: int, number: int) -
     for index in slices:
         if index == key:
             continue
-        if not 0 <= index < volume.labels.shape[axis]:
-            raise BadInputError(f"conditioning slice {index} is outside the volume: this view has slices "
-                                f"0..{volume.labels.shape[axis] - 1}")
+        slice_rules.check_slice(index, volume.labels.shape[axis], "this view", "conditioning slice")
         mask = volume.object_slice(axis, index, number)
         if not mask.any():
             raise BadInputError(f"conditioning slice {index} has no mask of object {number}: draw it "
@@ -411,32 +409,20 @@ def _prompt(volume, params: dict, need_box: bool, key_mask: bool = True) -> dict
         found["index"] = params.get("slice")
         if found["index"] is None:
             raise BadInputError("give 'slice' (the key slice) with 'box', or a 'box_ras'")
-        if not 0 <= found["index"] < count:
-            raise BadInputError(f"slice {found['index']} is outside the volume: the {params['view']} view has "
-                                f"slices 0..{count - 1}")
+        slice_rules.check_slice(found["index"], count, f"the {params['view']} view")
         found["box"] = params.get("box")
     if found["box"] is None and (need_box or key_mask):
         if need_box:
             raise BadInputError("give a 'box' (with 'slice') or a 'box_ras'")
-        shape = tuple(n for a, n in enumerate(volume.array.shape) if a != axis)
         if params.get("mask") is not None:
-            found["mask"] = mask_codec.decode(params["mask"], shape)
+            found["mask"] = mask_codec.decode(params["mask"], slice_rules.slice_shape(volume.array.shape, axis))
         else:
             number = params.get("object", 1)
             found["mask"] = volume.object_slice(axis, found["index"], number)
             if not found["mask"].any():
                 raise BadInputError(f"slice {found['index']} has no mask yet (object {number}): segment it first "
                                     "or send a box")
-    chosen = params.get("range") or "whole"
-    start, end = (0, count - 1) if chosen == "whole" else (extent if chosen == "box" and extent else (None, None))
-    if chosen == "box" and extent is None:
-        raise BadInputError("range 'box' needs a 'box_ras'")
-    if chosen == "custom":
-        start, end = params.get("start"), params.get("end")
-        if start is None or end is None:
-            raise BadInputError("range 'custom' needs 'start' and 'end'")
-    if not 0 <= start <= found["index"] <= end < count:
-        raise BadInputError(f"range {start}..{end} must lie within slices 0..{count - 1} and contain the key "
-                            f"slice {found['index']}")
-    found["start"], found["end"] = start, end
+    start, end = slice_rules.resolve_range(params.get("range") or "whole", count, extent, params.get("start"),
+                                           params.get("end"))
+    found["start"], found["end"] = slice_rules.check_range(start, end, count, [found["index"]])
     return found

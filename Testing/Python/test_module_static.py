@@ -272,3 +272,20 @@ def test_shortcuts_and_buttons_go_through_the_controllers_one_rule():
     shortcuts = _method_calls("MedSAM2HITLWidget", "_installShortcuts")
     assert "onAction" in shortcuts and "start" not in shortcuts
     assert _method_calls("MedSAM2HITLWidget", "onAction")[:1] == ["allowed"]
+
+
+def test_the_panels_ct_options_are_the_librarys_presets_with_its_width_and_level():
+    """The Intensity combo box has one CT option per preset of the library's table, each labelled by _ct_preset
+    (run here as it runs in Slicer) with that table's width and level, and no W/L of its own."""
+    from MedSAM2HITLLib.preprocessing import CT_PRESETS
+
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    intensity = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Intensity")
+    made = [stmt.value for stmt in intensity.body if isinstance(stmt, ast.Assign)]
+    ct = [call.args[0].value for call in made if isinstance(call, ast.Call) and call.func.id == "_ct_preset"]
+    assert ct == list(CT_PRESETS)
+    assert not re.search(r"W-?\d", ast.unparse(intensity)), "an Intensity label spells out a width or level"
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_ct_preset")
+    namespace: dict = {}
+    exec(compile(ast.Module([function], []), str(MODULE_FILE), "exec"), namespace)
+    assert namespace["_ct_preset"]("lung", "CT lung") == ("lung", "CT lung (W1500 L-600)")

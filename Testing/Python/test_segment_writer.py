@@ -206,7 +206,7 @@ def test_bad_writes_give_clear_errors(setup):
     target, _ = list(contents)
     with pytest.raises(BadInputError, match="has shape"):
         sw.write_slice(segmentation, target, volume, 0, 3, np.zeros((5, 5), bool))
-    with pytest.raises(BadInputError, match="outside 0..13"):
+    with pytest.raises(BadInputError, match=r"slice 14 is outside the volume: array axis 0 has slices 0\.\.13"):
         sw.write_slice(segmentation, target, volume, 0, 14, np.zeros(SHAPE[1:], bool))
     with pytest.raises(BadInputError, match="does not exist"):
         sw.write_slice(segmentation, "nope", volume, 0, 3, np.zeros(SHAPE[1:], bool))

@@ -148,7 +148,8 @@ def test_a_written_slice_replaces_what_downloads_are_made_of(service):
 
         wrong = client.put(f"/api/v1/jobs/{job_id}/slices", json={
             "view": "axial", "slice": key, "mask": mask_codec.encode(drawn)})
-        assert wrong.status_code == 400 and "the axial slices have" in wrong.json()["detail"]
+        assert wrong.status_code == 400 and wrong.json()["detail"] == \
+            f"the mask has shape [{SIZE[0]}, {SIZE[2]}], the slice has [{SIZE[1]}, {SIZE[2]}]"
 
 
 def test_clicks_and_corrected_slices_through_the_api(service):

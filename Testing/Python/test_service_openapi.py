@@ -141,3 +141,14 @@ def test_mypy_accepts_typed_use_of_the_generated_models_and_rejects_a_wrong_one(
     line = uses.splitlines().index("    return status.progress.done") + 1
     assert run.returncode == 1 and "Found 1 error" in run.stdout, run.stdout
     assert f'uses.py:{line}: error: Incompatible return value type (got "int", expected "str")' in run.stdout
+
+
+def test_the_models_reply_carries_the_librarys_window_presets(service, api_models):
+    """The web viewer's CT presets come from here, the library's one table, typed for generated clients."""
+    from MedSAM2HITLLib.preprocessing import CT_PRESETS
+
+    with service.client() as client:
+        models = api_models.Models.model_validate(client.get("/api/v1/models").json())
+    assert {name: tuple(preset) for name, preset in models.window_presets.items()} == CT_PRESETS
+    assert "window_presets" in api_models.Models.model_fields and \
+        api_models.Models.model_fields["window_presets"].is_required()

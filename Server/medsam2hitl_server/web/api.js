@@ -42,6 +42,8 @@ async function request(method, path, { body, json, signal } = {}) {
 }
 
 export const api = {
+  /** The server's version, models and workers, and its CT window presets (name → [width, level] in HU). */
+  models: async () => (await request("GET", "/models")).json(),
   createJob: async (bytes) => (await request("POST", "/jobs", { body: bytes })).json(),
   /** A job from a series of the service's DICOMweb server (the service fetches it; `study` may be omitted). */
   createDicomwebJob: async (series, study) => (await request("POST", "/jobs", { json: { dicomweb: { series, study } } })).json(),

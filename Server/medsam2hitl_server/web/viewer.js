@@ -7,7 +7,6 @@ import { seriesList } from "./series.js";
 import { prefetcher, onSliceMoved } from "./prefetch.js";
 
 const $ = (id) => document.getElementById(id);
-const CT_WINDOWS = { abdomen: [400, 40], lung: [1500, -600], brain: [80, 40], mediastinum: [350, 50], bone: [1800, 400] };
 const VIEW_NAMES = ["axial", "coronal", "sagittal"];
 /** Where a volume's jobs come from: an opened file is uploaded; series.js opens PACS series with a source of its own
  * (`dicom`: its jobs have a DICOM SEG). */
@@ -306,11 +305,22 @@ function windowParam() {
 }
 
 let presetRange = null;  // [cal_min, cal_max] of the preset chosen last
+let ctWindows = null;  // the service's CT presets (name → [width, level] in HU), asked for once
 
-function applyWindow() {
+/** Show the chosen preset: a CT preset with the service's width and level (what the model sees), "mr" with the
+ * volume's robust range. */
+async function applyWindow() {
+  const chosen = $("window").value;
+  if (!nv.volumes[0] || chosen === "custom") return;
+  try {
+    ctWindows ??= await api.models().then((models) => models.window_presets);
+  } catch (error) {
+    say(`could not read the window presets: ${error.message}`, true);
+    return;
+  }
   const volume = nv.volumes[0];
-  if (!volume || $("window").value === "custom") return;
-  const preset = CT_WINDOWS[$("window").value];
+  if (!volume || $("window").value !== chosen) return;  // another volume or preset meanwhile
+  const preset = ctWindows[chosen];
   [volume.cal_min, volume.cal_max] = preset ? [preset[1] - preset[0] / 2, preset[1] + preset[0] / 2]
     : [volume.robust_min, volume.robust_max];
   presetRange = [volume.cal_min, volume.cal_max];
