@@ -46,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
 
         workers = JobStore(connect(load().redis_url)).workers()
         return 0 if any(w.info.get("host") == socket.gethostname() for w in workers) else 1
-    name = load().worker_name or f"{socket.gethostname()}-{os.getpid()}"
+    settings = load()
+    name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
     os.environ["MEDSAM2HITL_WORKER_NAME"] = name
-    from .celery_app import app, worker_queue
+    from .celery_app import make_app, worker_queue
 
-    app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "--queues", worker_queue(name),
+    make_app(settings.redis_url).worker_main(["worker", "--pool", "solo", "--concurrency", "1", "--queues", worker_queue(name),
                      "--hostname", f"{name}@%h", "--loglevel", args.loglevel, "--without-gossip",
                      "--without-mingle", "--without-heartbeat"])
     return 0

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from celery import Celery
 
-from .settings import load
-
 QUEUE_PREFIX = "m2h.w."
 
 
@@ -37,5 +35,3 @@ def make_app(redis_url: str) -> Celery:
     )
     return app
 
-
-app = make_app(load().redis_url)

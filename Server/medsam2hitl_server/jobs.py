@@ -11,7 +11,7 @@ import time
 import uuid
 
 from . import ahead
-from .celery_app import app as celery, worker_queue
+from .celery_app import make_app, worker_queue
 from .errors import Unavailable, WorkerTimedOut
 from .session import job_dir
 from .settings import Settings
@@ -22,6 +22,7 @@ class Dispatcher:
     def __init__(self, store: JobStore, settings: Settings):
         self.store = store
         self.settings = settings
+        self.celery = make_app(settings.redis_url)  # sends tasks only: the API never imports the tasks
 
     def bind(self, job_id: str) -> str | None:
         """Give the job to the least loaded live worker and have it load the volume; None if none is alive."""
@@ -37,7 +38,7 @@ class Dispatcher:
     def send(self, worker: str, task: str, *args) -> str:
         ahead.sending(self.store.redis, worker, task)  # counted first: a prefetch running now gives way at once
         try:
-            result = celery.send_task(task, args=list(args), queue=worker_queue(worker))
+            result = self.celery.send_task(task, args=list(args), queue=worker_queue(worker))
         except BaseException:
             ahead.not_sent(self.store.redis, worker, task)
             raise

@@ -14,29 +14,40 @@ import threading
 import time
 
 import numpy as np
-from celery import signals
+from celery import shared_task, signals
 
 from MedSAM2HITLLib.engine import EARLY_STOP_PATIENCE, PREFETCH_MAX_NEIGHBOURS
 from MedSAM2HITLLib.errors import BadInputError, MedSAM2Error, PropagationCancelled
 
 from MedSAM2HITLLib import mask_codec, slice_rules
 from . import ahead
-from .celery_app import app, worker_queue
+from .celery_app import worker_queue
 from .session import LABELS_FILE, WorkerSession, keep
-from .settings import load
+from .settings import Settings, load
 from .store import JobStore, connect
 
 log = logging.getLogger("medsam2hitl_server.worker")
-settings = load()
-store = JobStore(connect(settings.redis_url), settings.job_ttl_seconds, settings.worker_dead_after_seconds)
-session = WorkerSession(settings)
-NAME = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+# This process's worker, set up when the worker starts (_set_up): importing the tasks reads no settings, opens no
+# connection and loads no model.
+settings: Settings
+store: JobStore
+session: WorkerSession
+NAME: str
 _model_info: dict = {}
 _busy = threading.Event()
 
 
 class NotBound(MedSAM2Error):
     """A task for a job that is bound to another worker now (this one stalled and was given up meanwhile)."""
+
+
+@signals.worker_init.connect
+def _set_up(**_) -> None:
+    global settings, store, session, NAME
+    settings = load()
+    store = JobStore(connect(settings.redis_url), settings.job_ttl_seconds, settings.worker_dead_after_seconds)
+    session = WorkerSession(settings)
+    NAME = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
 
 
 @signals.worker_ready.connect
@@ -126,13 +137,13 @@ def _opened(job_id: str):
     return volume
 
 
-@app.task(name="medsam2hitl.load_job")
+@shared_task(name="medsam2hitl.load_job")
 @_replying
 def load_job(job_id: str) -> dict:
     return _opened(job_id).geometry()
 
 
-@app.task(name="medsam2hitl.segment_2d")
+@shared_task(name="medsam2hitl.segment_2d")
 @_replying
 def segment_2d(job_id: str, params: dict) -> dict:
     volume = _opened(job_id)
@@ -153,7 +164,7 @@ def segment_2d(job_id: str, params: dict) -> dict:
             "embedding_cached": cached, "mask": mask_codec.encode(mask)}
 
 
-@app.task(name="medsam2hitl.write_slice")
+@shared_task(name="medsam2hitl.write_slice")
 @_replying
 def write_slice(job_id: str, params: dict) -> dict:
     from MedSAM2HITLLib.roi_box import array_axis_for_view
@@ -168,7 +179,7 @@ def write_slice(job_id: str, params: dict) -> dict:
     return {"object": number, "view": params["view"], "array_axis": axis, "slice": index, "voxels": voxels}
 
 
-@app.task(name="medsam2hitl.propagate")
+@shared_task(name="medsam2hitl.propagate")
 def propagate(job_id: str, propagation_id: str, params: dict) -> None:
     """Fill the range slice by slice for each of the request's objects in one pass (each slice encoded once); each
     slice of each object is an event, and the labels keep every finished slice."""
@@ -243,7 +254,7 @@ def _request_started(sender=None, **_) -> None:
     ahead.started(store.redis, NAME, sender.name)
 
 
-@app.task(name=ahead.PREFETCH_TASK)
+@shared_task(name=ahead.PREFETCH_TASK)
 def prefetch(job_id: str, request_id: str, params: dict) -> None:
     """Encode the slice the user looks at and its neighbours while no real request waits (see ahead.py); the
     reply, which nobody waits for, says what was encoded and whether it gave way."""
@@ -271,7 +282,7 @@ def prefetch(job_id: str, request_id: str, params: dict) -> None:
         _drop_if_deleted(job_id)
 
 
-@app.task(name="medsam2hitl.export")
+@shared_task(name="medsam2hitl.export")
 @_replying
 def export(job_id: str, fmt: str, number: int | None = None, names: list[str] | None = None,
            colors: list[str] | None = None) -> dict:
@@ -312,7 +323,7 @@ def export(job_id: str, fmt: str, number: int | None = None, names: list[str] | 
     return {"file": name, "objects": numbers, "names": names}
 
 
-@app.task(name="medsam2hitl.forget")
+@shared_task(name="medsam2hitl.forget")
 def forget(job_id: str) -> None:
     session.delete(job_id)
 
