@@ -810,8 +810,8 @@ class MedSAM2HITLTest(ScriptedLoadableModuleTest):
         in ROI → box → slice → segment would break the agreement. torch stays out of Slicer's process."""
         import numpy as np
 
-        from MedSAM2HITLLib.client import WorkerClient
         from MedSAM2HITLLib.slicer_transport import slicer_transport_factory
+        from MedSAM2HITLLib.worker_client import WorkerClient
 
         client = WorkerClient(transport_factory=slicer_transport_factory())
         mask3d = np.zeros(array.shape, bool)

@@ -219,7 +219,7 @@ def volumes_study(size: int, slice_counts: list[int]) -> Iterator[Row]:
 
 def prefetch_study(size: int, repeats: int = 3) -> list[Row]:
     """Box-up to mask through the local worker: on a slice prefetched while the worker was idle, and on a cold one."""
-    from MedSAM2HITLLib.client import WorkerClient
+    from MedSAM2HITLLib.worker_client import WorkerClient
 
     volume, _, key, box = object_volume(40, size)
     client = WorkerClient()

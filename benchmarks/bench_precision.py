@@ -145,7 +145,7 @@ def encoder_levers(checkpoint: Path, repeats: int, compile_encoder: bool) -> lis
 
 def first_slice_through_worker(checkpoint: Path, bare_step: float) -> list[tuple]:
     """Click to first propagated slice (the key slice) through the worker, in model steps of bare sam2 fp32."""
-    from MedSAM2HITLLib.client import WorkerClient
+    from MedSAM2HITLLib.worker_client import WorkerClient
 
     client = WorkerClient()
     try:

@@ -52,8 +52,8 @@ def bench(service, checkpoint: Path, repeats: int) -> list[tuple]:
     import httpx
     import numpy as np
 
-    from MedSAM2HITLLib.client import WorkerClient
     from MedSAM2HITLLib.service_transport import service_transport_factory
+    from MedSAM2HITLLib.worker_client import WorkerClient
 
     volume = synthetic_volume(SLICES)
     clients = {"local": WorkerClient(), "service": WorkerClient(service_transport_factory(service.url))}

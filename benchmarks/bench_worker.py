@@ -37,8 +37,8 @@ def bench_2d(checkpoint: Path, repeats: int) -> list[tuple]:
     """
     import numpy as np
 
-    from MedSAM2HITLLib.client import WorkerClient
     from MedSAM2HITLLib.engine import Engine
+    from MedSAM2HITLLib.worker_client import WorkerClient
 
     engine = Engine.load(checkpoint, device="cpu", threads=THREADS)
     client = WorkerClient()
@@ -91,7 +91,7 @@ def bench_set_volume(repeats: int) -> list[tuple]:
     """set_volume of 512x512x500 int16 into a fresh worker (no model needed to receive a volume)."""
     import numpy as np
 
-    from MedSAM2HITLLib.client import WorkerClient
+    from MedSAM2HITLLib.worker_client import WorkerClient
 
     volume = np.random.default_rng(0).integers(-1024, 3000, size=(500, 512, 512), dtype=np.int16)
     client = WorkerClient()

@@ -58,8 +58,8 @@ def is_loopback(host: str) -> bool:
 
 def service_client(url: str, token: str | None):
     """A WorkerClient whose requests go to the service at `url` (same requests, slices and cancel as locally)."""
-    from .client import WorkerClient
     from .service_transport import service_transport_factory
+    from .worker_client import WorkerClient
 
     return WorkerClient(service_transport_factory(check_server_url(url), token or None))
 

@@ -30,8 +30,9 @@ from typing import Callable
 import numpy as np
 
 from . import point_prompts, roi_box, segment_writer, slice_rules, slice_sources
-from .client import Request, WorkerClient
 from .errors import BadInputError, MedSAM2Error
+from .worker_client import WorkerClient
+from .worker_request import Request
 
 WRITE_INTERVAL_SECONDS = 0.3  # streamed slices are written (and rendered) at most this often
 

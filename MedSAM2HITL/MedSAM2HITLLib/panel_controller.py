@@ -70,7 +70,7 @@ class ConnectionAnswer:
 
 def make_client(where: str, url: str, token: str, transport_factory: Callable | None = None):
     """The client for a compute choice; nothing starts yet (the worker starts with the first request)."""
-    from .client import WorkerClient
+    from .worker_client import WorkerClient
 
     if where == compute_backend.SERVER:
         return compute_backend.service_client(url, token)

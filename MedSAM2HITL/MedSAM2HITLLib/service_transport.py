@@ -22,9 +22,9 @@ from typing import Callable
 import numpy as np
 
 from . import __version__, mask_codec
-from .client import SubprocessTransport
 from .errors import MedSAM2Error
 from .protocol import HEARTBEAT_SECONDS, PROTOCOL_VERSION, FrameReader, encode_bytes
+from .subprocess_transport import SubprocessTransport
 
 VIEW_OF_AXIS = ("axial", "coronal", "sagittal")  # on the identity grid of the uploaded NRRD
 CONNECT_SECONDS = 10.0  # connecting, and any request that is not an upload or a wait for slices

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .client import Transport
 from .process_tree import kill_tree
+from .worker_transport import Transport
 
 WORKER_SCRIPT = Path(__file__).with_name("worker.py")
 WRITE_CHUNK_BYTES = 16 << 20

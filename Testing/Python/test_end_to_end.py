@@ -51,9 +51,9 @@ PARENT = affine(rotation(0.0, 0.0, np.pi / 2), [5, -7, 3])  # a 90° turn: the v
 @pytest.fixture(scope="module", params=["local", "service"])
 def logic(request, tmp_path_factory):
     """The same logic on the local worker and on the inference service (real Redis, Celery worker and API)."""
-    from MedSAM2HITLLib.client import WorkerClient
     from MedSAM2HITLLib.logic import SegmentationLogic
     from MedSAM2HITLLib.service_transport import service_transport_factory
+    from MedSAM2HITLLib.worker_client import WorkerClient
 
     service = None
     if request.param == "service":

@@ -172,8 +172,8 @@ def test_closing_the_scene_frees_the_workers_volumes_and_the_histories(logic, sc
 def test_stopping_at_once_does_not_wait_for_a_running_propagation(random_checkpoint, scene_nodes):
     import time
 
-    from MedSAM2HITLLib.client import WorkerError
     from MedSAM2HITLLib.logic import SegmentationLogic
+    from MedSAM2HITLLib.worker_client import WorkerError
 
     scene, volume, roi, data = scene_nodes
     logic = SegmentationLogic()

@@ -154,8 +154,8 @@ def test_cli_info_shows_the_precision_and_rejects_a_bad_one():
 
 def test_worker_loads_the_model_in_the_precision_the_panel_asks_for():
     """The panel's Precision choice goes through SegmentationLogic.load_model to the worker's engine."""
-    from MedSAM2HITLLib.client import WorkerClient
     from MedSAM2HITLLib.logic import SegmentationLogic
+    from MedSAM2HITLLib.worker_client import WorkerClient
 
     logic = SegmentationLogic(WorkerClient())
     try:

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from MedSAM2HITLLib.client import WorkerClient
 from MedSAM2HITLLib.errors import BadInputError
+from MedSAM2HITLLib.worker_client import WorkerClient
 
 pytestmark = pytest.mark.slow
 

@@ -24,9 +24,9 @@ def service(tmp_path_factory):
 
 
 def service_logic(url: str, token: str | None):
-    from MedSAM2HITLLib.client import WorkerClient
     from MedSAM2HITLLib.logic import SegmentationLogic
     from MedSAM2HITLLib.service_transport import service_transport_factory
+    from MedSAM2HITLLib.worker_client import WorkerClient
 
     return SegmentationLogic(WorkerClient(service_transport_factory(url, token)))
 
@@ -219,9 +219,9 @@ def test_a_busy_service_tells_the_queue_position_until_the_volume_is_loaded(serv
 
 def test_switching_between_this_computer_and_the_service_keeps_one_undo_history(service, tmp_path):
     """The panel's Compute choice swaps the client under the same logic: results of both undo in order."""
-    from MedSAM2HITLLib.client import WorkerClient
     from MedSAM2HITLLib.compute_backend import service_client
     from MedSAM2HITLLib.logic import SegmentationLogic
+    from MedSAM2HITLLib.worker_client import WorkerClient
 
     logic = SegmentationLogic(WorkerClient())
     try:

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedSAM2HITLLib.client import SubprocessTransport, WorkerClient, WorkerError
 from MedSAM2HITLLib.errors import BadInputError, OutOfMemoryError, PropagationCancelled
 from MedSAM2HITLLib.process_tree import kill_tree
 from MedSAM2HITLLib.protocol import MAGIC, PREFIX, PROTOCOL_VERSION, encode, encode_bytes
+from MedSAM2HITLLib.subprocess_transport import SubprocessTransport
+from MedSAM2HITLLib.worker_client import WorkerClient, WorkerError
 
 pytestmark = pytest.mark.slow
 

@@ -22,9 +22,9 @@ from conftest import DATA
 from test_cli import _env
 from test_worker import alive
 
-from MedSAM2HITLLib.client import WorkerClient, WorkerError
 from MedSAM2HITLLib.errors import ModelError
 from MedSAM2HITLLib.process_tree import descendants, kill_tree
+from MedSAM2HITLLib.worker_client import WorkerClient, WorkerError
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs POSIX signals (SIGSTOP, SIGKILL)")]
@@ -109,8 +109,8 @@ def test_a_checkpoint_that_fails_to_load_leaves_the_loaded_model_in_use(client, 
 CLIENT_SCRIPT = textwrap.dedent(
     """
     import subprocess, sys, time
-    from MedSAM2HITLLib.client import SubprocessTransport
     from MedSAM2HITLLib.protocol import PROTOCOL_VERSION, encode
+    from MedSAM2HITLLib.subprocess_transport import SubprocessTransport
 
     class Replies:
         frames = []

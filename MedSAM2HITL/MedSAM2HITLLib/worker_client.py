@@ -1,35 +1,29 @@
-"""Client of the background worker: asynchronous requests, streamed slices, cancel, and restart after crashes.
+"""Client of the long-lived background worker: asynchronous requests, streamed slices, cancel, and restart.
 
 Requests return at once with a `Request`; results and per-slice masks arrive through callbacks that run on the
 thread that pumps the transport (the caller of `Request.wait()` for subprocess pipes, Qt's main thread in
-Slicer). Transports only move bytes; the decoding and dispatching below is shared by all of them.
+Slicer). The client starts the worker on demand, re-sends the model and volumes to a restarted one, kills a
+worker that ignores cancel or stops its heartbeat, and fails the requests of one that died.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import os
-import queue
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .errors import BadInputError, MedSAM2Error, ModelError, OutOfMemoryError, PropagationCancelled
-from .process_tree import kill_tree, own_group_options
-from .protocol import HEARTBEAT_SECONDS, PROTOCOL_VERSION, Frame, FrameReader, ProtocolError, encode
+from .protocol import HEARTBEAT_SECONDS, PROTOCOL_VERSION, Frame, encode
+from .subprocess_transport import SubprocessTransport
+from .worker_request import Request, run_callback
+from .worker_transport import Transport
 
 log = logging.getLogger(__name__)
 
 CANCEL_GRACE_SECONDS = 5.0
 HEARTBEAT_TIMEOUT_SECONDS = 30.0
-STDERR_TAIL_LINES = 20
-MAX_LINE_BYTES = 2000
 BACKGROUND_REQUESTS = ("status", "prefetch")  # never make the worker "busy", never cancelled
 ERRORS_BY_KIND = {cls.kind: cls for cls in (BadInputError, ModelError, OutOfMemoryError)}
 
@@ -38,303 +32,6 @@ class WorkerError(MedSAM2Error):
     """The worker process failed as a whole (died, was killed, or sent something unreadable)."""
 
     kind = "internal"
-
-
-class Request:
-    """One request to the worker; `done` becomes True with either `result` or `error` set."""
-
-    def __init__(self, client: "WorkerClient", type: str, on_done=None, on_error=None, on_slice=None):
-        self.client, self.type = client, type
-        self.id: int | None = None
-        self.done = False
-        self.result = None
-        self.error: MedSAM2Error | None = None
-        self.fields: dict = {}  # what was sent
-        self.reply: dict = {}  # fields of the final answer (e.g. `seconds` the worker spent on a 2D request)
-        self.completed: list[int] = []  # propagate: slices received so far
-        self.cancelling = False  # cancel was requested and the worker was killed for not stopping
-        self.on_slice = on_slice
-        self._on_done = [on_done] if on_done else []
-        self._on_error = [on_error] if on_error else []
-
-    def then(self, on_done: Callable | None = None, on_error: Callable | None = None) -> "Request":
-        """Add callbacks; if the request already finished, the matching one runs now."""
-        if on_done:
-            self._on_done.append(on_done)
-        if on_error:
-            self._on_error.append(on_error)
-        if self.done:
-            _call(on_done if self.error is None else on_error, self.result if self.error is None else self.error)
-        return self
-
-    def wait(self, timeout: float | None = None):
-        """The result, or raise the error; pumps the transport while waiting unless an event loop drives it."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.done:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"{self.type} request did not finish within {timeout} s")
-            self.client.pump(0.1 if remaining is None else min(0.1, remaining))
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-    def _slice(self, item) -> None:
-        if item.index not in self.completed:
-            self.completed.append(item.index)
-        _call(self.on_slice, item)
-
-    def finish(self, result) -> None:
-        """End with a result (also used by requests that the logic composes from worker requests)."""
-        if not self.done:
-            self.done, self.result = True, result
-            for callback in self._on_done:
-                _call(callback, result)
-
-    def fail(self, error: MedSAM2Error) -> None:
-        """End with an error; the first of finish/fail wins."""
-        if not self.done:
-            self.done, self.error = True, error
-            for callback in self._on_error:
-                _call(callback, error)
-
-
-def _call(callback, argument) -> None:
-    """Run a caller's callback; its exception is logged so it cannot break frame dispatch."""
-    if callback is None:
-        return
-    try:
-        callback(argument)
-    except Exception:
-        log.exception("callback %r failed", callback)
-
-
-class Transport:
-    """One worker process. Subclasses start it and move bytes; this base turns them into client events.
-
-    `handler` receives on_frame(frame) and on_exit(message), always on the pumping thread.
-    """
-
-    def __init__(self, handler):
-        self.handler = handler
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-        self._frames = FrameReader()
-        self._partial_line = b""
-        self._ended = False
-        self.last_heard = time.monotonic()  # when the worker's stdout last brought anything
-
-    def received(self, data: bytes) -> None:
-        """Bytes from the worker's stdout: decode and dispatch every complete frame except heartbeats."""
-        if self._ended:
-            return
-        self.last_heard = time.monotonic()
-        self._frames.feed(data)
-        while True:
-            try:
-                frame = self._frames.next_frame()
-            except ProtocolError as exc:
-                self.kill()
-                self.ended(f"the worker's output is unreadable ({exc})")
-                return
-            if frame is None:
-                return
-            if frame.type != "heartbeat":
-                self.handler.on_frame(frame)
-
-    def received_stderr(self, data: bytes) -> None:
-        """Bytes from the worker's stderr: log them and keep the last lines for error messages."""
-        lines = (self._partial_line + data).split(b"\n")
-        self._partial_line = lines.pop()[:MAX_LINE_BYTES]  # an endless line keeps its beginning
-        for line in lines:
-            text = line[:MAX_LINE_BYTES].decode("utf-8", "replace").rstrip("\r")
-            self.stderr_tail.append(text)
-            log.debug("worker: %s", text)
-
-    def ended(self, reason: str) -> None:
-        """The process is gone (or unusable): tell the client once, with the stderr tail."""
-        if self._ended:
-            return
-        self._ended = True
-        if self._partial_line:
-            self.stderr_tail.append(self._partial_line.decode("utf-8", "replace"))
-            self._partial_line = b""
-        tail = "\n".join(self.stderr_tail)
-        self.handler.on_exit(f"{reason}; last worker output:\n{tail}" if tail else reason)
-
-    @staticmethod
-    def describe_exit(code: int | None) -> str:
-        if code is None:
-            return "the worker stopped"
-        if code < 0:
-            import signal
-
-            try:
-                return f"the worker was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                return f"the worker was killed by signal {-code}"
-        return f"the worker exited with code {code}"
-
-    # Implemented by each transport:
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def send(self, buffers: list) -> None:
-        raise NotImplementedError
-
-    def pump(self, timeout: float) -> None:
-        """Dispatch what arrived, waiting at most `timeout` seconds for something to arrive."""
-        raise NotImplementedError
-
-    def call_later(self, seconds: float, callback: Callable[[], None]) -> None:
-        raise NotImplementedError
-
-    def kill(self) -> None:
-        """Stop the whole process tree now; on_exit follows."""
-        raise NotImplementedError
-
-    def close(self, timeout: float) -> None:
-        """Wait up to `timeout` for the process to exit on its own, then kill it."""
-        raise NotImplementedError
-
-
-class SubprocessTransport(Transport):
-    """Pipes to `python -m MedSAM2HITLLib.worker`.
-
-    Threads only move bytes: readers queue what arrives, a writer sends queued frames (so a caller never blocks
-    on a worker that stopped reading); pump() dispatches on the caller's thread.
-    """
-
-    def __init__(self, handler, command: list[str] | None = None, env: dict | None = None):
-        super().__init__(handler)
-        self.command = command or [sys.executable, "-m", "MedSAM2HITLLib.worker"]
-        self.env = dict(os.environ if env is None else env)
-        package_parent = str(Path(__file__).resolve().parents[1])
-        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, self.env.get("PYTHONPATH")) if p)
-        self.process: subprocess.Popen | None = None
-        self._events: queue.Queue = queue.Queue()
-        self._outbox: queue.Queue = queue.Queue()
-        self._timers: list[tuple[float, Callable]] = []
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            self.command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            bufsize=0,
-            env=self.env,
-            **own_group_options(),
-        )
-        stdout = threading.Thread(target=self._read, args=(self.process.stdout, "out"), daemon=True)
-        stderr = threading.Thread(target=self._read, args=(self.process.stderr, "err"), daemon=True)
-        for thread in (stdout, stderr):
-            thread.start()
-        threading.Thread(target=self._watch, args=(stdout, stderr), daemon=True).start()
-        threading.Thread(target=self._write, daemon=True).start()
-
-    def _write(self) -> None:
-        """Send queued frames in order; None closes the worker's stdin. After a write error, drop the rest."""
-        fd = self.process.stdin.fileno()
-        while (buffers := self._outbox.get()) is not None:
-            try:
-                for buffer in buffers:
-                    view = memoryview(buffer).cast("B")
-                    while len(view):
-                        view = view[os.write(fd, view) :]
-            except OSError:
-                pass  # the worker is gone; its exit event is on the way and fails the requests
-        try:
-            self.process.stdin.close()
-        except OSError:
-            pass
-
-    def _read(self, pipe, channel: str) -> None:
-        while True:
-            try:
-                data = os.read(pipe.fileno(), 1 << 20)
-            except (OSError, ValueError):
-                data = b""
-            if not data:
-                return
-            self._events.put((channel, data))
-
-    def _watch(self, stdout: threading.Thread, stderr: threading.Thread) -> None:
-        """Report the exit once the process is gone and its remaining output is queued (or 1 s has passed)."""
-        code = self.process.wait()
-        stdout.join(1.0)
-        stderr.join(0.5)
-        self._events.put(("exit", code))
-
-    def send(self, buffers: list) -> None:
-        self._outbox.put(buffers)
-
-    def close_input(self) -> None:
-        """Close the worker's stdin after the frames already queued (the worker exits at end of input)."""
-        self._outbox.put(None)
-
-    def pump(self, timeout: float) -> None:
-        deadline = time.monotonic() + max(0.0, timeout)
-        while True:
-            self._fire_timers()
-            if self._ended:
-                return
-            wait = deadline - time.monotonic()
-            if self._timers:
-                wait = min(wait, self._timers[0][0] - time.monotonic())
-            try:
-                event = self._events.get(timeout=max(0.0, wait)) if wait > 0 else self._events.get_nowait()
-            except queue.Empty:
-                if time.monotonic() >= deadline:
-                    return
-                continue
-            self._dispatch(event)
-            while not self._ended:  # everything else already queued, without waiting
-                try:
-                    self._dispatch(self._events.get_nowait())
-                except queue.Empty:
-                    break
-            return
-
-    def _dispatch(self, event) -> None:
-        channel, data = event
-        if channel == "out":
-            self.received(data)
-        elif channel == "err":
-            self.received_stderr(data)
-        else:
-            self.ended(self.describe_exit(data))
-
-    def _fire_timers(self) -> None:
-        now = time.monotonic()
-        due = [callback for when, callback in self._timers if when <= now]
-        self._timers = [(when, callback) for when, callback in self._timers if when > now]
-        for callback in due:
-            callback()
-
-    def call_later(self, seconds: float, callback: Callable[[], None]) -> None:
-        self._timers.append((time.monotonic() + seconds, callback))
-        self._timers.sort(key=lambda timer: timer[0])
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            kill_tree(self.process.pid)
-
-    def close(self, timeout: float) -> None:
-        if self.process is None:
-            return
-        self.close_input()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            kill_tree(self.process.pid)
-            self.process.wait()
-        deadline = time.monotonic() + 2.0
-        while not self._ended and time.monotonic() < deadline:
-            self.pump(deadline - time.monotonic())
 
 
 class WorkerClient:
@@ -730,7 +427,7 @@ class WorkerClient:
             state = "ready"
         if state != self.state:
             self.state = state
-            _call(self.on_state_changed, state)
+            run_callback(self.on_state_changed, state)
 
 
 def _numbers(values) -> list[float]:
