@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__, mask_codec
+from . import __version__, mask_codec, slice_rules
 from .errors import MedSAM2Error
 from .protocol import HEARTBEAT_SECONDS, PROTOCOL_VERSION, FrameReader, encode_bytes
 from .subprocess_transport import SubprocessTransport
@@ -337,8 +337,7 @@ class ServiceTransport(SubprocessTransport):
             if data.get("propagation") != started["propagation"]:
                 continue
             if kind == "slice":
-                if data["slice"] not in completed:
-                    completed.append(data["slice"])
+                slice_rules.note_completed(completed, data["slice"])
                 self._reply("slice", frame.id, {"index": data["slice"], "completed": done_before + data["done"],
                                                 "total": total, "object": number},
                             {"mask": mask_codec.decode(data["mask"], shape)})
@@ -353,11 +352,11 @@ class ServiceTransport(SubprocessTransport):
 
     def _range_length(self, fields: dict) -> int:
         count = self.volumes[fields["volume_id"]].shape[fields["axis"]]
-        start = 0 if fields.get("start") is None else fields["start"]
-        return (count - 1 if fields.get("end") is None else fields["end"]) - start + 1
+        start, end = slice_rules.slice_range(fields.get("start"), fields.get("end"), count)
+        return end - start + 1
 
     def _slice_shape(self, volume_id: str, axis: int) -> tuple[int, int]:
-        return tuple(n for a, n in enumerate(self.volumes[volume_id].shape) if a != axis)
+        return slice_rules.slice_shape(self.volumes[volume_id].shape, axis)
 
     def _put_slice(self, job: str, view: str, index: int, mask: np.ndarray) -> None:
         self.api.call("PUT", f"/api/v1/jobs/{job}/slices",

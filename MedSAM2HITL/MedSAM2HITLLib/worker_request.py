@@ -10,6 +10,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
+from . import slice_rules
 from .errors import MedSAM2Error
 
 if TYPE_CHECKING:
@@ -58,8 +59,7 @@ class Request:
         return self.result
 
     def _slice(self, item) -> None:
-        if item.index not in self.completed:
-            self.completed.append(item.index)
+        slice_rules.note_completed(self.completed, item.index)
         run_callback(self.on_slice, item)
 
     def finish(self, result) -> None:

@@ -325,13 +325,11 @@ class PacsSeriesList(BaseModel):
                                                  "left out")
 
 
-class JobCreated(BaseModel):
+class JobCreated(UploadedVolume):
     id: str
     state: JobState
     worker: str | None = Field(description="the worker the job is bound to; null while none is alive")
     expires_in: int = Field(description="seconds until the job and its files are deleted")
-    shape_ijk: list[int]
-    dtype: str
 
 
 class ObjectVoxels(BaseModel):

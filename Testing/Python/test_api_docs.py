@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import closing
 
 import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from service_fixtures import Service, wait_for
-from web_viewer_fixtures import launch
+from web_viewer_fixtures import browser  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.browser
 
@@ -34,12 +33,6 @@ def api(tmp_path_factory):
     wait_for(lambda: httpx.get(f"{running.url}/healthz").status_code == 200, 60, "the API answering")
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright, closing(launch(playwright)) as opened:
-        yield opened
 
 
 @pytest.fixture

@@ -18,12 +18,12 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from MedSAM2HITLLib.engine import EARLY_STOP_PATIENCE
 from conftest import REPO
 from service_fixtures import Service, wait_for
-from web_viewer_fixtures import canvas_point, drag, drawing, launch, ras_order, show_slice
+from web_viewer_fixtures import browser, canvas_point, drag, drawing, ras_order, show_slice  # noqa: F401 (browser)
 
 sys.path.insert(0, str(REPO / "Testing" / "Training"))
 from evaluate_phantom_model import dice, inside_point  # noqa: E402
@@ -45,14 +45,6 @@ def service(tmp_path_factory):
     running = Service(tmp_path_factory.mktemp("web_service"), tokens=TOKEN).start()
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        opened = launch(playwright)
-        yield opened
-        opened.close()
 
 
 @pytest.fixture

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import base64
 import shutil
+from contextlib import closing
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 CHROMIUM_ARGS = ["--no-sandbox", "--enable-unsafe-swiftshader", "--use-angle=swiftshader",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -25,6 +27,15 @@ def chromium() -> str:
 
 def launch(playwright):
     return playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS, headless=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless chromium per test module (import this fixture into the module)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright, closing(launch(playwright)) as opened:
+        yield opened
 
 
 def ras_order(affine: np.ndarray, shape: tuple[int, int, int]):
