@@ -260,7 +260,7 @@ class Models(BaseModel):
     workers: list[WorkerLoad]
     window_presets: dict[str, list[float]] = Field(
         default_factory=lambda: {name: list(preset) for name, preset in CT_PRESETS.items()},
-        description="the named CT windows a request's `window` may give: name → [width, level] in HU, from the "
+        description="the named CT windows a request's `window` may give: name: [width, level] in HU, from the "
                     "library's one table ('mr' and [width, level] are accepted too)")
 
 

@@ -41,7 +41,7 @@ def openapi(service) -> dict:
 def api_models(openapi, tmp_path_factory):
     """The client models datamodel-code-generator writes from the live /openapi.json, imported as a module."""
     folder = tmp_path_factory.mktemp("generated_client")
-    (folder / "openapi.json").write_text(httpx.Response(200, json=openapi).text)
+    (folder / "openapi.json").write_text(httpx.Response(200, json=openapi).text, encoding="utf-8")
     run = subprocess.run([sys.executable, "-m", "datamodel_code_generator", "--input", str(folder / "openapi.json"),
                           "--input-file-type", "openapi", "--output", str(folder / "api_models.py"),
                           "--output-model-type", "pydantic_v2.BaseModel", "--target-python-version", "3.10",
