@@ -336,8 +336,9 @@ class Engine:
                     predictor.propagate_in_video_preflight(state)
                 for frame in order:
                     for obj, prompts in enumerate(objects):
-                        if (frame >= firsts[obj]) == reverse or obj in ended:  # forward: from its first slice;
-                            continue  # backward: below it
+                        # Forward: from the object's first slice on; backward: below it; not once it has ended.
+                        if (frame >= firsts[obj]) == reverse or obj in ended:
+                            continue
                         if should_cancel is not None and should_cancel():
                             raise PropagationCancelled(completed)
                         exact = prompts[frame][1] if frame in prompts else None

@@ -309,7 +309,6 @@ class ServiceTransport(SubprocessTransport):
         f = frame.fields
         axis, volume_id = f["axis"], f["volume_id"]
         view, total = VIEW_OF_AXIS[axis], self._range_length(f) * len(f["objects"])
-        count = self.volumes[volume_id].shape[axis]
         masks = {index: frame.arrays[f"mask{number}_{index}"] for index in described.get("masks") or []}
         boxes = {box[0]: box[1:] for box in described.get("boxes") or []}
         key = min(boxes) if boxes else min(masks)
@@ -318,8 +317,7 @@ class ServiceTransport(SubprocessTransport):
                 "largest_component": bool(f.get("largest_component")), "early_stop": whole,
                 "conditioning": sorted(index for index in masks if index != key)}
         if not whole:
-            body["start"] = 0 if f.get("start") is None else f["start"]
-            body["end"] = count - 1 if f.get("end") is None else f["end"]
+            body["start"], body["end"] = self._range(f)
         if key in boxes:
             body["box"] = boxes[key]
         else:
@@ -350,9 +348,13 @@ class ServiceTransport(SubprocessTransport):
                 kind_of = data.get("kind") if data.get("kind") in ("bad_input", "out_of_memory") else "internal"
                 return "error", frame.id, {"kind": kind_of, "message": data.get("message", "failed")}
 
-    def _range_length(self, fields: dict) -> int:
+    def _range(self, fields: dict) -> tuple[int, int]:
+        """The request's slice range, a missing end meaning the volume's end on that side."""
         count = self.volumes[fields["volume_id"]].shape[fields["axis"]]
-        start, end = slice_rules.slice_range(fields.get("start"), fields.get("end"), count)
+        return slice_rules.slice_range(fields.get("start"), fields.get("end"), count)
+
+    def _range_length(self, fields: dict) -> int:
+        start, end = self._range(fields)
         return end - start + 1
 
     def _slice_shape(self, volume_id: str, axis: int) -> tuple[int, int]:
